@@ -1,0 +1,2 @@
+//! The `keav` command-line tool.
+fn main() {}

@@ -1,0 +1,1 @@
+//! bzrtp interop harness (placeholder).
