@@ -152,3 +152,72 @@ pub struct CacheUpdate {
     /// How this session was verified.
     pub verification: Verification,
 }
+
+/// Attempt limits for the equality test (PROTOCOL.md §3): after `max_failures` failed
+/// verifications against one peer, further attempts are refused until a backoff expires.
+/// The backoff doubles with every further failure, up to `max_backoff_secs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockoutPolicy {
+    /// K: failures tolerated before the peer is locked out.
+    pub max_failures: u32,
+    /// Lockout after the K-th failure, in seconds.
+    pub base_backoff_secs: u64,
+    /// Upper bound of the lockout, in seconds.
+    pub max_backoff_secs: u64,
+}
+
+impl Default for LockoutPolicy {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            base_backoff_secs: 60,
+            max_backoff_secs: 24 * 3600,
+        }
+    }
+}
+
+impl LockoutPolicy {
+    /// The unix second until which a peer with `failures` consecutive failures, the last one
+    /// at `last_failure_at`, is locked out; `None` if it is not locked out.
+    pub fn locked_until(&self, failures: u32, last_failure_at: u64) -> Option<u64> {
+        if failures < self.max_failures.max(1) {
+            return None;
+        }
+        let extra = (failures - self.max_failures.max(1)).min(40);
+        let backoff = self
+            .base_backoff_secs
+            .saturating_mul(1u64 << extra)
+            .min(self.max_backoff_secs);
+        Some(last_failure_at.saturating_add(backoff))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lockout_starts_at_k_and_doubles_up_to_cap() {
+        let p = LockoutPolicy {
+            max_failures: 3,
+            base_backoff_secs: 10,
+            max_backoff_secs: 35,
+        };
+        assert_eq!(p.locked_until(2, 100), None);
+        assert_eq!(p.locked_until(3, 100), Some(110));
+        assert_eq!(p.locked_until(4, 100), Some(120));
+        assert_eq!(p.locked_until(5, 100), Some(135));
+        assert_eq!(p.locked_until(60, 100), Some(135));
+    }
+
+    #[test]
+    fn expired_secrets_are_not_live() {
+        let c = PeerCache {
+            rs1: Some(Secret32::new([1; 32])),
+            expires_at: Some(50),
+            ..Default::default()
+        };
+        assert!(c.live_secrets(49).0.is_some());
+        assert!(c.live_secrets(50).0.is_none());
+    }
+}
