@@ -47,7 +47,10 @@ fn hmac_rfc4231() {
     );
     // Test case 2, split into parts.
     assert_eq!(
-        hex::encode(hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"])),
+        hex::encode(hmac_sha256(
+            b"Jefe",
+            &[b"what do ya want ", b"for nothing?"]
+        )),
         "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
     );
     // Test case 6: key longer than the block (131 bytes) is hashed first.
@@ -60,7 +63,10 @@ fn hmac_rfc4231() {
     );
     // A key of exactly one block is used as is.
     let k64 = [0x5c; 64];
-    assert_ne!(hmac_sha256(&k64, &[b"x"]), hmac_sha256(&sha256(&k64), &[b"x"]));
+    assert_ne!(
+        hmac_sha256(&k64, &[b"x"]),
+        hmac_sha256(&sha256(&k64), &[b"x"])
+    );
 }
 
 #[test]
@@ -87,20 +93,63 @@ fn kdf_matches_bzrtp_vectors() {
     let ctx = h(BZ_CTX);
     assert_eq!(ctx.len(), 56);
     let cases: [(&str, u32, &str); 9] = [
-        ("Responder SRTP master key", 128, "f2cfc5724acfd7b50e89bed8a5c9f2cd"),
-        ("Responder SRTP master salt", 112, "3c8fb13fd6ca83fbd6af3bd5ab1c"),
-        ("SAS", 256, "d269b0718ad58f3c8e0dcf4535811d951847314128319f54c606595b522c5287"),
-        ("ZRTP Session Key", 256, "c363390bc9ee13aa9e6a00528409ddc90717e01d1ae2dcf9a70ab98886ac6975"),
-        ("retained secret", 256, "a7272dee77e7990c24b20b9f54ba2b617a23d8a59765829b78072bc51299015c"),
-        ("Responder ZRTP key", 128, "75767d41829cb697c7a20d6812eadb9a"),
-        ("Initiator ZRTP key", 128, "08a821460cbd6ce0f1fe3c4c704e3bea"),
-        ("Responder HMAC key", 256, "2169f15c1b85a23977024d5ea71f481623fe94dc1aabf489b8744d0d373d7cab"),
-        ("Initiator HMAC key", 256, "1d117befd627cc5a80d0236e8d496be42a6a0118ac4159e861b9b14a784b5d3f"),
+        (
+            "Responder SRTP master key",
+            128,
+            "f2cfc5724acfd7b50e89bed8a5c9f2cd",
+        ),
+        (
+            "Responder SRTP master salt",
+            112,
+            "3c8fb13fd6ca83fbd6af3bd5ab1c",
+        ),
+        (
+            "SAS",
+            256,
+            "d269b0718ad58f3c8e0dcf4535811d951847314128319f54c606595b522c5287",
+        ),
+        (
+            "ZRTP Session Key",
+            256,
+            "c363390bc9ee13aa9e6a00528409ddc90717e01d1ae2dcf9a70ab98886ac6975",
+        ),
+        (
+            "retained secret",
+            256,
+            "a7272dee77e7990c24b20b9f54ba2b617a23d8a59765829b78072bc51299015c",
+        ),
+        (
+            "Responder ZRTP key",
+            128,
+            "75767d41829cb697c7a20d6812eadb9a",
+        ),
+        (
+            "Initiator ZRTP key",
+            128,
+            "08a821460cbd6ce0f1fe3c4c704e3bea",
+        ),
+        (
+            "Responder HMAC key",
+            256,
+            "2169f15c1b85a23977024d5ea71f481623fe94dc1aabf489b8744d0d373d7cab",
+        ),
+        (
+            "Initiator HMAC key",
+            256,
+            "1d117befd627cc5a80d0236e8d496be42a6a0118ac4159e861b9b14a784b5d3f",
+        ),
     ];
     for (label, l, want) in cases {
-        assert_eq!(hex::encode(kdf(&key, label.as_bytes(), &ctx, l)), want, "{label}");
+        assert_eq!(
+            hex::encode(kdf(&key, label.as_bytes(), &ctx, l)),
+            want,
+            "{label}"
+        );
         if l == 256 {
-            assert_eq!(hex::encode(kdf32(&key, label.as_bytes(), &ctx).expose()), want);
+            assert_eq!(
+                hex::encode(kdf32(&key, label.as_bytes(), &ctx).expose()),
+                want
+            );
         }
     }
 }
@@ -215,7 +264,15 @@ fn s0_dh_known_answers() {
         hex::encode(s1only.expose()),
         "6a8437089e17ac83bd489ca59401f0e40697ab12a5d7ec7ad343a33b4bf27355"
     );
-    let all = s0_dh(&dh, &zi, &zr, &th, Some(&s1), Some(b"aux secret"), Some(&pbx));
+    let all = s0_dh(
+        &dh,
+        &zi,
+        &zr,
+        &th,
+        Some(&s1),
+        Some(b"aux secret"),
+        Some(&pbx),
+    );
     assert_eq!(
         hex::encode(all.expose()),
         "416d013f87566dcf6f173e116d867e412077d36e1c3781ecf5020ce020431a89"
@@ -308,7 +365,9 @@ fn x25519_rfc7748_section_5_2() {
         "a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4",
     ));
     let out = k
-        .agree(&h("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"))
+        .agree(&h(
+            "e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c",
+        ))
         .unwrap();
     assert_eq!(
         hex::encode(out.expose()),
@@ -337,7 +396,10 @@ fn x25519_rejects_bad_public_values() {
     }
     for len in [0usize, 31, 33, 384] {
         let kp = X25519KeyPair::generate(&mut r);
-        assert!(matches!(kp.agree(&vec![9u8; len]), Err(Error::BadPublicValue)));
+        assert!(matches!(
+            kp.agree(&vec![9u8; len]),
+            Err(Error::BadPublicValue)
+        ));
     }
     // Random pairs agree; Debug shows no private key.
     let a = X25519KeyPair::generate(&mut r);
@@ -399,12 +461,12 @@ fn rs_ids_known_answers() {
     assert_ne!(random_id(&mut r), random_id(&mut r));
 }
 
+/// One side's (rs1, rs2).
+type Pair<'a> = (Option<&'a Secret32>, Option<&'a Secret32>);
+
 /// What each side computes as s1 when the initiator holds `(i1, i2)` and the responder
 /// `(r1, r2)`, with absent secrets replaced by random IDs as the RFC requires.
-fn both_sides(
-    i: (Option<&Secret32>, Option<&Secret32>),
-    r: (Option<&Secret32>, Option<&Secret32>),
-) -> (Option<Secret32>, Option<Secret32>) {
+fn both_sides(i: Pair, r: Pair) -> (Option<Secret32>, Option<Secret32>) {
     let mut g = rng();
     let mut ids = |rs: Option<&Secret32>, role: RsRole| match rs {
         Some(s) => rs_id(s, role.label()),
@@ -426,11 +488,7 @@ fn match_retained_is_symmetric() {
     let d = Secret32::new([0xD4; 32]);
 
     // (initiator, responder, expected s1)
-    let cases: Vec<(
-        (Option<&Secret32>, Option<&Secret32>),
-        (Option<&Secret32>, Option<&Secret32>),
-        Option<&Secret32>,
-    )> = vec![
+    let cases: Vec<(Pair, Pair, Option<&Secret32>)> = vec![
         // In sync.
         ((Some(&a), Some(&b)), (Some(&a), Some(&b)), Some(&a)),
         // Responder updated, initiator did not: initiator's rs1 is the responder's rs2.
