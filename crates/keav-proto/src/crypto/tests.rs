@@ -527,3 +527,49 @@ fn match_retained_uses_the_peer_role_label() {
         Some(a.clone())
     );
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The RFC 6189 §4.3 rule evaluated on the secret values themselves (the oracle).
+    fn rfc_s1(i: Pair, r: Pair) -> Option<Secret32> {
+        let in_r = |s: &Secret32| r.0 == Some(s) || r.1 == Some(s);
+        match (i.0, i.1) {
+            (Some(s), _) if in_r(s) => Some(s.clone()),
+            (_, Some(s)) if in_r(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    proptest! {
+        // Each slot picks one of four secrets or none (index 4).
+        #[test]
+        fn match_retained_agrees_with_rfc_rule(
+            i1 in 0usize..5, i2 in 0usize..5, r1 in 0usize..5, r2 in 0usize..5,
+        ) {
+            let pool: Vec<Secret32> = (0u8..4).map(|k| Secret32::new([k + 1; 32])).collect();
+            let pick = |n: usize| pool.get(n);
+            let i = (pick(i1), pick(i2));
+            let r = (pick(r1), pick(r2));
+            let want = rfc_s1(i, r);
+            let (at_i, at_r) = both_sides(i, r);
+            prop_assert_eq!(at_i, want.clone());
+            prop_assert_eq!(at_r, want);
+        }
+
+        #[test]
+        fn confirm_round_trip_any_length(
+            key in any::<[u8; 16]>(), iv in any::<[u8; 16]>(),
+            data in proptest::collection::vec(any::<u8>(), 0..100),
+        ) {
+            let mut buf = data.clone();
+            confirm_encrypt(&key, &iv, &mut buf);
+            if data.len() >= 4 {
+                prop_assert_ne!(&buf, &data);
+            }
+            confirm_decrypt(&key, &iv, &mut buf);
+            prop_assert_eq!(buf, data);
+        }
+    }
+}
