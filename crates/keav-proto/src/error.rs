@@ -109,6 +109,11 @@ pub enum Error {
     /// The equality test failed or was aborted (counts toward lockout).
     #[error("autonomous verification failed: {0}")]
     Verification(#[from] keav_verify::Error),
+    /// The handshake failed after the equality test had started but before it completed
+    /// (the peer aborted, went silent, or sent garbage). The peer may have tested one guess of
+    /// the secret, so this counts toward lockout like a failed test.
+    #[error("autonomous verification aborted: {0}")]
+    VerificationAborted(Box<Error>),
     /// The peer is locked out after too many failed verifications.
     #[error("peer locked out until unix time {until}")]
     LockedOut {
@@ -144,6 +149,7 @@ impl Error {
             Error::Unexpected { .. } => 0x10,
             Error::Downgrade(_) => 0x40,
             Error::CacheMismatch | Error::Verification(_) => 0x70,
+            Error::VerificationAborted(inner) => inner.wire_code(),
             Error::LockedOut { .. } => 0xA0,
             Error::NoSharedSecret => 0x56,
             Error::PeerError(_) => 0x20,
@@ -154,6 +160,9 @@ impl Error {
 
     /// Whether this failure counts toward the peer's verification lockout.
     pub fn counts_toward_lockout(&self) -> bool {
-        matches!(self, Error::Verification(_) | Error::CacheMismatch)
+        matches!(
+            self,
+            Error::Verification(_) | Error::CacheMismatch | Error::VerificationAborted(_)
+        )
     }
 }

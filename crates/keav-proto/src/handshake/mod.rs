@@ -335,6 +335,8 @@ pub struct Endpoint {
     last_response: Vec<Vec<u8>>,
     early: Vec<Vec<u8>>,
     error_sent: bool,
+    /// An equality test started and has not finished yet.
+    verifying: bool,
 }
 
 impl core::fmt::Debug for Endpoint {
@@ -428,6 +430,7 @@ impl Endpoint {
             last_response: Vec::new(),
             early: Vec::new(),
             error_sent: false,
+            verifying: false,
             cfg,
         }
     }
@@ -582,6 +585,14 @@ impl Endpoint {
     }
 
     fn fail(&mut self, e: Error) -> Error {
+        // A test that started and did not complete gave the peer one guess: say so, so that
+        // the driver counts it toward lockout.
+        let started = self.verifying;
+        let e = match e {
+            e @ (Error::Verification(_) | Error::VerificationAborted(_) | Error::Misuse(_)) => e,
+            e if started => Error::VerificationAborted(Box::new(e)),
+            e => e,
+        };
         if !self.error_sent && !matches!(e, Error::PeerError(_) | Error::Misuse(_)) {
             self.error_sent = true;
             let msg = Message::Error(ErrorMsg { code: e.wire_code() }).encode();
@@ -1097,6 +1108,7 @@ impl Endpoint {
                 )?;
                 keyed.backend = Some(backend);
                 keyed.verifier = Some(v);
+                self.verifying = true;
                 if let Some(m) = first {
                     let vb = self.kverify(&keyed, m)?;
                     keyed.last_v_mine = Some(vb.clone());
@@ -1380,13 +1392,30 @@ impl Endpoint {
             k.verifier = Some(ver);
             k.backend = Some(backend);
             k.confirm1_sent = false;
+            self.verifying = true;
             self.last_response.clear();
         } else if Some(backend) != k.backend {
             return Err(Error::Downgrade("verification backend changed"));
         }
         let verifier = k.verifier.as_mut().ok_or(Error::Misuse("no verifier"))?;
-        let reply = verifier.receive(&v.payload, rng)?;
+        let reply = match verifier.receive(&v.payload, rng) {
+            Ok(r) => r,
+            Err(e) => {
+                // SMP: the responder that learns "not equal" still sends its last message so
+                // that the initiator learns it too.
+                if let Some(last) = verifier.take_final_message() {
+                    k.next_step = v.step.saturating_add(1);
+                    if let Ok(vb) = self.kverify(&k, last) {
+                        self.out.push_back(vb);
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         let ready = verifier.ready_for_confirm();
+        if verifier.is_finished() {
+            self.verifying = false;
+        }
         k.next_step = v.step.saturating_add(1);
         let mut out = Vec::new();
         if let Some(r) = reply {
