@@ -363,7 +363,10 @@ mod tests {
             }
         }
         for n in 0..enc.len() {
-            assert!(decode_peer(&rec.id, &enc[..n]).is_none(), "truncated to {n}");
+            assert!(
+                decode_peer(&rec.id, &enc[..n]).is_none(),
+                "truncated to {n}"
+            );
         }
     }
 

@@ -76,8 +76,8 @@ use keav_proto::cache::{CacheUpdate, LockoutPolicy, Mode, PeerCache, Verificatio
 use keav_proto::secret::Secret32;
 use rand_core::{OsRng, RngCore};
 use redb::{
-    Builder, Database, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
-    WriteTransaction,
+    Builder, Database, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableHandle, WriteTransaction,
 };
 use sha2::Sha256;
 use std::path::Path;
@@ -463,10 +463,7 @@ impl Store {
 
     fn init(&self, now: u64) -> Result<(), Error> {
         let rtx = self.db.begin_read()?;
-        let names: Vec<String> = rtx
-            .list_tables()?
-            .map(|h| h.name().to_string())
-            .collect();
+        let names: Vec<String> = rtx.list_tables()?.map(|h| h.name().to_string()).collect();
         let multimaps = rtx.list_multimap_tables()?.count();
         if names.is_empty() && multimaps == 0 {
             drop(rtx);
@@ -491,13 +488,18 @@ impl Store {
                 .and_then(|b| <[u8; 4]>::try_from(b).ok())
                 .map(u32::from_le_bytes);
             return Err(Error::Corrupt(match v {
-                Some(v) => format!(
-                    "store schema version {v}, this build reads version {SCHEMA_VERSION}"
-                ),
+                Some(v) => {
+                    format!("store schema version {v}, this build reads version {SCHEMA_VERSION}")
+                }
                 None => "malformed schema marker".into(),
             }));
         }
-        for t in [PEERS.name(), ZID_IDX.name(), LABEL_IDX.name(), RSID_IDX.name()] {
+        for t in [
+            PEERS.name(),
+            ZID_IDX.name(),
+            LABEL_IDX.name(),
+            RSID_IDX.name(),
+        ] {
             if !names.iter().any(|n| n == t) {
                 return Err(Error::Corrupt(format!("table {t} missing")));
             }
@@ -673,19 +675,21 @@ impl Store {
             let peers = rtx.open_table(PEERS)?;
             let lo = rsid_key(id, &[0u8; 16]);
             let hi = rsid_key(id, &[0xffu8; 16]);
-            for entry in idx.range(lo.as_slice()..=hi.as_slice())? {
-                let (k, _) = entry?;
-                let peer = peer_id_from(k.value().get(8..).unwrap_or_default())?;
-                let rec = load(&peers, &peer)?.ok_or_else(index_mismatch)?;
-                let matches = initiator_rs_ids(&rec.cache)?
-                    .iter()
-                    .any(|x| bool::from(x.ct_eq(id)));
-                if !matches {
-                    return Err(index_mismatch());
-                }
-                return Ok(Some(rec));
+            // 64-bit IDs of distinct peers practically never collide; if they do, the
+            // first (lowest handle) wins and the handshake's MAC checks reject a wrong guess.
+            let Some(entry) = idx.range(lo.as_slice()..=hi.as_slice())?.next() else {
+                return Ok(None);
+            };
+            let (k, _) = entry?;
+            let peer = peer_id_from(k.value().get(8..).unwrap_or_default())?;
+            let rec = load(&peers, &peer)?.ok_or_else(index_mismatch)?;
+            let matches = initiator_rs_ids(&rec.cache)?
+                .iter()
+                .any(|x| bool::from(x.ct_eq(id)));
+            if !matches {
+                return Err(index_mismatch());
             }
-            Ok(None)
+            Ok(Some(rec))
         })
     }
 
@@ -701,8 +705,8 @@ impl Store {
                 if id == ANONYMOUS_PEER {
                     continue;
                 }
-                let rec = codec::decode_peer(&id, v.value())
-                    .ok_or(Error::CorruptRecord { peer: id })?;
+                let rec =
+                    codec::decode_peer(&id, v.value()).ok_or(Error::CorruptRecord { peer: id })?;
                 out.push(rec);
             }
             Ok(out)
@@ -717,12 +721,7 @@ impl Store {
     ///
     /// In [`Mode::NoContinuity`] no secret is kept: rs1, rs2 and the expiry are cleared and
     /// only the counters are updated.
-    pub fn commit_session(
-        &self,
-        id: &PeerId,
-        update: &CacheUpdate,
-        now: u64,
-    ) -> Result<(), Error> {
+    pub fn commit_session(&self, id: &PeerId, update: &CacheUpdate, now: u64) -> Result<(), Error> {
         self.write(|txn| {
             let old = load(&txn.open_table(PEERS)?, id)?.ok_or(Error::NotFound)?;
             remove_rsids(txn, &old)?;

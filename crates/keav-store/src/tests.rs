@@ -106,12 +106,20 @@ fn store_with_peer(path: &Path, k: u64) -> PeerId {
 
 /// Asserts that the store holds exactly state `k` for `id`, including the rs-ID index.
 fn assert_state(s: &Store, id: PeerId, k: u64) {
-    assert_eq!(s.peer(&id).unwrap(), Some(expected_after(id, k)), "state {k}");
+    assert_eq!(
+        s.peer(&id).unwrap(),
+        Some(expected_after(id, k)),
+        "state {k}"
+    );
     assert_eq!(s.peer_by_zid(&ZID_A).unwrap().map(|r| r.id), Some(id));
     for j in k.saturating_sub(1)..=k {
         if k > 0 {
             let hit = s.peer_by_initiator_rs_id(&ini(&rs(j))).unwrap();
-            assert_eq!(hit.map(|r| r.id), Some(id), "rs id of state {j} in state {k}");
+            assert_eq!(
+                hit.map(|r| r.id),
+                Some(id),
+                "rs id of state {j} in state {k}"
+            );
         }
     }
     for j in [k.wrapping_sub(2), k + 1, k + 2] {
@@ -267,7 +275,9 @@ fn round_trip_of_every_field_across_reopen() {
 fn labels_and_zids_are_unique_and_labels_validated() {
     let (_d, path) = tmp();
     let s = Store::open_at(&path, 1).unwrap();
-    let a = s.create_peer(Some(ZID_A), Some("a"), Mode::NORMAL, 1).unwrap();
+    let a = s
+        .create_peer(Some(ZID_A), Some("a"), Mode::NORMAL, 1)
+        .unwrap();
     assert!(matches!(
         s.create_peer(None, Some("a"), Mode::NORMAL, 1),
         Err(Error::LabelTaken)
@@ -285,7 +295,9 @@ fn labels_and_zids_are_unique_and_labels_validated() {
         s.create_peer(None, Some(&long), Mode::NORMAL, 1),
         Err(Error::InvalidLabel)
     ));
-    let b = s.create_peer(None, Some(&long[..255]), Mode::NORMAL, 1).unwrap();
+    let b = s
+        .create_peer(None, Some(&long[..255]), Mode::NORMAL, 1)
+        .unwrap();
     assert!(matches!(s.set_zid(&b, Some(ZID_A)), Err(Error::ZidTaken)));
     // Failed operations changed nothing.
     assert_eq!(s.list_peers().unwrap().len(), 2);
@@ -295,7 +307,10 @@ fn labels_and_zids_are_unique_and_labels_validated() {
         s.commit_session(&[9; 16], &update(1), 1),
         Err(Error::NotFound)
     ));
-    assert!(matches!(s.set_verify_due(&[9; 16], true), Err(Error::NotFound)));
+    assert!(matches!(
+        s.set_verify_due(&[9; 16], true),
+        Err(Error::NotFound)
+    ));
 }
 
 #[test]
@@ -325,13 +340,37 @@ fn lockout_after_k_failures_resets_on_success_and_survives_reopen() {
     {
         let s = Store::open_at(&path, 1).unwrap();
         let r1 = s.record_verification_failure(&id, 100, &p).unwrap();
-        assert_eq!(r1, LockState { failures: 1, locked_until: None });
+        assert_eq!(
+            r1,
+            LockState {
+                failures: 1,
+                locked_until: None
+            }
+        );
         let r2 = s.record_verification_failure(&id, 101, &p).unwrap();
-        assert_eq!(r2, LockState { failures: 2, locked_until: None });
+        assert_eq!(
+            r2,
+            LockState {
+                failures: 2,
+                locked_until: None
+            }
+        );
         let r3 = s.record_verification_failure(&id, 102, &p).unwrap();
-        assert_eq!(r3, LockState { failures: 3, locked_until: Some(112) });
+        assert_eq!(
+            r3,
+            LockState {
+                failures: 3,
+                locked_until: Some(112)
+            }
+        );
         let r4 = s.record_verification_failure(&id, 103, &p).unwrap();
-        assert_eq!(r4, LockState { failures: 4, locked_until: Some(123) });
+        assert_eq!(
+            r4,
+            LockState {
+                failures: 4,
+                locked_until: Some(123)
+            }
+        );
         let rec = s.peer(&id).unwrap().unwrap();
         assert_eq!(rec.cache.locked_until, Some(123));
         assert!(rec.cache.verify_due);
@@ -342,11 +381,17 @@ fn lockout_after_k_failures_resets_on_success_and_survives_reopen() {
     let s = Store::open_at(&path, 2).unwrap();
     assert_eq!(
         s.lock_state(&id, 110, &p).unwrap(),
-        LockState { failures: 4, locked_until: Some(123) }
+        LockState {
+            failures: 4,
+            locked_until: Some(123)
+        }
     );
     assert_eq!(
         s.lock_state(&id, 123, &p).unwrap(),
-        LockState { failures: 4, locked_until: None }
+        LockState {
+            failures: 4,
+            locked_until: None
+        }
     );
     // A session without the equality test does not reset the counter...
     s.commit_session(&id, &update(2), 200).unwrap();
@@ -355,7 +400,10 @@ fn lockout_after_k_failures_resets_on_success_and_survives_reopen() {
     s.commit_session(&id, &update(11), 201).unwrap();
     assert_eq!(
         s.lock_state(&id, 110, &p).unwrap(),
-        LockState { failures: 0, locked_until: None }
+        LockState {
+            failures: 0,
+            locked_until: None
+        }
     );
     let rec = s.peer(&id).unwrap().unwrap();
     assert_eq!(rec.cache.locked_until, None);
@@ -364,7 +412,10 @@ fn lockout_after_k_failures_resets_on_success_and_survives_reopen() {
     drop(s);
     let s = Store::open_at(&path, 3).unwrap();
     assert_eq!(s.lock_state(&id, 110, &p).unwrap().failures, 0);
-    assert!(matches!(s.lock_state(&[5; 16], 1, &p), Err(Error::NotFound)));
+    assert!(matches!(
+        s.lock_state(&[5; 16], 1, &p),
+        Err(Error::NotFound)
+    ));
 }
 
 #[test]
@@ -379,17 +430,32 @@ fn anonymous_bucket_is_created_on_demand_and_hidden() {
         let s = Store::open_at(&path, 1).unwrap();
         assert_eq!(
             s.lock_state(&ANONYMOUS_PEER, 5, &p).unwrap(),
-            LockState { failures: 0, locked_until: None }
+            LockState {
+                failures: 0,
+                locked_until: None
+            }
         );
-        s.record_verification_failure(&ANONYMOUS_PEER, 10, &p).unwrap();
-        let l = s.record_verification_failure(&ANONYMOUS_PEER, 11, &p).unwrap();
-        assert_eq!(l, LockState { failures: 2, locked_until: Some(71) });
+        s.record_verification_failure(&ANONYMOUS_PEER, 10, &p)
+            .unwrap();
+        let l = s
+            .record_verification_failure(&ANONYMOUS_PEER, 11, &p)
+            .unwrap();
+        assert_eq!(
+            l,
+            LockState {
+                failures: 2,
+                locked_until: Some(71)
+            }
+        );
         assert!(s.list_peers().unwrap().is_empty());
     }
     let s = Store::open_at(&path, 2).unwrap();
     assert_eq!(
         s.lock_state(&ANONYMOUS_PEER, 12, &p).unwrap(),
-        LockState { failures: 2, locked_until: Some(71) }
+        LockState {
+            failures: 2,
+            locked_until: Some(71)
+        }
     );
     let b = s.peer(&ANONYMOUS_PEER).unwrap().unwrap();
     assert!(b.cache.rs1.is_none() && b.zid.is_none());
@@ -402,7 +468,9 @@ fn anonymous_bucket_is_created_on_demand_and_hidden() {
 fn paranoid_lookup_by_initiator_rs_id_follows_rotation_and_forget() {
     let (_d, path) = tmp();
     let s = Store::open_at(&path, 1).unwrap();
-    let other = s.create_peer(None, Some("other"), Mode::Paranoid, 1).unwrap();
+    let other = s
+        .create_peer(None, Some("other"), Mode::Paranoid, 1)
+        .unwrap();
     s.commit_session(
         &other,
         &CacheUpdate {
@@ -415,22 +483,39 @@ fn paranoid_lookup_by_initiator_rs_id_follows_rotation_and_forget() {
         1,
     )
     .unwrap();
-    let id = s.create_peer(None, Some("phone"), Mode::Paranoid, 1).unwrap();
+    let id = s
+        .create_peer(None, Some("phone"), Mode::Paranoid, 1)
+        .unwrap();
     assert!(s.peer_by_initiator_rs_id(&ini(&rs(1))).unwrap().is_none());
     s.commit_session(&id, &update(1), 2).unwrap();
-    assert_eq!(s.peer_by_initiator_rs_id(&ini(&rs(1))).unwrap().unwrap().id, id);
-    assert_eq!(s.peer_by_initiator_rs_id(&ini(&rs(0))).unwrap().unwrap().id, id);
+    assert_eq!(
+        s.peer_by_initiator_rs_id(&ini(&rs(1))).unwrap().unwrap().id,
+        id
+    );
+    assert_eq!(
+        s.peer_by_initiator_rs_id(&ini(&rs(0))).unwrap().unwrap().id,
+        id
+    );
     s.commit_session(&id, &update(2), 3).unwrap();
     assert!(s.peer_by_initiator_rs_id(&ini(&rs(0))).unwrap().is_none());
-    assert_eq!(s.peer_by_initiator_rs_id(&ini(&rs(1))).unwrap().unwrap().id, id);
-    assert_eq!(s.peer_by_initiator_rs_id(&ini(&rs(2))).unwrap().unwrap().id, id);
+    assert_eq!(
+        s.peer_by_initiator_rs_id(&ini(&rs(1))).unwrap().unwrap().id,
+        id
+    );
+    assert_eq!(
+        s.peer_by_initiator_rs_id(&ini(&rs(2))).unwrap().unwrap().id,
+        id
+    );
     // A responder-role ID is not an initiator ID.
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(rs(2).expose()).unwrap();
     m.update(b"Responder");
     let resp: [u8; 8] = m.finalize().into_bytes()[..8].try_into().unwrap();
     assert!(s.peer_by_initiator_rs_id(&resp).unwrap().is_none());
     assert_eq!(
-        s.peer_by_initiator_rs_id(&ini(&rs(500))).unwrap().unwrap().id,
+        s.peer_by_initiator_rs_id(&ini(&rs(500)))
+            .unwrap()
+            .unwrap()
+            .id,
         other
     );
 
@@ -442,9 +527,13 @@ fn paranoid_lookup_by_initiator_rs_id_follows_rotation_and_forget() {
         assert!(s.peer_by_initiator_rs_id(&ini(&rs(k))).unwrap().is_none());
     }
     // The label is free again, the other peer is untouched.
-    s.create_peer(None, Some("phone"), Mode::Paranoid, 4).unwrap();
+    s.create_peer(None, Some("phone"), Mode::Paranoid, 4)
+        .unwrap();
     assert_eq!(
-        s.peer_by_initiator_rs_id(&ini(&rs(500))).unwrap().unwrap().id,
+        s.peer_by_initiator_rs_id(&ini(&rs(500)))
+            .unwrap()
+            .unwrap()
+            .id,
         other
     );
     // Nothing is left behind in the index tables.
@@ -465,7 +554,9 @@ fn damaged_record_value_is_reported_and_can_be_quarantined() {
     let (_d, path) = tmp();
     let id = store_with_peer(&path, 3);
     let s = Store::open_at(&path, 1).unwrap();
-    let keep = s.create_peer(Some(ZID_B), Some("keep"), Mode::NORMAL, 1).unwrap();
+    let keep = s
+        .create_peer(Some(ZID_B), Some("keep"), Mode::NORMAL, 1)
+        .unwrap();
     // Flip one bit of the stored value, as a bad sector or a stray write would.
     {
         let txn = s.db.begin_write().unwrap();
@@ -478,10 +569,19 @@ fn damaged_record_value_is_reported_and_can_be_quarantined() {
         txn.commit().unwrap();
     }
     let e = s.peer(&id).unwrap_err();
-    assert!(matches!(e, Error::CorruptRecord { peer } if peer == id), "{e:?}");
+    assert!(
+        matches!(e, Error::CorruptRecord { peer } if peer == id),
+        "{e:?}"
+    );
     assert!(e.to_string().contains(&hexs(&id)));
-    assert!(matches!(s.peer_by_zid(&ZID_A), Err(Error::CorruptRecord { .. })));
-    assert!(matches!(s.peer_by_label("thermostat"), Err(Error::CorruptRecord { .. })));
+    assert!(matches!(
+        s.peer_by_zid(&ZID_A),
+        Err(Error::CorruptRecord { .. })
+    ));
+    assert!(matches!(
+        s.peer_by_label("thermostat"),
+        Err(Error::CorruptRecord { .. })
+    ));
     assert!(matches!(
         s.peer_by_initiator_rs_id(&ini(&rs(3))),
         Err(Error::CorruptRecord { .. })
@@ -498,7 +598,10 @@ fn damaged_record_value_is_reported_and_can_be_quarantined() {
     assert!(s.peer_by_label("thermostat").unwrap().is_none());
     assert!(s.peer_by_initiator_rs_id(&ini(&rs(3))).unwrap().is_none());
     assert_eq!(s.list_peers().unwrap().len(), 1);
-    assert_eq!(s.peer(&keep).unwrap().unwrap().label.as_deref(), Some("keep"));
+    assert_eq!(
+        s.peer(&keep).unwrap().unwrap().label.as_deref(),
+        Some("keep")
+    );
 }
 
 #[test]
@@ -539,7 +642,10 @@ fn foreign_redb_file_and_other_schema_version_are_corrupt() {
         {
             let mut v = MAGIC.to_vec();
             v.extend_from_slice(&2u32.to_le_bytes());
-            txn.open_table(META).unwrap().insert(SCHEMA_KEY, v.as_slice()).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(SCHEMA_KEY, v.as_slice())
+                .unwrap();
         }
         txn.commit().unwrap();
     }
@@ -622,8 +728,15 @@ fn overwritten_bytes_are_detected_or_harmless() {
             }
         }
     }
-    eprintln!("overwrite sweep: {errors} detected, {intact} harmless, file {} bytes", bytes.len());
-    assert_eq!(secret_hits_detected, secret_at.len(), "damaged secret not detected");
+    eprintln!(
+        "overwrite sweep: {errors} detected, {intact} harmless, file {} bytes",
+        bytes.len()
+    );
+    assert_eq!(
+        secret_hits_detected,
+        secret_at.len(),
+        "damaged secret not detected"
+    );
     assert!(errors > 0 && intact > 0, "errors {errors}, intact {intact}");
 }
 
