@@ -215,6 +215,11 @@ impl CpaceRun {
         msg: &[u8],
         _rng: &mut R,
     ) -> Result<Option<Vec<u8>>, Error> {
+        if matches!(self.state, State::Done { .. } | State::Failed) {
+            // A finished run stays finished (and keeps its key); a failed one
+            // stays failed.
+            return Err(Error::Unexpected);
+        }
         let state = core::mem::replace(&mut self.state, State::Failed);
         let (next, reply) = self.step(state, msg)?;
         self.state = next;

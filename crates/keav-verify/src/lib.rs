@@ -53,7 +53,9 @@
 //! says that everything was received and checked and the inputs are equal.
 //!
 //! Any error is final: the verifier moves to a failed state, forgets its keys
-//! and answers every later message with [`Error::Unexpected`].
+//! and answers every later message with [`Error::Unexpected`]. A finished
+//! verifier answers later messages with [`Error::Unexpected`] too, but stays
+//! finished (a late duplicate does not undo the result).
 //! [`Error::NotEqual`] is the outcome that counts toward lockout.
 //!
 //! **SMP responder on inequality**: the responder learns the result from msg3,

@@ -268,6 +268,10 @@ impl SmpRun {
         msg: &[u8],
         rng: &mut R,
     ) -> Result<Option<Vec<u8>>, Error> {
+        if matches!(self.state, State::Done | State::Failed) {
+            // A finished run stays finished; a failed one stays failed.
+            return Err(Error::Unexpected);
+        }
         let state = core::mem::replace(&mut self.state, State::Failed);
         match state {
             State::ResponderAwait1 { y } => {
@@ -547,4 +551,59 @@ fn receive_msg3<R: RngCore + CryptoRng>(
     let rab = Zeroizing::new(*st.b3 * ra);
     let equal = bool::from(rab.ct_eq(&pab));
     Ok((equal, msg4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented derivation of x, recomputed by hand.
+    #[test]
+    fn secret_scalar_matches_documentation() {
+        let ctx = vec![0xabu8; 200]; // LEB128(200) = c8 01
+        let binding = Binding::new(&[0x33u8; 32], &ctx);
+        let mut input = b"KEAV-v1 SMP secret".to_vec();
+        input.extend_from_slice(&[0xc8, 0x01]);
+        input.extend_from_slice(&ctx);
+        input.extend_from_slice(&[0x33u8; 32]);
+        input.extend_from_slice(b"pairing code");
+        let wide: [u8; 64] = Sha512::digest(&input).into();
+        let expected = Scalar::from_bytes_mod_order_wide(&wide);
+        assert_eq!(*secret_scalar(&binding, b"pairing code"), expected);
+        assert_ne!(*secret_scalar(&binding, b"pairing cod"), expected);
+        // The length prefix separates KDF_Context from sashash.
+        let moved = Binding::new(&[0x33u8; 32], &ctx[..199]);
+        assert_ne!(*secret_scalar(&moved, b"pairing code"), expected);
+    }
+
+    #[test]
+    fn challenge_matches_documentation() {
+        let a = [1u8; 32];
+        let b = [2u8; 32];
+        let mut input = b"KEAV-v1 SMP proof".to_vec();
+        input.push(5);
+        input.extend_from_slice(&a);
+        input.extend_from_slice(&b);
+        let wide: [u8; 64] = Sha512::digest(&input).into();
+        assert_eq!(challenge(5, &[&a, &b]), Scalar::from_bytes_mod_order_wide(&wide));
+        assert_ne!(challenge(6, &[&a, &b]), challenge(5, &[&a, &b]));
+    }
+
+    /// The equality condition of the protocol: with honest values,
+    /// Pa - Pb = a3·b3·(Qa - Qb) iff x = y.
+    #[test]
+    fn equality_condition() {
+        let mut rng = rand::thread_rng();
+        let s = || random_nonzero_scalar(&mut rand::thread_rng());
+        let (a2, a3, b2, b3, r, s2) = (s(), s(), s(), s(), s(), s());
+        let g2 = RistrettoPoint::mul_base(&(a2 * b2));
+        let g3 = RistrettoPoint::mul_base(&(a3 * b3));
+        let x = random_nonzero_scalar(&mut rng);
+        for y in [x, x + Scalar::ONE] {
+            let (pa, qa) = (s2 * g3, RistrettoPoint::mul_base(&s2) + x * g2);
+            let (pb, qb) = (r * g3, RistrettoPoint::mul_base(&r) + y * g2);
+            let rab = a3 * b3 * (qa - qb);
+            assert_eq!(rab == pa - pb, x == y);
+        }
+    }
 }
