@@ -46,7 +46,9 @@ pub(crate) fn generator_string(
     let used = 1 + len_prs.len() + prs.len() + len_dsi.len() + dsi.len();
     let len_zpad = s_in_bytes.saturating_sub(used);
     let zpad = vec![0u8; len_zpad];
-    let mut out = Zeroizing::new(Vec::with_capacity(used + len_zpad + ci.len() + sid.len() + 8));
+    let mut out = Zeroizing::new(Vec::with_capacity(
+        used + len_zpad + ci.len() + sid.len() + 8,
+    ));
     push_prepend_len(&mut out, dsi);
     push_prepend_len(&mut out, prs);
     push_prepend_len(&mut out, &zpad);
@@ -196,14 +198,20 @@ impl CpaceRun {
             Role::Initiator => (
                 CpaceRun {
                     sid,
-                    state: State::InitiatorSentYa { ya: y, ya_enc: y_enc },
+                    state: State::InitiatorSentYa {
+                        ya: y,
+                        ya_enc: y_enc,
+                    },
                 },
                 Some(y_enc.to_vec()),
             ),
             Role::Responder => (
                 CpaceRun {
                     sid,
-                    state: State::ResponderAwaitYa { yb: y, yb_enc: y_enc },
+                    state: State::ResponderAwaitYa {
+                        yb: y,
+                        yb_enc: y_enc,
+                    },
                 },
                 None,
             ),
@@ -477,10 +485,18 @@ mod tests {
         let sashash = [0x42u8; 32];
         let ctx = b"ZIDi-ZIDr-total_hash";
         let binding = Binding::new(&sashash, ctx);
-        let (mut i, ya_msg) =
-            CpaceRun::start(Role::Initiator, &binding, b"1234", &mut FixedRng(h(YA_SCALAR)));
-        let (mut r, none) =
-            CpaceRun::start(Role::Responder, &binding, b"1234", &mut FixedRng(h(YB_SCALAR)));
+        let (mut i, ya_msg) = CpaceRun::start(
+            Role::Initiator,
+            &binding,
+            b"1234",
+            &mut FixedRng(h(YA_SCALAR)),
+        );
+        let (mut r, none) = CpaceRun::start(
+            Role::Responder,
+            &binding,
+            b"1234",
+            &mut FixedRng(h(YB_SCALAR)),
+        );
         assert!(none.is_none());
         let ya_msg = ya_msg.unwrap();
         let m2 = r.receive(&ya_msg, &mut FixedRng(vec![])).unwrap().unwrap();
@@ -497,7 +513,9 @@ mod tests {
         let yb = (scalar(YB_SCALAR) * g).compress().to_bytes();
         assert_eq!(ya_msg, ya.to_vec());
         assert_eq!(&m2[..32], &yb[..]);
-        let k = (scalar(YA_SCALAR) * scalar(YB_SCALAR) * g).compress().to_bytes();
+        let k = (scalar(YA_SCALAR) * scalar(YB_SCALAR) * g)
+            .compress()
+            .to_bytes();
         let mut isk_in = vec![21u8];
         isk_in.extend_from_slice(b"CPaceRistretto255_ISK");
         isk_in.push(32);

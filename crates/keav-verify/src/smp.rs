@@ -131,10 +131,7 @@ impl PqStatement<'_> {
 
     fn verify(&self, v: u8, c: &Scalar, d5: &Scalar, d6: &Scalar) -> Result<(), Error> {
         let c1 = RistrettoPoint::vartime_multiscalar_mul([d5, c], [self.g3, self.p]);
-        let c2 = RistrettoPoint::vartime_multiscalar_mul(
-            [d5, d6, c],
-            [&g1(), self.g2, self.q],
-        );
+        let c2 = RistrettoPoint::vartime_multiscalar_mul([d5, d6, c], [&g1(), self.g2, self.q]);
         check_challenge(c, &self.challenge(v, &enc(&c1), &enc(&c2)))
     }
 }
@@ -186,14 +183,7 @@ enum State {
         g3a: Enc,
     },
     /// Initiator sent msg3, waits for msg4.
-    InitiatorAwait4 {
-        a3: Zeroizing<Scalar>,
-        g3b: RistrettoPoint,
-        g3b_enc: Enc,
-        pab: Zeroizing<RistrettoPoint>,
-        qab: RistrettoPoint,
-        qab_enc: Enc,
-    },
+    InitiatorAwait4(Box<InitiatorAwait4>),
     /// Responder waits for msg1.
     ResponderAwait1 { y: Zeroizing<Scalar> },
     /// Responder sent msg2, waits for msg3.
@@ -202,6 +192,15 @@ enum State {
     Done,
     /// Failed; every later message is unexpected.
     Failed,
+}
+
+struct InitiatorAwait4 {
+    a3: Zeroizing<Scalar>,
+    g3b: RistrettoPoint,
+    g3b_enc: Enc,
+    pab: Zeroizing<RistrettoPoint>,
+    qab: RistrettoPoint,
+    qab_enc: Enc,
 }
 
 struct ResponderAwait3 {
@@ -294,14 +293,15 @@ impl SmpRun {
                     Err(Error::NotEqual)
                 }
             }
-            State::InitiatorAwait4 {
-                a3,
-                g3b,
-                g3b_enc,
-                pab,
-                qab,
-                qab_enc,
-            } => {
+            State::InitiatorAwait4(st) => {
+                let InitiatorAwait4 {
+                    a3,
+                    g3b,
+                    g3b_enc,
+                    pab,
+                    qab,
+                    qab_enc,
+                } = *st;
                 let [rb_enc, cr, d7] = split_fields::<MSG4_FIELDS>(msg)?;
                 let rb = decode_point(&rb_enc)?;
                 let cr = decode_scalar(&cr)?;
@@ -338,7 +338,7 @@ impl SmpRun {
     pub(crate) fn phase_name(&self) -> &'static str {
         match self.state {
             State::InitiatorAwait2 { .. } => "awaiting msg2",
-            State::InitiatorAwait4 { .. } => "awaiting msg4",
+            State::InitiatorAwait4(_) => "awaiting msg4",
             State::ResponderAwait1 { .. } => "awaiting msg1",
             State::ResponderAwait3(_) => "awaiting msg3",
             State::Done => "finished",
@@ -484,14 +484,14 @@ fn receive_msg2<R: RngCore + CryptoRng>(
         &cr.to_bytes(),
         &d7.to_bytes(),
     ]);
-    let next = State::InitiatorAwait4 {
+    let next = State::InitiatorAwait4(Box::new(InitiatorAwait4 {
         a3,
         g3b,
         g3b_enc,
         pab: Zeroizing::new(pa - pb),
         qab,
         qab_enc,
-    };
+    }));
     Ok((next, msg3))
 }
 
@@ -585,7 +585,10 @@ mod tests {
         input.extend_from_slice(&a);
         input.extend_from_slice(&b);
         let wide: [u8; 64] = Sha512::digest(&input).into();
-        assert_eq!(challenge(5, &[&a, &b]), Scalar::from_bytes_mod_order_wide(&wide));
+        assert_eq!(
+            challenge(5, &[&a, &b]),
+            Scalar::from_bytes_mod_order_wide(&wide)
+        );
         assert_ne!(challenge(6, &[&a, &b]), challenge(5, &[&a, &b]));
     }
 

@@ -143,17 +143,35 @@ fn wrong_lengths_are_malformed() {
     let mut rng = TestRng::new(b"cp-len");
     for len in [0usize, 1, 31, 33, 63, 64, 65, 96] {
         let (mut r, _) = start(CP, Role::Responder, &b, None, &mut rng);
-        assert!(matches!(r.receive(&vec![1u8; len], &mut rng), Err(Error::Malformed(_))), "{len}");
+        assert!(
+            matches!(
+                r.receive(&vec![1u8; len], &mut rng),
+                Err(Error::Malformed(_))
+            ),
+            "{len}"
+        );
     }
     for len in [0usize, 32, 63, 65, 96] {
         let (mut i, _) = start(CP, Role::Initiator, &b, None, &mut rng);
-        assert!(matches!(i.receive(&vec![1u8; len], &mut rng), Err(Error::Malformed(_))), "{len}");
+        assert!(
+            matches!(
+                i.receive(&vec![1u8; len], &mut rng),
+                Err(Error::Malformed(_))
+            ),
+            "{len}"
+        );
     }
     for len in [0usize, 31, 33, 64] {
         let (_, ya) = start(CP, Role::Initiator, &b, None, &mut rng);
         let (mut r, _) = start(CP, Role::Responder, &b, None, &mut rng);
         r.receive(&ya.unwrap(), &mut rng).unwrap();
-        assert!(matches!(r.receive(&vec![1u8; len], &mut rng), Err(Error::Malformed(_))), "{len}");
+        assert!(
+            matches!(
+                r.receive(&vec![1u8; len], &mut rng),
+                Err(Error::Malformed(_))
+            ),
+            "{len}"
+        );
     }
 }
 

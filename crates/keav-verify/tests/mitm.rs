@@ -90,14 +90,21 @@ fn mitm_without_secret_fails_cpace_on_both_sides() {
     }
     // Guessing "no secret" at all fails the same way.
     let (a, b, _, _) = mitm(Backend::CPace, Some(&secret), None, &mut rng);
-    assert_eq!((a, b), (End::Failed(Error::NotEqual), End::Failed(Error::NotEqual)));
+    assert_eq!(
+        (a, b),
+        (End::Failed(Error::NotEqual), End::Failed(Error::NotEqual))
+    );
 }
 
 #[test]
 fn mitm_without_secret_fails_smp_on_both_sides() {
     let mut rng = TestRng::new(b"mitm-smp");
     let secret = VerifySecret::from("7391");
-    for guess in [Some(VerifySecret::from("0000")), Some(VerifySecret::from("7390")), None] {
+    for guess in [
+        Some(VerifySecret::from("0000")),
+        Some(VerifySecret::from("7390")),
+        None,
+    ] {
         let (a, b, va, vb) = mitm(Backend::Smp, Some(&secret), guess.as_ref(), &mut rng);
         assert_eq!(a, End::Failed(Error::NotEqual), "Alice");
         assert_eq!(b, End::Failed(Error::NotEqual), "Bob");

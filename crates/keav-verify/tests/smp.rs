@@ -46,10 +46,7 @@ fn schnorr_ok(v: u8, public: &[u8; 32], c: &[u8; 32], d: &[u8; 32]) -> bool {
 
 /// Messages of one honest run with equal inputs, from start to msg3 included,
 /// plus the live verifiers (initiator waiting for msg4, responder after msg3).
-fn honest_prefix(
-    steps: usize,
-    rng: &mut TestRng,
-) -> (Verifier, Verifier, Vec<Vec<u8>>) {
+fn honest_prefix(steps: usize, rng: &mut TestRng) -> (Verifier, Verifier, Vec<Vec<u8>>) {
     let b = binding(1);
     let s = VerifySecret::from("correct horse");
     let (mut i, m1) = start(SMP, Role::Initiator, &b, Some(&s), rng);
@@ -126,7 +123,12 @@ fn different_secret_is_not_equal_on_both_sides() {
 fn secret_versus_none_is_not_equal() {
     let mut rng = TestRng::new(b"one-sided");
     let b = binding(1);
-    let pair = run_pair(SMP, (&b, Some(&VerifySecret::from("1234"))), (&b, None), &mut rng);
+    let pair = run_pair(
+        SMP,
+        (&b, Some(&VerifySecret::from("1234"))),
+        (&b, None),
+        &mut rng,
+    );
     assert_eq!(pair.r_end, End::Failed(Error::NotEqual));
     assert_eq!(pair.i_end, End::Failed(Error::NotEqual));
 }
@@ -137,7 +139,12 @@ fn different_binding_is_not_equal() {
     let s = VerifySecret::from("1234");
     // What a relaying man in the middle causes: each leg has its own sashash
     // and total_hash.
-    let pair = run_pair(SMP, (&binding(1), Some(&s)), (&binding(2), Some(&s)), &mut rng);
+    let pair = run_pair(
+        SMP,
+        (&binding(1), Some(&s)),
+        (&binding(2), Some(&s)),
+        &mut rng,
+    );
     assert_eq!(pair.r_end, End::Failed(Error::NotEqual));
     assert_eq!(pair.i_end, End::Failed(Error::NotEqual));
     // Same sashash, different KDF_Context only.
@@ -256,7 +263,11 @@ fn tampered_proofs_fail() {
             let mut bad = m4.clone();
             let v = scalar(&field(&bad, f)) + one;
             set_field(&mut bad, f, &v.to_bytes());
-            assert_eq!(i2.receive(&bad, &mut rng), Err(Error::ProofFailed), "msg4 field {f}");
+            assert_eq!(
+                i2.receive(&bad, &mut rng),
+                Err(Error::ProofFailed),
+                "msg4 field {f}"
+            );
             assert!(!i2.is_finished());
             continue;
         }
@@ -280,13 +291,28 @@ fn tampered_proofs_fail() {
 fn substituted_points_fail_the_proofs() {
     let other = (Scalar::from(7u64) * G).compress().to_bytes();
     // (message index, point field)
-    for &(m, f) in &[(0usize, 0usize), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2)] {
+    for &(m, f) in &[
+        (0usize, 0usize),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (2, 0),
+        (2, 1),
+        (2, 2),
+    ] {
         let mut rng = TestRng::new(&[b's', m as u8, f as u8]);
         let (mut i, mut r, mut msgs) = honest_prefix(m + 1, &mut rng);
         let last = msgs.last_mut().unwrap();
         set_field(last, f, &other);
         let receiver = if m % 2 == 0 { &mut r } else { &mut i };
-        assert_eq!(receiver.receive(last, &mut rng), Err(Error::ProofFailed), "msg{} field {f}", m + 1);
+        assert_eq!(
+            receiver.receive(last, &mut rng),
+            Err(Error::ProofFailed),
+            "msg{} field {f}",
+            m + 1
+        );
     }
 }
 
@@ -302,7 +328,18 @@ fn identity_and_noncanonical_points_are_rejected() {
     let mut high = (Scalar::from(5u64) * G).compress().to_bytes();
     high[31] |= 0x80;
     for bad in [[0u8; 32], y_i1, high] {
-        for &(m, f) in &[(0usize, 0usize), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (3, 0)] {
+        for &(m, f) in &[
+            (0usize, 0usize),
+            (0, 1),
+            (1, 0),
+            (1, 1),
+            (1, 2),
+            (1, 3),
+            (2, 0),
+            (2, 1),
+            (2, 2),
+            (3, 0),
+        ] {
             let mut rng = TestRng::new(&[b'p', m as u8, f as u8]);
             if m == 3 {
                 let (mut i, mut r, msgs) = honest_prefix(3, &mut rng);
@@ -315,7 +352,12 @@ fn identity_and_noncanonical_points_are_rejected() {
             let last = msgs.last_mut().unwrap();
             set_field(last, f, &bad);
             let receiver = if m % 2 == 0 { &mut r } else { &mut i };
-            assert_eq!(receiver.receive(last, &mut rng), Err(Error::InvalidPoint), "msg{} field {f}", m + 1);
+            assert_eq!(
+                receiver.receive(last, &mut rng),
+                Err(Error::InvalidPoint),
+                "msg{} field {f}",
+                m + 1
+            );
         }
     }
 }
@@ -337,7 +379,10 @@ fn noncanonical_scalar_is_malformed() {
     let mut rng = TestRng::new(b"scalar");
     let (_, mut r, mut msgs) = honest_prefix(1, &mut rng);
     set_field(&mut msgs[0], 3, &[0xff; 32]);
-    assert!(matches!(r.receive(&msgs[0], &mut rng), Err(Error::Malformed(_))));
+    assert!(matches!(
+        r.receive(&msgs[0], &mut rng),
+        Err(Error::Malformed(_))
+    ));
 }
 
 #[test]
@@ -384,8 +429,16 @@ fn messages_after_finish_are_unexpected() {
     let mut pair = run_pair(SMP, (&b, None), (&b, None), &mut rng);
     assert_eq!(pair.i_end, End::Equal);
     for (k, msg) in pair.transcript.clone().iter().enumerate() {
-        assert_eq!(pair.initiator.receive(msg, &mut rng), Err(Error::Unexpected), "{k}");
-        assert_eq!(pair.responder.receive(msg, &mut rng), Err(Error::Unexpected), "{k}");
+        assert_eq!(
+            pair.initiator.receive(msg, &mut rng),
+            Err(Error::Unexpected),
+            "{k}"
+        );
+        assert_eq!(
+            pair.responder.receive(msg, &mut rng),
+            Err(Error::Unexpected),
+            "{k}"
+        );
     }
     // Still finished: a late message does not undo the result.
     assert!(pair.initiator.is_finished() && pair.responder.is_finished());
@@ -395,8 +448,20 @@ fn messages_after_finish_are_unexpected() {
 fn final_message_is_only_given_once_after_not_equal() {
     let mut rng = TestRng::new(b"final");
     let b = binding(1);
-    let (mut i, m1) = start(SMP, Role::Initiator, &b, Some(&VerifySecret::from("a")), &mut rng);
-    let (mut r, _) = start(SMP, Role::Responder, &b, Some(&VerifySecret::from("b")), &mut rng);
+    let (mut i, m1) = start(
+        SMP,
+        Role::Initiator,
+        &b,
+        Some(&VerifySecret::from("a")),
+        &mut rng,
+    );
+    let (mut r, _) = start(
+        SMP,
+        Role::Responder,
+        &b,
+        Some(&VerifySecret::from("b")),
+        &mut rng,
+    );
     let mut end = End::Incomplete;
     let m2 = deliver(&mut r, &m1.unwrap(), &mut end, &mut rng).unwrap();
     assert_eq!(r.take_final_message(), None);
