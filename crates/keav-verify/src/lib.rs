@@ -106,7 +106,16 @@
 //! * every challenge is `c = SHA-512("KEAV-v1 SMP proof" ‖ v ‖ statement ‖
 //!   commitments)` reduced modulo the group order, where `v` is the one-byte
 //!   proof number of OTR v3 (1 to 8) and statement/commitments are the
-//!   32-byte encodings listed below; the responses are `D = r − secret·c`:
+//!   32-byte encodings listed in the table below; the responses are
+//!   `D = r − secret·c`. Unlike OTR (whose hash covers only the commitments)
+//!   the statement is hashed too (strong Fiat-Shamir). The binding is *not*
+//!   hashed into the proofs, so a different binding shows as `NotEqual`,
+//!   never as a proof failure,
+//! * Received points must decode canonically and must not be the identity;
+//!   `Pa = Pb` or `Qa = Qb` is rejected as degenerate (OTR's range checks);
+//!   all proofs are checked before any value is used.
+//! * Equality holds iff `Pa − Pb = b3·Ra` (responder) / `= a3·Rb` (initiator),
+//!   compared in constant time.
 //!
 //! | v | proves | statement | commitments |
 //! |---|---|---|---|
@@ -116,14 +125,6 @@
 //! | 6 | `Pa, Qa` | `g2, g3, Pa, Qa` | `r5·g3`, `r5·G + r6·g2` |
 //! | 7 | `Ra` | `g3a, Qa−Qb, Ra` | `r7·G`, `r7·(Qa−Qb)` |
 //! | 8 | `Rb` | `g3b, Qa−Qb, Rb` | `r7·G`, `r7·(Qa−Qb)` |
-//!
-//!   Unlike OTR (whose hash covers only the commitments) the statement is
-//!   hashed too (strong Fiat-Shamir).
-//! * Received points must decode canonically and must not be the identity;
-//!   `Pa = Pb` or `Qa = Qb` is rejected as degenerate (OTR's range checks);
-//!   all proofs are checked before any value is used.
-//! * Equality holds iff `Pa − Pb = b3·Ra` (responder) / `= a3·Rb` (initiator),
-//!   compared in constant time.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(
