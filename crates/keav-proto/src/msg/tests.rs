@@ -524,12 +524,14 @@ fn kverify_layout_and_checks() {
             Err(ParseError::BadField("KVerify padding not zero"))
         );
     }
-    let mut x = b.clone();
-    x[17] = 0x80;
-    assert_eq!(
-        Message::parse(&x),
-        Err(ParseError::BadField("KVerify reserved byte not zero"))
-    );
+    for reserved in [0x01, 0x80] {
+        let mut x = b.clone();
+        x[17] = reserved;
+        assert_eq!(
+            Message::parse(&x),
+            Err(ParseError::BadField("KVerify reserved byte not zero"))
+        );
+    }
     // A payload length pointing into the MAC or beyond.
     let mut x = b.clone();
     x[19] = 9;
