@@ -818,7 +818,7 @@ impl Endpoint {
                 self.state = s;
                 Ok(Step::Buffered)
             }
-            (State::AwaitCommit, Message::Commit(c)) => self.on_commit(c, bytes, now_ms, rng),
+            (State::AwaitCommit, Message::Commit(c)) => self.on_commit(c, bytes, rng),
             (State::CommitSent(cs), Message::Commit(c)) => {
                 self.on_contention(cs, c, bytes, now_ms, rng)
             }
@@ -1065,7 +1065,7 @@ impl Endpoint {
         self.role = Role::Responder;
         self.retransmit = None;
         self.flight.clear();
-        self.on_commit(theirs, bytes, now_ms, rng)
+        self.on_commit(theirs, bytes, rng)
     }
 
     fn on_dhpart1<R: RngCore + CryptoRng>(
@@ -1111,7 +1111,7 @@ impl Endpoint {
                 self.verifying = true;
                 if let Some(m) = first {
                     let vb = self.kverify(&keyed, m)?;
-                    keyed.last_v_mine = Some(vb.clone());
+                    keyed.next_step = 2;
                     flight.push(vb);
                 }
             }
@@ -1179,7 +1179,6 @@ impl Endpoint {
         &mut self,
         c: Commit,
         bytes: &[u8],
-        now_ms: u64,
         rng: &mut R,
     ) -> Result<Step, Error> {
         // The Commit reveals the initiator's H2: check it against its Hello, then the Hello MAC.

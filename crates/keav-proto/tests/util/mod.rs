@@ -192,6 +192,10 @@ pub fn run_session(
                 } else {
                     b_to_a.push(m.clone());
                 }
+                if std::env::var_os("KEAV_TRACE").is_some() {
+                    let t = keav_proto::msg::peek_type(&m).map(|t| t.name()).unwrap_or("?");
+                    eprintln!("{now:>6} {} {t} ({} bytes)", if to_b { "A->B" } else { "B->A" }, m.len());
+                }
                 if link_rng.gen_bool(link.drop) {
                     continue;
                 }
@@ -327,6 +331,20 @@ fn apply(d: &mut Device, peer_label: &str, found: Option<Option<usize>>, r: &Sid
             }
         }
         Err(err) if err.counts_toward_lockout() => {
+            // The initiator knows whom it called: a first failed contact still gets an entry
+            // (a responder charges unidentified peers to an anonymous bucket, not modelled).
+            let idx = match (idx, found) {
+                (None, None) => {
+                    d.peers.push(PeerEntry {
+                        label: peer_label.to_string(),
+                        zid: None,
+                        cache: PeerCache::default(),
+                        failures: 0,
+                    });
+                    Some(d.peers.len() - 1)
+                }
+                (i, _) => i,
+            };
             if let Some(i) = idx {
                 let lockout = d.lockout;
                 let e = &mut d.peers[i];
