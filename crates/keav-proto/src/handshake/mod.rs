@@ -820,7 +820,7 @@ impl Endpoint {
             }
             (State::AwaitCommit, Message::Commit(c)) => self.on_commit(c, bytes, rng),
             (State::CommitSent(cs), Message::Commit(c)) => {
-                self.on_contention(cs, c, bytes, now_ms, rng)
+                self.on_contention(cs, c, bytes, rng)
             }
             (State::CommitSent(cs), Message::DhPart1(d)) => self.on_dhpart1(*cs, d, bytes, now_ms, rng),
             (State::CommitSent(cs), Message::Confirm1(c)) if cs.choice.preshared => {
@@ -1037,7 +1037,6 @@ impl Endpoint {
         cs: Box<CommitSent>,
         theirs: Commit,
         bytes: &[u8],
-        now_ms: u64,
         rng: &mut R,
     ) -> Result<Step, Error> {
         let mine_pre = cs.choice.preshared;
