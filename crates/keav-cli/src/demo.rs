@@ -102,7 +102,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
             _ => String::new(),
         },
         backend,
-        if secret.is_some() { "set" } else { "none (unbound)" }
+        if secret.is_some() {
+            "set"
+        } else {
+            "none (unbound)"
+        }
     );
     println!("stores: {}", dir.display());
     println!(
@@ -182,7 +186,13 @@ fn session(
         while let Some(ev) = a.poll_event() {
             moved = true;
             if let Event::Established(o) = ev {
-                persist(alice, known.as_ref().map(|r| r.id), Some(bob.name), &o, unix)?;
+                persist(
+                    alice,
+                    known.as_ref().map(|r| r.id),
+                    Some(bob.name),
+                    &o,
+                    unix,
+                )?;
                 out_a = Some(o);
             }
         }

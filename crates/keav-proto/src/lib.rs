@@ -5,7 +5,10 @@
 //! modes, and the retained-secret cache *values* (persisting them is `keav-store`'s job).
 //! Callers pass bytes and the current time in, and take bytes, timer deadlines and events out.
 //! There is no clock, socket, thread or file access in here.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod cache;
 pub mod codec;

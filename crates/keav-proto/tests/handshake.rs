@@ -41,8 +41,16 @@ fn mode_table(mode: Mode, secret: bool) {
         };
         let (oa, ob) = both_ok(&r);
         let (dh, verify) = expected(mode, k);
-        assert_eq!(oa.key_agreement == KeyAgreement::Dh, dh, "{mode:?} session {k}: DH");
-        assert_eq!(oa.verification.ran(), verify, "{mode:?} session {k}: verification");
+        assert_eq!(
+            oa.key_agreement == KeyAgreement::Dh,
+            dh,
+            "{mode:?} session {k}: DH"
+        );
+        assert_eq!(
+            oa.verification.ran(),
+            verify,
+            "{mode:?} session {k}: verification"
+        );
         let want = match (verify, secret) {
             (false, _) => Verification::Skipped,
             (true, true) => Verification::Bound,
@@ -97,7 +105,12 @@ fn paranoid_zids_are_fresh_every_session() {
 
 /// Mallory as two honest endpoints: one posing as Bob to Alice, one as Alice to Bob (with
 /// the victims' ZIDs copied, which are public).
-fn mallory(mode: Mode, victim_a: &Device, victim_b: &Device, secret: Option<&[u8]>) -> (Device, Device) {
+fn mallory(
+    mode: Mode,
+    victim_a: &Device,
+    victim_b: &Device,
+    secret: Option<&[u8]>,
+) -> (Device, Device) {
     let mut as_bob = Device::new("bob", mode, 66);
     as_bob.zid = victim_b.zid;
     let mut as_alice = Device::new("alice", mode, 67);
@@ -121,14 +134,24 @@ fn mitm_in_every_session_is_refused_with_a_secret() {
             // The initiator checks the responder's confirmation tag first and sees the
             // mismatch itself; the responder sees the test aborted. Both count it.
             assert!(
-                matches!(left.a, Err(Error::Verification(keav_verify::Error::NotEqual))),
+                matches!(
+                    left.a,
+                    Err(Error::Verification(keav_verify::Error::NotEqual))
+                ),
                 "{mode:?}: alice must refuse, got {:?}",
                 left.a.as_ref().map(|o| o.verification)
             );
-            assert!(refused(&right.b), "{mode:?}: bob must refuse, got {:?}", right.b.as_ref().map(|o| o.verification));
-            assert!(left.b.is_err() && right.a.is_err(), "mallory's endpoints fail too");
+            assert!(
+                refused(&right.b),
+                "{mode:?}: bob must refuse, got {:?}",
+                right.b.as_ref().map(|o| o.verification)
+            );
+            assert!(
+                left.b.is_err() && right.a.is_err(),
+                "mallory's endpoints fail too"
+            );
             // Nothing was cached with Mallory.
-            assert!(a.entry("bob").map_or(true, |e| e.cache.rs1.is_none()));
+            assert!(a.entry("bob").is_none_or(|e| e.cache.rs1.is_none()));
         }
     }
 }
@@ -166,7 +189,10 @@ fn late_mitm(secret: Option<&[u8]>) {
         match (secret, r) {
             (None, Err(Error::CacheMismatch)) => {}
             (Some(_), Err(Error::Verification(_) | Error::VerificationAborted(_))) => {}
-            (_, other) => panic!("{who}: expected refusal, got {:?}", other.as_ref().map(|o| o.verification)),
+            (_, other) => panic!(
+                "{who}: expected refusal, got {:?}",
+                other.as_ref().map(|o| o.verification)
+            ),
         }
     }
     // The victims' caches are unchanged (held back) and now demand verification.
@@ -204,7 +230,11 @@ fn smp_backend_completes_and_catches_mitm() {
     let (mut m_bob, _) = mallory(Mode::Paranoid, &a, &b, Some(b"nope"));
     m_bob.backends = vec![keav_verify::Backend::Smp];
     let r = run_session(&mut a, &mut m_bob, LinkModel::PERFECT, 10, T0, None);
-    assert!(matches!(r.a, Err(Error::Verification(keav_verify::Error::NotEqual))), "{:?}", r.a.as_ref().err());
+    assert!(
+        matches!(r.a, Err(Error::Verification(keav_verify::Error::NotEqual))),
+        "{:?}",
+        r.a.as_ref().err()
+    );
     assert!(refused(&r.b));
 }
 
@@ -229,7 +259,10 @@ fn lockout_after_k_failures_with_backoff() {
     // After the backoff, one more attempt; failing again doubles the lockout.
     let r = run_session(&mut a, &mut m_bob, LinkModel::PERFECT, 51, T0 + 200, None);
     assert!(matches!(r.a, Err(Error::Verification(_))));
-    assert_eq!(a.entry("bob").unwrap().cache.locked_until, Some(T0 + 200 + 200));
+    assert_eq!(
+        a.entry("bob").unwrap().cache.locked_until,
+        Some(T0 + 200 + 200)
+    );
 }
 
 #[test]
@@ -237,13 +270,23 @@ fn cache_deleted_on_one_side_is_repaired_by_a_bound_test() {
     let mut a = Device::new("alice", Mode::NORMAL, 1).with_secret(b"code");
     let mut b = Device::new("bob", Mode::NORMAL, 2).with_secret(b"code");
     for k in 1..=3 {
-        both_ok(&run_session(&mut a, &mut b, LinkModel::PERFECT, k, T0, None));
+        both_ok(&run_session(
+            &mut a,
+            &mut b,
+            LinkModel::PERFECT,
+            k,
+            T0,
+            None,
+        ));
     }
     b.peers.clear();
     let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 4, T0, None);
     let (oa, ob) = both_ok(&r);
     assert!(oa.cache_mismatch, "alice expected a match");
-    assert!(!ob.cache_mismatch, "bob has no entry: a first session for him");
+    assert!(
+        !ob.cache_mismatch,
+        "bob has no entry: a first session for him"
+    );
     assert_eq!(oa.verification, Verification::Bound);
     assert_eq!(oa.key_agreement, KeyAgreement::Dh);
     assert!(oa.cache_update.is_some());
@@ -258,11 +301,22 @@ fn cache_deleted_on_one_side_without_secret_is_refused_by_the_survivor() {
     let mut a = Device::new("alice", Mode::NORMAL, 1);
     let mut b = Device::new("bob", Mode::NORMAL, 2);
     for k in 1..=3 {
-        both_ok(&run_session(&mut a, &mut b, LinkModel::PERFECT, k, T0, None));
+        both_ok(&run_session(
+            &mut a,
+            &mut b,
+            LinkModel::PERFECT,
+            k,
+            T0,
+            None,
+        ));
     }
     b.peers.clear();
     let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 4, T0, None);
-    assert!(matches!(r.a, Err(Error::CacheMismatch)), "{:?}", r.a.as_ref().err());
+    assert!(
+        matches!(r.a, Err(Error::CacheMismatch)),
+        "{:?}",
+        r.a.as_ref().err()
+    );
     // With explicit repair allowed (TOFU re-pairing) it goes through.
     a.allow_repair = true;
     let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 5, T0, None);
@@ -274,15 +328,40 @@ fn cache_deleted_on_one_side_without_secret_is_refused_by_the_survivor() {
 fn one_sided_cache_update_recovers_through_one_dh_fallback() {
     let mut a = Device::new("alice", Mode::NORMAL, 1);
     let mut b = Device::new("bob", Mode::NORMAL, 2);
-    both_ok(&run_session(&mut a, &mut b, LinkModel::PERFECT, 1, T0, None));
-    both_ok(&run_session(&mut a, &mut b, LinkModel::PERFECT, 2, T0, None));
+    both_ok(&run_session(
+        &mut a,
+        &mut b,
+        LinkModel::PERFECT,
+        1,
+        T0,
+        None,
+    ));
+    both_ok(&run_session(
+        &mut a,
+        &mut b,
+        LinkModel::PERFECT,
+        2,
+        T0,
+        None,
+    ));
     // Bob crashed before persisting session 3: he keeps the state after session 2.
     let bob_before = b.peers.clone();
-    both_ok(&run_session(&mut a, &mut b, LinkModel::PERFECT, 3, T0, None));
+    both_ok(&run_session(
+        &mut a,
+        &mut b,
+        LinkModel::PERFECT,
+        3,
+        T0,
+        None,
+    ));
     b.peers = bob_before;
     let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 4, T0, None);
     let (oa, ob) = both_ok(&r);
-    assert_eq!(oa.key_agreement, KeyAgreement::Dh, "preshared fails, DH fallback");
+    assert_eq!(
+        oa.key_agreement,
+        KeyAgreement::Dh,
+        "preshared fails, DH fallback"
+    );
     assert!(oa.cache_matched && ob.cache_matched, "rs2 still matches");
     assert!(!oa.cache_mismatch && !ob.cache_mismatch);
     let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 5, T0, None);

@@ -25,7 +25,14 @@ fn flip_all(mode: Mode, warmup: u64, smp: bool) {
         a0.backends = vec![keav_verify::Backend::Smp];
     }
     for k in 0..warmup {
-        both_ok(&run_session(&mut a0, &mut b0, LinkModel::PERFECT, 1000 + k, T0, None));
+        both_ok(&run_session(
+            &mut a0,
+            &mut b0,
+            LinkModel::PERFECT,
+            1000 + k,
+            T0,
+            None,
+        ));
     }
     let snapshot = |d: &Device| Device {
         name: d.name.clone(),
@@ -55,7 +62,14 @@ fn flip_all(mode: Mode, warmup: u64, smp: bool) {
                     }
                     Some(bytes)
                 };
-                let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 42, T0, Some(&mut tamper));
+                let r = run_session(
+                    &mut a,
+                    &mut b,
+                    LinkModel::PERFECT,
+                    42,
+                    T0,
+                    Some(&mut tamper),
+                );
                 check_tampered(&r, &key, clean_ka, to_b, i, j);
                 cases += 1;
             }
@@ -83,8 +97,8 @@ fn check_tampered(
         assert!(a.exported_key == b.exported_key, "{ctx}");
         return;
     }
-    for side in [&r.a, &r.b] {
-        if let Ok(o) = side {
+    for o in [&r.a, &r.b].into_iter().flatten() {
+        {
             // Only a side whose whole exchange was authentic may finish (e.g. the responder
             // before a corrupted Conf2ACK); its key is the honest one.
             assert!(&o.exported_key == clean_key, "{ctx}: forged key released");
@@ -112,7 +126,14 @@ fn messages_replayed_from_an_earlier_session_are_rejected() {
     for (mode, warm) in [(Mode::NORMAL, 0u64), (Mode::NORMAL, 1), (Mode::Paranoid, 1)] {
         let (mut a, mut b) = pair(mode);
         for k in 0..warm {
-            both_ok(&run_session(&mut a, &mut b, LinkModel::PERFECT, 500 + k, T0, None));
+            both_ok(&run_session(
+                &mut a,
+                &mut b,
+                LinkModel::PERFECT,
+                500 + k,
+                T0,
+                None,
+            ));
         }
         let base_a = a.peers.clone();
         let base_b = b.peers.clone();
@@ -121,12 +142,16 @@ fn messages_replayed_from_an_earlier_session_are_rejected() {
         // Same cache state again, new session: replace message i of one direction by the
         // old session's message i.
         for (to_b, old_msgs) in [(true, &old.a_to_b), (false, &old.b_to_a)] {
-            for i in 0..old_msgs.len() {
+            for (i, replay) in old_msgs.iter().enumerate() {
                 a.peers = base_a.clone();
                 b.peers = base_b.clone();
-                let replay = old_msgs[i].clone();
+                let replay = replay.clone();
                 let mut tamper = |dir: bool, idx: usize, bytes: Vec<u8>| {
-                    Some(if dir == to_b && idx == i { replay.clone() } else { bytes })
+                    Some(if dir == to_b && idx == i {
+                        replay.clone()
+                    } else {
+                        bytes
+                    })
                 };
                 let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 2, T0, Some(&mut tamper));
                 let is_ack = matches!(
@@ -142,11 +167,9 @@ fn messages_replayed_from_an_earlier_session_are_rejected() {
                     r.a.is_err() || r.b.is_err(),
                     "{mode:?}: replay of message {i} (a->b={to_b}) accepted"
                 );
-                for side in [&r.a, &r.b] {
-                    if let Ok(o) = side {
-                        // Only the responder before a replayed Conf2ACK could finish.
-                        assert!(o.exported_key != both_ok(&old).0.exported_key);
-                    }
+                for o in [&r.a, &r.b].into_iter().flatten() {
+                    // Only the responder before a replayed Conf2ACK could finish.
+                    assert!(o.exported_key != both_ok(&old).0.exported_key);
                 }
             }
         }
@@ -172,7 +195,11 @@ fn strip_hello(filter: impl Fn(&AlgoId) -> bool + Copy) -> SessionResult {
 #[test]
 fn stripping_keav_verification_from_hello_is_a_downgrade() {
     let r = strip_hello(|a| *a != AlgoId::KVCP && *a != AlgoId::KVSM);
-    assert!(matches!(r.b, Err(Error::Downgrade(_))), "{:?}", r.b.as_ref().err());
+    assert!(
+        matches!(r.b, Err(Error::Downgrade(_))),
+        "{:?}",
+        r.b.as_ref().err()
+    );
     assert!(r.a.is_err());
 }
 
@@ -180,7 +207,10 @@ fn stripping_keav_verification_from_hello_is_a_downgrade() {
 fn stripping_the_verification_request_is_caught_by_the_hello_mac() {
     let r = strip_hello(|a| *a != AlgoId::KVRQ);
     assert!(
-        matches!(r.b, Err(Error::Auth(keav_proto::error::AuthFailure::HelloMac))),
+        matches!(
+            r.b,
+            Err(Error::Auth(keav_proto::error::AuthFailure::HelloMac))
+        ),
         "{:?}",
         r.b.as_ref().err()
     );
@@ -189,5 +219,9 @@ fn stripping_the_verification_request_is_caught_by_the_hello_mac() {
 #[test]
 fn stripping_preshared_from_hello_is_caught_by_the_hello_mac() {
     let r = strip_hello(|a| *a != AlgoId::PRSH);
-    assert!(matches!(r.b, Err(Error::Auth(_))), "{:?}", r.b.as_ref().err());
+    assert!(
+        matches!(r.b, Err(Error::Auth(_))),
+        "{:?}",
+        r.b.as_ref().err()
+    );
 }

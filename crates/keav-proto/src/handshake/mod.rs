@@ -144,7 +144,10 @@ impl core::fmt::Debug for Config {
             .field("zid", &self.zid)
             .field("mode", &self.mode)
             .field("backends", &self.backends)
-            .field("verify_secret", &self.verify_secret.as_ref().map(|_| "<set>"))
+            .field(
+                "verify_secret",
+                &self.verify_secret.as_ref().map(|_| "<set>"),
+            )
             .field("require_keav", &self.require_keav)
             .field("allow_repair", &self.allow_repair)
             .finish_non_exhaustive()
@@ -490,7 +493,9 @@ impl Endpoint {
         }
         if now_ms >= self.deadline_ms {
             let e = match &self.state {
-                State::Keyed(k) if self.role == Role::Responder && k.demanded && k.verifier.is_none() => {
+                State::Keyed(k)
+                    if self.role == Role::Responder && k.demanded && k.verifier.is_none() =>
+                {
                     Error::Downgrade("peer did not run the required verification")
                 }
                 _ => Error::Timeout,
@@ -595,7 +600,10 @@ impl Endpoint {
         };
         if !self.error_sent && !matches!(e, Error::PeerError(_) | Error::Misuse(_)) {
             self.error_sent = true;
-            let msg = Message::Error(ErrorMsg { code: e.wire_code() }).encode();
+            let msg = Message::Error(ErrorMsg {
+                code: e.wire_code(),
+            })
+            .encode();
             self.out.push_back(msg);
         }
         self.state = State::Failed;
@@ -671,20 +679,29 @@ impl Endpoint {
             mac: [0; 8],
         };
         let mut bytes = Message::Hello(hello).encode();
-        let mac = crypto::mac8(&self.chain.h2, msg::mac_covered(&bytes, MessageType::Hello)?);
+        let mac = crypto::mac8(
+            &self.chain.h2,
+            msg::mac_covered(&bytes, MessageType::Hello)?,
+        );
         msg::set_trailing_mac(&mut bytes, &mac)?;
         self.hello = bytes.clone();
         self.hello_sent = true;
         self.kvrq_sent = kvrq;
         self.out.push_back(bytes);
-        self.hello_timer = Some(Retransmit::start(Schedule::T1.scaled(self.cfg.timer_scale), now_ms));
+        self.hello_timer = Some(Retransmit::start(
+            Schedule::T1.scaled(self.cfg.timer_scale),
+            now_ms,
+        ));
         Ok(())
     }
 
     fn send_flight(&mut self, msgs: Vec<Vec<u8>>, now_ms: u64) {
         self.out.extend(msgs.iter().cloned());
         self.flight = msgs;
-        self.retransmit = Some(Retransmit::start(Schedule::T2.scaled(self.cfg.timer_scale), now_ms));
+        self.retransmit = Some(Retransmit::start(
+            Schedule::T2.scaled(self.cfg.timer_scale),
+            now_ms,
+        ));
     }
 
     fn respond(&mut self, msgs: Vec<Vec<u8>>) {
@@ -707,7 +724,12 @@ impl Endpoint {
             .filter_map(|a| Backend::from_wire_id(&a.0))
             .collect();
         match self.role {
-            Role::Initiator => self.cfg.backends.iter().copied().find(|b| theirs.contains(b)),
+            Role::Initiator => self
+                .cfg
+                .backends
+                .iter()
+                .copied()
+                .find(|b| theirs.contains(b)),
             Role::Responder => theirs.into_iter().find(|b| self.cfg.backends.contains(b)),
         }
     }
@@ -809,7 +831,7 @@ impl Endpoint {
     ) -> Result<Step, Error> {
         let t = message.message_type();
         let state = core::mem::replace(&mut self.state, State::Failed);
-        let result = match (state, message) {
+        match (state, message) {
             (State::AwaitHello, Message::Hello(h)) => {
                 self.state = State::AwaitHello;
                 self.on_hello(h, bytes, now_ms, rng)
@@ -819,14 +841,16 @@ impl Endpoint {
                 Ok(Step::Buffered)
             }
             (State::AwaitCommit, Message::Commit(c)) => self.on_commit(c, bytes, rng),
-            (State::CommitSent(cs), Message::Commit(c)) => {
-                self.on_contention(cs, c, bytes, rng)
+            (State::CommitSent(cs), Message::Commit(c)) => self.on_contention(cs, c, bytes, rng),
+            (State::CommitSent(cs), Message::DhPart1(d)) => {
+                self.on_dhpart1(*cs, d, bytes, now_ms, rng)
             }
-            (State::CommitSent(cs), Message::DhPart1(d)) => self.on_dhpart1(*cs, d, bytes, now_ms, rng),
             (State::CommitSent(cs), Message::Confirm1(c)) if cs.choice.preshared => {
                 self.on_preshared_confirm1(*cs, c, bytes, now_ms, rng)
             }
-            (State::DhPart1Sent(s), Message::DhPart2(d)) => self.on_dhpart2(*s, d, bytes, now_ms, rng),
+            (State::DhPart1Sent(s), Message::DhPart2(d)) => {
+                self.on_dhpart2(*s, d, bytes, now_ms, rng)
+            }
             (s @ State::DhPart1Sent(_), Message::KVerify(_)) => {
                 self.state = s;
                 Ok(Step::Buffered)
@@ -865,8 +889,7 @@ impl Endpoint {
                 self.state = s;
                 Err(self.unexpected(t))
             }
-        };
-        result
+        }
     }
 
     // ---------------------------------------------------------------------------------
@@ -918,12 +941,17 @@ impl Endpoint {
             }
             _ => None,
         };
-        self.events.push_back(Event::NeedPeerCache { zid, rs_id_hint });
+        self.events
+            .push_back(Event::NeedPeerCache { zid, rs_id_hint });
         self.state = State::AwaitCache;
         Ok(Step::Advanced)
     }
 
-    fn after_cache<R: RngCore + CryptoRng>(&mut self, now_ms: u64, rng: &mut R) -> Result<Step, Error> {
+    fn after_cache<R: RngCore + CryptoRng>(
+        &mut self,
+        now_ms: u64,
+        rng: &mut R,
+    ) -> Result<Step, Error> {
         match self.role {
             Role::Responder => {
                 let demand = self.policy_demands(self.my_cache());
@@ -985,12 +1013,23 @@ impl Endpoint {
             let mut nonce = [0u8; 16];
             rng.fill_bytes(&mut nonce);
             let key_id = crypto::preshared_key_id(&psk);
-            (CommitBody::Preshared { nonce, key_id }, AlgoId::PRSH, None, Some(psk))
+            (
+                CommitBody::Preshared { nonce, key_id },
+                AlgoId::PRSH,
+                None,
+                Some(psk),
+            )
         } else {
             let kp = X25519KeyPair::generate(rng);
             let (rs1, rs2) = self.my_secrets();
-            let rs1_id = rs1.map_or_else(|| crypto::random_id(rng), |s| crypto::rs_id(s, b"Initiator"));
-            let rs2_id = rs2.map_or_else(|| crypto::random_id(rng), |s| crypto::rs_id(s, b"Initiator"));
+            let rs1_id = rs1.map_or_else(
+                || crypto::random_id(rng),
+                |s| crypto::rs_id(s, b"Initiator"),
+            );
+            let rs2_id = rs2.map_or_else(
+                || crypto::random_id(rng),
+                |s| crypto::rs_id(s, b"Initiator"),
+            );
             let dh2 = DhPart {
                 h1: self.chain.h1,
                 rs1_id,
@@ -1001,10 +1040,18 @@ impl Endpoint {
                 mac: [0; 8],
             };
             let mut dh2_bytes = Message::DhPart2(dh2).encode();
-            let mac = crypto::mac8(&self.chain.h0, msg::mac_covered(&dh2_bytes, MessageType::DhPart2)?);
+            let mac = crypto::mac8(
+                &self.chain.h0,
+                msg::mac_covered(&dh2_bytes, MessageType::DhPart2)?,
+            );
             msg::set_trailing_mac(&mut dh2_bytes, &mac)?;
             let hvi = crypto::hvi(&dh2_bytes, &self.peer_hello()?.bytes);
-            (CommitBody::Dh { hvi }, AlgoId::X255, Some((kp, dh2_bytes)), None)
+            (
+                CommitBody::Dh { hvi },
+                AlgoId::X255,
+                Some((kp, dh2_bytes)),
+                None,
+            )
         };
         let commit = Commit {
             h2: self.chain.h2,
@@ -1018,7 +1065,10 @@ impl Endpoint {
             mac: [0; 8],
         };
         let mut bytes = Message::Commit(commit).encode();
-        let mac = crypto::mac8(&self.chain.h1, msg::mac_covered(&bytes, MessageType::Commit)?);
+        let mac = crypto::mac8(
+            &self.chain.h1,
+            msg::mac_covered(&bytes, MessageType::Commit)?,
+        );
         msg::set_trailing_mac(&mut bytes, &mac)?;
         self.hello_timer = None;
         self.send_flight(vec![bytes.clone()], now_ms);
@@ -1045,16 +1095,25 @@ impl Endpoint {
             (false, true, _) => true,
             (true, false, _) => false,
             (false, false, CommitBody::Dh { hvi }) => match Message::parse(&cs.commit) {
-                Ok(Message::Commit(Commit { body: CommitBody::Dh { hvi: mine }, .. })) => mine > *hvi,
+                Ok(Message::Commit(Commit {
+                    body: CommitBody::Dh { hvi: mine },
+                    ..
+                })) => mine > *hvi,
                 _ => true,
             },
             (true, true, CommitBody::Preshared { nonce, .. }) => match Message::parse(&cs.commit) {
-                Ok(Message::Commit(Commit { body: CommitBody::Preshared { nonce: mine, .. }, .. })) => {
-                    mine > *nonce
-                }
+                Ok(Message::Commit(Commit {
+                    body: CommitBody::Preshared { nonce: mine, .. },
+                    ..
+                })) => mine > *nonce,
                 _ => true,
             },
-            _ => return Err(Error::Unexpected { message: "Commit", state: "CommitSent" }),
+            _ => {
+                return Err(Error::Unexpected {
+                    message: "Commit",
+                    state: "CommitSent",
+                })
+            }
         };
         if i_win {
             self.state = State::CommitSent(cs);
@@ -1087,7 +1146,15 @@ impl Endpoint {
         let peer = self.peer_hello()?;
         let total = crypto::total_hash_dh(&peer.bytes, &cs.commit, bytes, &dh2_bytes);
         let ctx = crypto::kdf_context(&self.zid, &peer.msg.zid, &total);
-        let s0 = crypto::s0_dh(&dh, &self.zid, &peer.msg.zid, &total, s1.as_ref(), None, None);
+        let s0 = crypto::s0_dh(
+            &dh,
+            &self.zid,
+            &peer.msg.zid,
+            &total,
+            s1.as_ref(),
+            None,
+            None,
+        );
         let mut keyed = self.keyed(KeyAgreement::Dh, ctx, s0, s1.is_some(), cs.choice, d.h1);
         keyed.peer_deferred = bytes.to_vec();
         keyed.peer_deferred_type = MessageType::DhPart1;
@@ -1211,8 +1278,14 @@ impl Endpoint {
                 }
                 let kp = X25519KeyPair::generate(rng);
                 let (rs1, rs2) = self.my_secrets();
-                let rs1_id = rs1.map_or_else(|| crypto::random_id(rng), |s| crypto::rs_id(s, b"Responder"));
-                let rs2_id = rs2.map_or_else(|| crypto::random_id(rng), |s| crypto::rs_id(s, b"Responder"));
+                let rs1_id = rs1.map_or_else(
+                    || crypto::random_id(rng),
+                    |s| crypto::rs_id(s, b"Responder"),
+                );
+                let rs2_id = rs2.map_or_else(
+                    || crypto::random_id(rng),
+                    |s| crypto::rs_id(s, b"Responder"),
+                );
                 let d1 = DhPart {
                     h1: self.chain.h1,
                     rs1_id,
@@ -1223,7 +1296,10 @@ impl Endpoint {
                     mac: [0; 8],
                 };
                 let mut d1_bytes = Message::DhPart1(d1).encode();
-                let mac = crypto::mac8(&self.chain.h0, msg::mac_covered(&d1_bytes, MessageType::DhPart1)?);
+                let mac = crypto::mac8(
+                    &self.chain.h0,
+                    msg::mac_covered(&d1_bytes, MessageType::DhPart1)?,
+                );
                 msg::set_trailing_mac(&mut d1_bytes, &mac)?;
                 self.respond(vec![d1_bytes.clone()]);
                 self.state = State::DhPart1Sent(Box::new(DhPart1Sent {
@@ -1248,7 +1324,8 @@ impl Endpoint {
                     _ => {
                         // RFC 6189 §4.4.2.3: no usable shared secret (or this session must run
                         // DH and verification): ask for DH mode; a DH Commit may follow.
-                        self.out.push_back(Message::Error(ErrorMsg { code: 0x56 }).encode());
+                        self.out
+                            .push_back(Message::Error(ErrorMsg { code: 0x56 }).encode());
                         self.state = State::AwaitCommit;
                         return Ok(Step::Advanced);
                     }
@@ -1298,7 +1375,15 @@ impl Endpoint {
         let peer = self.peer_hello()?;
         let total = crypto::total_hash_dh(&self.hello, &s.commit, &s.dhpart1, bytes);
         let ctx = crypto::kdf_context(&peer.msg.zid, &self.zid, &total);
-        let s0 = crypto::s0_dh(&dh, &peer.msg.zid, &self.zid, &total, s1.as_ref(), None, None);
+        let s0 = crypto::s0_dh(
+            &dh,
+            &peer.msg.zid,
+            &self.zid,
+            &total,
+            s1.as_ref(),
+            None,
+            None,
+        );
         let mut keyed = self.keyed(KeyAgreement::Dh, ctx, s0, s1.is_some(), s.choice, d.h1);
         keyed.peer_deferred = bytes.to_vec();
         keyed.peer_deferred_type = MessageType::DhPart2;
@@ -1377,7 +1462,9 @@ impl Endpoint {
             // The initiator starts the test (its own policy or ours). Any Confirm1 we sent
             // without it is void.
             if Some(backend) != self.peer_offers_keav() {
-                return Err(Error::Downgrade("verification backend differs from negotiation"));
+                return Err(Error::Downgrade(
+                    "verification backend differs from negotiation",
+                ));
             }
             let binding = Binding::new(&k.base.sashash, &k.ctx);
             let (ver, _) = Verifier::start(

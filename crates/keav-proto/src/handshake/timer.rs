@@ -83,16 +83,15 @@ mod tests {
     fn t2_schedule_matches_rfc_total() {
         // 150 + 300 + 600 + 7*1200 = 9450 ms until the 10th retransmission's wait ends.
         let mut t = Retransmit::start(Schedule::T2, 0);
-        let mut now = 0;
         let mut fired = 0;
-        loop {
-            now = t.deadline();
+        let now = loop {
+            let now = t.deadline();
             match t.fire(now) {
                 Some(true) => fired += 1,
                 Some(false) => unreachable!(),
-                None => break,
+                None => break now,
             }
-        }
+        };
         assert_eq!(fired, 10);
         assert_eq!(now, 9450);
     }

@@ -149,7 +149,13 @@ pub fn run_session(
     let mut link_rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut now = 0u64;
     let known = a.entry(&b.name).map(|e| e.cache.clone());
-    let mut ea = match Endpoint::initiator(a.config(), PeerLookup::Given(known), now, unix_now, &mut rng) {
+    let mut ea = match Endpoint::initiator(
+        a.config(),
+        PeerLookup::Given(known),
+        now,
+        unix_now,
+        &mut rng,
+    ) {
         Ok(e) => e,
         Err(e) => {
             return SessionResult {
@@ -193,8 +199,14 @@ pub fn run_session(
                     b_to_a.push(m.clone());
                 }
                 if std::env::var_os("KEAV_TRACE").is_some() {
-                    let t = keav_proto::msg::peek_type(&m).map(|t| t.name()).unwrap_or("?");
-                    eprintln!("{now:>6} {} {t} ({} bytes)", if to_b { "A->B" } else { "B->A" }, m.len());
+                    let t = keav_proto::msg::peek_type(&m)
+                        .map(|t| t.name())
+                        .unwrap_or("?");
+                    eprintln!(
+                        "{now:>6} {} {t} ({} bytes)",
+                        if to_b { "A->B" } else { "B->A" },
+                        m.len()
+                    );
                 }
                 if link_rng.gen_bool(link.drop) {
                     continue;
@@ -240,7 +252,10 @@ pub fn run_session(
         }
         // Next time step: earliest delivery or timer.
         let next_msg = queue.iter().map(|m| m.at).min();
-        let next_timer = [ea.poll_timeout(), eb.poll_timeout()].into_iter().flatten().min();
+        let next_timer = [ea.poll_timeout(), eb.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
         let next = match (next_msg, next_timer) {
             (Some(x), Some(y)) => x.min(y),
             (Some(x), None) => x,
@@ -361,11 +376,17 @@ fn apply(d: &mut Device, peer_label: &str, found: Option<Option<usize>>, r: &Sid
 pub fn both_ok(r: &SessionResult) -> (&SessionOutcome, &SessionOutcome) {
     let a = match &r.a {
         Ok(o) => o,
-        Err(e) => panic!("initiator failed: {e:?} (responder: {:?})", r.b.as_ref().err()),
+        Err(e) => panic!(
+            "initiator failed: {e:?} (responder: {:?})",
+            r.b.as_ref().err()
+        ),
     };
     let b = match &r.b {
         Ok(o) => o,
-        Err(e) => panic!("responder failed: {e:?} (initiator: {:?})", r.a.as_ref().err()),
+        Err(e) => panic!(
+            "responder failed: {e:?} (initiator: {:?})",
+            r.a.as_ref().err()
+        ),
     };
     assert_eq!(a.exported_key, b.exported_key, "exported keys differ");
     assert_eq!(a.sas, b.sas, "SAS differ");
