@@ -22,6 +22,12 @@
 #include <sqlite3.h>
 #include <bzrtp/bzrtp.h>
 
+/* Exported by libbzrtp 5.1 (BZRTP_EXPORT) but declared only in its private
+ * zidCache.h: finds the cache row id of (self URI, peer URI, peer ZID). */
+int bzrtp_cache_getZuid(void *dbPointer, const char *selfURI, const char *peerURI, const uint8_t peerZID[12],
+			const uint8_t insertFlag, int *zuid, bctbx_mutex_t *zidCacheMutex);
+#define KSHIM_ZIDCACHE_DONT_INSERT_ZUID 0
+
 /* Error stages reported by kshim_new (out parameter `stage`). */
 #define KSHIM_STAGE_OK 0
 #define KSHIM_STAGE_ALLOC 1
@@ -628,6 +634,24 @@ long kshim_cache_read(kshim_endpoint *ep, const char *column, uint8_t *buf, size
 	n = (long)lens[0];
 	free(vals[0]);
 	return n;
+}
+
+/* Looks up the zuid of our peer (by its ZID) when bzrtp did not hand it to
+ * us (the export callback is delayed after a cache mismatch). Returns the
+ * zuid, 0 if not found, -1 without cache. */
+int kshim_resolve_zuid(kshim_endpoint *ep, const uint8_t peer_zid[12]) {
+	int zuid = 0;
+	if (ep->db == NULL) {
+		return -1;
+	}
+	if (ep->zuid > 0) {
+		return ep->zuid;
+	}
+	if (bzrtp_cache_getZuid(ep->db, ep->self_uri, ep->peer_uri, peer_zid, KSHIM_ZIDCACHE_DONT_INSERT_ZUID, &zuid, NULL) == 0 &&
+	    zuid > 0) {
+		ep->zuid = zuid;
+	}
+	return ep->zuid;
 }
 
 /* Overwrites a column of this peer's row in the zrtp table (test hook,

@@ -671,14 +671,25 @@ impl BzrtpEndpoint {
         (get(1), get(2))
     }
 
-    /// Internal cache row id of (self URI, peer URI, peer ZID); 0 if unknown.
+    /// Internal cache row id of (self URI, peer URI, peer ZID) as given by
+    /// bzrtp's export callback or found by [`Self::cache_read`]; 0 if unknown.
     pub fn zuid(&self) -> i32 {
         self.flags().zuid
     }
 
+    /// Makes sure the shim knows the zuid: given by bzrtp's export callback,
+    /// else looked up in the cache by the peer's ZID.
+    fn resolve_zuid(&mut self) {
+        if let Some(zid) = self.peer_zid() {
+            // SAFETY: live endpoint; zid is 12 readable bytes.
+            unsafe { ffi::kshim_resolve_zuid(self.ep, zid.as_ptr()) };
+        }
+    }
+
     /// Reads a column ("rs1", "rs2", "pvs", "aux", "pbx") of the peer's row
-    /// in the cache now. Needs the zuid (known after a completed exchange).
+    /// in the cache now (needs the peer's ZID to be known, i.e. its Hello seen).
     pub fn cache_read(&mut self, column: &str) -> Result<Option<Vec<u8>>, i32> {
+        self.resolve_zuid();
         let col = CString::new(column).map_err(|_| -4)?;
         let mut buf = [0u8; 256];
         // SAFETY: live endpoint; col is NUL-terminated; buf has 256 bytes.
@@ -692,6 +703,7 @@ impl BzrtpEndpoint {
 
     /// Overwrites a column of the peer's row in the cache (test hook).
     pub fn cache_write(&mut self, column: &str, value: &[u8]) -> Result<(), i32> {
+        self.resolve_zuid();
         let col = CString::new(column).map_err(|_| -4)?;
         // SAFETY: live endpoint; col NUL-terminated; value is a valid slice.
         let rc = unsafe { ffi::kshim_cache_write(self.ep, col.as_ptr(), value.as_ptr(), value.len()) };

@@ -55,6 +55,7 @@ extern "C" {
     pub fn kshim_rs_at_export(ep: *const ShimEndpoint, which: c_int, buf: *mut u8, cap: usize) -> usize;
     pub fn kshim_cache_read(ep: *mut ShimEndpoint, column: *const c_char, buf: *mut u8, cap: usize) -> c_long;
     pub fn kshim_cache_write(ep: *mut ShimEndpoint, column: *const c_char, data: *const u8, len: usize) -> c_int;
+    pub fn kshim_resolve_zuid(ep: *mut ShimEndpoint, peer_zid: *const u8) -> c_int;
     pub fn kshim_sas_verified(ep: *mut ShimEndpoint);
     pub fn kshim_sas_reset_verified(ep: *mut ShimEndpoint);
     pub fn kshim_self_hello_hash(ep: *mut ShimEndpoint, buf: *mut c_char, cap: usize) -> c_int;
@@ -113,6 +114,9 @@ mod stubs {
         -1
     }
     pub unsafe fn kshim_cache_write(_: *mut ShimEndpoint, _: *const c_char, _: *const u8, _: usize) -> c_int {
+        -1
+    }
+    pub unsafe fn kshim_resolve_zuid(_: *mut ShimEndpoint, _: *const u8) -> c_int {
         -1
     }
     pub unsafe fn kshim_sas_verified(_: *mut ShimEndpoint) {}

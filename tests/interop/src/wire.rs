@@ -34,7 +34,12 @@ pub fn ssrc(packet: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(packet.get(8..12)?.try_into().ok()?))
 }
 
-/// CRC-32c over everything but the last 4 bytes, as RFC 6189 section 5 says.
+/// CRC-32c (Castagnoli) over everything but the last 4 bytes (RFC 6189
+/// section 5, algorithm of RFC 4960 appendix B).
+///
+/// Byte order on the wire: bzrtp follows the SCTP reference code (byte-swap
+/// the final value, then store it big-endian), so the packet ends with
+/// `crc32c(..).to_le_bytes()`. See NOTES.md.
 pub fn compute_crc(packet: &[u8]) -> Option<u32> {
     let body = packet.get(..packet.len().checked_sub(4)?)?;
     Some(crc32c::crc32c(body))
@@ -48,7 +53,7 @@ pub fn crc_ok(packet: &[u8]) -> bool {
     let Ok(stored) = <[u8; 4]>::try_from(tail) else {
         return false;
     };
-    compute_crc(packet) == Some(u32::from_be_bytes(stored))
+    compute_crc(packet) == Some(u32::from_le_bytes(stored))
 }
 
 /// Rewrites the trailing CRC after a modification.
@@ -56,7 +61,7 @@ pub fn fix_crc(packet: &mut [u8]) {
     if let Some(crc) = compute_crc(packet) {
         let n = packet.len();
         if let Some(tail) = packet.get_mut(n - 4..) {
-            tail.copy_from_slice(&crc.to_be_bytes());
+            tail.copy_from_slice(&crc.to_le_bytes());
         }
     }
 }
