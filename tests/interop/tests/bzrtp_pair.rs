@@ -531,3 +531,104 @@ fn recorded_exchange_is_consistent() {
     }
     assert!(n >= 10 && seen_hello >= 2, "{n} packets");
 }
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+fn hmac8(key: &[u8], data: &[u8]) -> [u8; 8] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    m.update(data);
+    let full = m.finalize().into_bytes();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&full[..8]);
+    out
+}
+
+/// The (first) packet of a given type sent by `side`.
+fn find<'a>(t: &'a Transcript, side: Side, name: &str) -> &'a [u8] {
+    &t.records
+        .iter()
+        .find(|r| r.from == side && wire::message_name(&r.packet) == name)
+        .unwrap_or_else(|| panic!("no {name} from {side:?}"))
+        .packet
+}
+
+/// Message bytes (without packet header and CRC).
+fn message(p: &[u8]) -> &[u8] {
+    &p[12..p.len() - 4]
+}
+
+#[test]
+fn hash_chain_macs_and_retained_secret_ids_follow_rfc() {
+    require_bzrtp!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rs_history: Vec<Vec<u8>> = Vec::new();
+    for session in 0..3 {
+        let (mut a, mut b) = endpoints(Some(dir.path()));
+        let t = run_pair(&mut a, &mut b);
+        assert_agreement(&a, &b);
+        let (ini, res) = if a.role() == Some(Role::Initiator) { (Side::A, Side::B) } else { (Side::B, Side::A) };
+
+        // RFC 6189 9: H3 = SHA256(H2), H2 = SHA256(H1), H1 = SHA256(H0);
+        // Hello MAC keyed by H2, Commit MAC by H1, DHPart MAC by H0 (all HMAC-SHA256/64).
+        let hello_i = message(find(&t, ini, "Hello"));
+        let hello_r = message(find(&t, res, "Hello"));
+        let commit = message(find(&t, ini, "Commit"));
+        let dh1 = message(find(&t, res, "DHPart1"));
+        let dh2 = message(find(&t, ini, "DHPart2"));
+        let h3_i = &hello_i[12 + 20..12 + 52];
+        let h3_r = &hello_r[12 + 20..12 + 52];
+        let h2_i = &commit[12..44];
+        let h1_r = &dh1[12..44];
+        let h1_i = &dh2[12..44];
+        assert_eq!(sha256(h2_i), h3_i);
+        let h2_r = sha256(h1_r);
+        assert_eq!(sha256(&h2_r), h3_r);
+        assert_eq!(sha256(h1_i), h2_i);
+        assert_eq!(hmac8(h2_i, &hello_i[..hello_i.len() - 8]), hello_i[hello_i.len() - 8..]);
+        assert_eq!(hmac8(&h2_r, &hello_r[..hello_r.len() - 8]), hello_r[hello_r.len() - 8..]);
+        assert_eq!(hmac8(h1_i, &commit[..commit.len() - 8]), commit[commit.len() - 8..]);
+        // hvi = hash(initiator's DHPart2 || responder's Hello) (RFC 4.4.1.1)
+        let hvi = &commit[12 + 32 + 12 + 20..12 + 32 + 12 + 20 + 32];
+        assert_eq!(sha256(&[dh2, hello_r].concat()), hvi);
+        // X255 public values are 32 bytes: DHPart = 12 + 32 + 4*8 + 32 + 8 bytes
+        assert_eq!(dh1.len(), 12 + 32 + 32 + 32 + 8);
+
+        // retained secret IDs: rsNIDi = MAC(rsN, "Initiator"), rsNIDr = MAC(rsN, "Responder")
+        let ids = |dh: &[u8]| -> ([u8; 8], [u8; 8]) {
+            (dh[44..52].try_into().expect("8"), dh[52..60].try_into().expect("8"))
+        };
+        let (rs1id_r, rs2id_r) = ids(dh1);
+        let (rs1id_i, rs2id_i) = ids(dh2);
+        if let Some(rs1) = rs_history.last() {
+            assert_eq!(rs1id_r, hmac8(rs1, b"Responder"), "session {session}");
+            assert_eq!(rs1id_i, hmac8(rs1, b"Initiator"), "session {session}");
+        }
+        if rs_history.len() >= 2 {
+            let rs2 = &rs_history[rs_history.len() - 2];
+            assert_eq!(rs2id_r, hmac8(rs2, b"Responder"), "session {session}");
+            assert_eq!(rs2id_i, hmac8(rs2, b"Initiator"), "session {session}");
+        }
+
+        if session == 1 && std::env::var_os("KEAV_INTEROP_RECORD").is_some() {
+            let header = format!(
+                "Second bzrtp <-> bzrtp DH-mode session between the same caches (libbzrtp 5.1.64),\n\
+                 recorded by tests/bzrtp_pair.rs (KEAV_INTEROP_RECORD=1): DHPart rs1IDs are real.\n\
+                 A = {ALICE}, B = {BOB}. A role: {:?}. SAS: {}\n\
+                 rs1 shared by both before this session (rs2 absent): {}\n\
+                 => responder rs1IDr = HMAC-SHA256(rs1, \"Responder\")[..8], initiator rs1IDi = HMAC(rs1, \"Initiator\")[..8]\n\
+                 rs1 after this session: {}",
+                a.role().expect("role"),
+                a.sas().expect("sas"),
+                hex::encode(&rs_history[0]),
+                hex::encode(a.retained_secrets_at_export().0.expect("rs1")),
+            );
+            let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/bzrtp_x255_session2_rs1.txt");
+            std::fs::write(data, t.to_text(&header)).expect("write");
+        }
+        rs_history.push(a.retained_secrets_at_export().0.expect("rs1"));
+    }
+}
