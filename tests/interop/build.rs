@@ -3,6 +3,7 @@
 //!
 //! When bzrtp is not installed: with `CI` set the build fails (CI must test
 //! interop), otherwise it warns and sets `cfg(no_bzrtp)` so the tests skip.
+//! `KEAV_BZRTP_PREFIX=/opt/x` adds /opt/x/include and /opt/x/lib to the search.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=CI");
     println!("cargo:rerun-if-env-changed=KEAV_BZRTP_PREFIX");
+    println!("cargo:rerun-if-env-changed=KEAV_INTEROP_FORCE_NO_BZRTP");
 
     let mut inc_dirs: Vec<PathBuf> = Vec::new();
     let mut lib_dirs: Vec<PathBuf> = Vec::new();
@@ -65,7 +67,9 @@ fn main() {
         .map(PathBuf::from),
     );
 
-    let header = find_in(&inc_dirs, "bzrtp/bzrtp.h");
+    // KEAV_INTEROP_FORCE_NO_BZRTP=1 pretends bzrtp is absent (to test that path).
+    let forced_off = env::var_os("KEAV_INTEROP_FORCE_NO_BZRTP").is_some();
+    let header = find_in(&inc_dirs, "bzrtp/bzrtp.h").filter(|_| !forced_off);
     let sqlite_header = find_in(&inc_dirs, "sqlite3.h");
     let lib = find_in(&lib_dirs, "libbzrtp.so").or_else(|| find_in(&lib_dirs, "libbzrtp.a"));
 
@@ -90,7 +94,10 @@ fn main() {
     }
 
     let mut build = cc::Build::new();
-    build.file("csrc/shim.c").warnings(true).flag_if_supported("-std=c99");
+    build
+        .file("csrc/shim.c")
+        .warnings(true)
+        .flag_if_supported("-std=c99");
     // The compiler already searches the system directories; passing
     // `-I/usr/include` explicitly would only perturb its search order.
     for d in &inc_dirs {

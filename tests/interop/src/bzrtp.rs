@@ -356,7 +356,9 @@ impl BzrtpEndpoint {
             Cache::None => None,
             Cache::Memory => Some(cstring("cache path", ":memory:")?),
             Cache::File(p) => {
-                let s = p.to_str().ok_or_else(|| "cache path is not UTF-8".to_owned())?;
+                let s = p
+                    .to_str()
+                    .ok_or_else(|| "cache path is not UTF-8".to_owned())?;
                 Some(cstring("cache path", s)?)
             }
         };
@@ -388,7 +390,10 @@ impl BzrtpEndpoint {
             sas_count: count(&sas, "SAS")?,
             export_label: config.export_label.as_ptr(),
             export_label_len: config.export_label.len(),
-            aux_secret: config.aux_secret.as_ref().map_or(std::ptr::null(), |a| a.as_ptr()),
+            aux_secret: config
+                .aux_secret
+                .as_ref()
+                .map_or(std::ptr::null(), |a| a.as_ptr()),
             aux_secret_len: config.aux_secret.as_ref().map_or(0, Vec::len),
         };
         let mut stage = 0;
@@ -479,7 +484,10 @@ impl BzrtpEndpoint {
         // SAFETY: live endpoint; packet is a valid slice (the shim copies it).
         let rc = unsafe { ffi::kshim_process(self.ep, packet.as_ptr(), packet.len()) };
         self.drain();
-        if rc == 0 && self.peer_hello.is_none() && wire::message_type(packet).as_ref() == Some(b"Hello   ") {
+        if rc == 0
+            && self.peer_hello.is_none()
+            && wire::message_type(packet).as_ref() == Some(b"Hello   ")
+        {
             self.peer_hello = Some(packet.to_vec());
         }
         Self::rc(rc)
@@ -546,7 +554,8 @@ impl BzrtpEndpoint {
         if n == 0 {
             return None;
         }
-        buf.get(..n).map(|b| String::from_utf8_lossy(b).into_owned())
+        buf.get(..n)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
     }
 
     fn algos(&self) -> Option<[u8; 5]> {
@@ -693,7 +702,8 @@ impl BzrtpEndpoint {
         let col = CString::new(column).map_err(|_| -4)?;
         let mut buf = [0u8; 256];
         // SAFETY: live endpoint; col is NUL-terminated; buf has 256 bytes.
-        let n = unsafe { ffi::kshim_cache_read(self.ep, col.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+        let n =
+            unsafe { ffi::kshim_cache_read(self.ep, col.as_ptr(), buf.as_mut_ptr(), buf.len()) };
         match usize::try_from(n) {
             Ok(0) => Ok(None),
             Ok(n) => Ok(buf.get(..n).map(<[u8]>::to_vec)),
@@ -706,7 +716,8 @@ impl BzrtpEndpoint {
         self.resolve_zuid();
         let col = CString::new(column).map_err(|_| -4)?;
         // SAFETY: live endpoint; col NUL-terminated; value is a valid slice.
-        let rc = unsafe { ffi::kshim_cache_write(self.ep, col.as_ptr(), value.as_ptr(), value.len()) };
+        let rc =
+            unsafe { ffi::kshim_cache_write(self.ep, col.as_ptr(), value.as_ptr(), value.len()) };
         Self::rc(rc)
     }
 
@@ -735,12 +746,15 @@ impl BzrtpEndpoint {
     pub fn self_hello_hash(&mut self) -> Option<String> {
         let mut buf = [0u8; 80];
         // SAFETY: live endpoint; buf has 80 bytes (bzrtp needs >= 70).
-        let rc = unsafe { ffi::kshim_self_hello_hash(self.ep, buf.as_mut_ptr().cast::<c_char>(), buf.len()) };
+        let rc = unsafe {
+            ffi::kshim_self_hello_hash(self.ep, buf.as_mut_ptr().cast::<c_char>(), buf.len())
+        };
         if rc != 0 {
             return None;
         }
         let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-        buf.get(..end).map(|b| String::from_utf8_lossy(b).into_owned())
+        buf.get(..end)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
     }
 
     /// Our first Hello packet as sent (None before start).

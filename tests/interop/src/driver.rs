@@ -114,7 +114,10 @@ impl Transcript {
         for line in header.lines() {
             let _ = writeln!(s, "# {line}");
         }
-        let _ = writeln!(s, "# columns: t_ms sender message_type receiver_result hex_packet");
+        let _ = writeln!(
+            s,
+            "# columns: t_ms sender message_type receiver_result hex_packet"
+        );
         for r in &self.records {
             let res = match r.result {
                 Ok(()) => "ok".to_owned(),
@@ -148,14 +151,16 @@ pub fn run(a: &mut dyn Peer, b: &mut dyn Peer, opts: Options) -> Result<Transcri
     let mut records = Vec::new();
     let mut now = opts.t0_ms;
     let end = opts.t0_ms + opts.timeout_ms;
-    a.start(now).map_err(|e| format!("A start failed: {e:#x}"))?;
+    a.start(now)
+        .map_err(|e| format!("A start failed: {e:#x}"))?;
     let mut b_started = false;
     let mut secure_at = None;
     while now <= end {
         if !b_started {
             if let Some(d) = opts.b_start_delay_ms {
                 if now >= opts.t0_ms + d {
-                    b.start(now).map_err(|e| format!("B start failed: {e:#x}"))?;
+                    b.start(now)
+                        .map_err(|e| format!("B start failed: {e:#x}"))?;
                     b_started = true;
                 }
             }
@@ -170,11 +175,21 @@ pub fn run(a: &mut dyn Peer, b: &mut dyn Peer, opts: Options) -> Result<Transcri
             }
             for p in from_a {
                 let result = b.process(&p, now);
-                records.push(Record { t_ms: now, from: Side::A, packet: p, result });
+                records.push(Record {
+                    t_ms: now,
+                    from: Side::A,
+                    packet: p,
+                    result,
+                });
             }
             for p in from_b {
                 let result = a.process(&p, now);
-                records.push(Record { t_ms: now, from: Side::B, packet: p, result });
+                records.push(Record {
+                    t_ms: now,
+                    from: Side::B,
+                    packet: p,
+                    result,
+                });
             }
         }
         if secure_at.is_none() && a.is_secure() && b.is_secure() {
@@ -187,5 +202,8 @@ pub fn run(a: &mut dyn Peer, b: &mut dyn Peer, opts: Options) -> Result<Transcri
         }
         now += opts.step_ms;
     }
-    Ok(Transcript { records, secure_at_ms: secure_at })
+    Ok(Transcript {
+        records,
+        secure_at_ms: secure_at,
+    })
 }

@@ -38,7 +38,11 @@ pub struct ShimEndpoint {
 
 #[cfg(not(no_bzrtp))]
 extern "C" {
-    pub fn kshim_new(cfg: *const ShimConfig, stage: *mut c_int, detail: *mut c_int) -> *mut ShimEndpoint;
+    pub fn kshim_new(
+        cfg: *const ShimConfig,
+        stage: *mut c_int,
+        detail: *mut c_int,
+    ) -> *mut ShimEndpoint;
     pub fn kshim_free(ep: *mut ShimEndpoint);
     pub fn kshim_start(ep: *mut ShimEndpoint) -> c_int;
     pub fn kshim_iterate(ep: *mut ShimEndpoint, now_ms: u64) -> c_int;
@@ -52,9 +56,24 @@ extern "C" {
     pub fn kshim_flags(ep: *const ShimEndpoint, out: *mut i32);
     pub fn kshim_exported_key(ep: *const ShimEndpoint, buf: *mut u8, cap: usize) -> usize;
     pub fn kshim_srtp(ep: *const ShimEndpoint, which: c_int, buf: *mut u8, cap: usize) -> usize;
-    pub fn kshim_rs_at_export(ep: *const ShimEndpoint, which: c_int, buf: *mut u8, cap: usize) -> usize;
-    pub fn kshim_cache_read(ep: *mut ShimEndpoint, column: *const c_char, buf: *mut u8, cap: usize) -> c_long;
-    pub fn kshim_cache_write(ep: *mut ShimEndpoint, column: *const c_char, data: *const u8, len: usize) -> c_int;
+    pub fn kshim_rs_at_export(
+        ep: *const ShimEndpoint,
+        which: c_int,
+        buf: *mut u8,
+        cap: usize,
+    ) -> usize;
+    pub fn kshim_cache_read(
+        ep: *mut ShimEndpoint,
+        column: *const c_char,
+        buf: *mut u8,
+        cap: usize,
+    ) -> c_long;
+    pub fn kshim_cache_write(
+        ep: *mut ShimEndpoint,
+        column: *const c_char,
+        data: *const u8,
+        len: usize,
+    ) -> c_int;
     pub fn kshim_resolve_zuid(ep: *mut ShimEndpoint, peer_zid: *const u8) -> c_int;
     pub fn kshim_sas_verified(ep: *mut ShimEndpoint);
     pub fn kshim_sas_reset_verified(ep: *mut ShimEndpoint);
@@ -67,7 +86,11 @@ mod stubs {
     use super::{c_char, c_int, c_long, ShimConfig, ShimEndpoint};
     use std::ptr;
 
-    pub unsafe fn kshim_new(_: *const ShimConfig, stage: *mut c_int, _: *mut c_int) -> *mut ShimEndpoint {
+    pub unsafe fn kshim_new(
+        _: *const ShimConfig,
+        stage: *mut c_int,
+        _: *mut c_int,
+    ) -> *mut ShimEndpoint {
         // SAFETY: the caller passes a valid out pointer.
         unsafe { *stage = -1 };
         ptr::null_mut()
@@ -107,13 +130,28 @@ mod stubs {
     pub unsafe fn kshim_srtp(_: *const ShimEndpoint, _: c_int, _: *mut u8, _: usize) -> usize {
         0
     }
-    pub unsafe fn kshim_rs_at_export(_: *const ShimEndpoint, _: c_int, _: *mut u8, _: usize) -> usize {
+    pub unsafe fn kshim_rs_at_export(
+        _: *const ShimEndpoint,
+        _: c_int,
+        _: *mut u8,
+        _: usize,
+    ) -> usize {
         0
     }
-    pub unsafe fn kshim_cache_read(_: *mut ShimEndpoint, _: *const c_char, _: *mut u8, _: usize) -> c_long {
+    pub unsafe fn kshim_cache_read(
+        _: *mut ShimEndpoint,
+        _: *const c_char,
+        _: *mut u8,
+        _: usize,
+    ) -> c_long {
         -1
     }
-    pub unsafe fn kshim_cache_write(_: *mut ShimEndpoint, _: *const c_char, _: *const u8, _: usize) -> c_int {
+    pub unsafe fn kshim_cache_write(
+        _: *mut ShimEndpoint,
+        _: *const c_char,
+        _: *const u8,
+        _: usize,
+    ) -> c_int {
         -1
     }
     pub unsafe fn kshim_resolve_zuid(_: *mut ShimEndpoint, _: *const u8) -> c_int {

@@ -156,7 +156,10 @@ pub fn hello_zid(packet: &[u8]) -> Option<[u8; 12]> {
     if message_type(packet)? != *b"Hello   " {
         return None;
     }
-    packet.get(HELLO_BODY + 52..HELLO_BODY + 64)?.try_into().ok()
+    packet
+        .get(HELLO_BODY + 52..HELLO_BODY + 64)?
+        .try_into()
+        .ok()
 }
 
 /// Returns a copy of a Hello packet with `extra` 4-char SAS types appended
@@ -181,7 +184,8 @@ pub fn hello_with_extra_sas(packet: &[u8], extra: &[[u8; 4]]) -> Option<Vec<u8>>
     *kc_sc = (*kc_sc & 0xf0) | u8::try_from(sc).ok()?;
     // message length in 32-bit words: whole packet minus header and CRC
     let words = u16::try_from((out.len() - HEADER_LEN - 4) / 4).ok()?;
-    out.get_mut(HEADER_LEN + 2..HEADER_LEN + 4)?.copy_from_slice(&words.to_be_bytes());
+    out.get_mut(HEADER_LEN + 2..HEADER_LEN + 4)?
+        .copy_from_slice(&words.to_be_bytes());
     fix_crc(&mut out);
     Some(out)
 }

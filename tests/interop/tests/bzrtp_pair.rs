@@ -28,16 +28,24 @@ fn endpoints(cache_dir: Option<&Path>) -> (BzrtpEndpoint, BzrtpEndpoint) {
         Some(d) => Cache::File(d.join(name)),
         None => Cache::None,
     };
-    let a = BzrtpEndpoint::new(&BzrtpConfig::new(ALICE, BOB, 0x0A11_CE00).with_cache(cache("alice.sqlite")))
-        .expect("alice");
-    let b = BzrtpEndpoint::new(&BzrtpConfig::new(BOB, ALICE, 0x0000_0B0B).with_cache(cache("bob.sqlite")))
-        .expect("bob");
+    let a = BzrtpEndpoint::new(
+        &BzrtpConfig::new(ALICE, BOB, 0x0A11_CE00).with_cache(cache("alice.sqlite")),
+    )
+    .expect("alice");
+    let b = BzrtpEndpoint::new(
+        &BzrtpConfig::new(BOB, ALICE, 0x0000_0B0B).with_cache(cache("bob.sqlite")),
+    )
+    .expect("bob");
     (a, b)
 }
 
 fn run_pair(a: &mut BzrtpEndpoint, b: &mut BzrtpEndpoint) -> Transcript {
     let t = driver::run(a, b, Options::default()).expect("driver");
-    assert!(t.secure_at_ms.is_some(), "no agreement; exchange: {:?}", t.summary());
+    assert!(
+        t.secure_at_ms.is_some(),
+        "no agreement; exchange: {:?}",
+        t.summary()
+    );
     t
 }
 
@@ -77,7 +85,10 @@ fn assert_agreement(a: &BzrtpEndpoint, b: &BzrtpEndpoint) {
     assert!(sas.chars().all(|c| B32_ALPHABET.contains(c)), "{sas}");
 
     // SRTP keys: what one side sends with, the other receives with
-    let (ka, kb) = (a.srtp_keys().expect("keys a"), b.srtp_keys().expect("keys b"));
+    let (ka, kb) = (
+        a.srtp_keys().expect("keys a"),
+        b.srtp_keys().expect("keys b"),
+    );
     assert_eq!(ka.self_key, kb.peer_key);
     assert_eq!(ka.peer_key, kb.self_key);
     assert_eq!(ka.self_salt, kb.peer_salt);
@@ -95,8 +106,12 @@ fn assert_agreement(a: &BzrtpEndpoint, b: &BzrtpEndpoint) {
 
 fn assert_transcript_wellformed(t: &Transcript) {
     for r in &t.records {
-        assert!(wire::crc_ok(&r.packet), "bad CRC-32c on {}", wire::message_name(&r.packet));
-        assert_eq!(r.packet.get(0), Some(&0x10));
+        assert!(
+            wire::crc_ok(&r.packet),
+            "bad CRC-32c on {}",
+            wire::message_name(&r.packet)
+        );
+        assert_eq!(r.packet.first(), Some(&0x10));
         assert_eq!(r.packet.get(4..8), Some(&b"ZRTP"[..]));
         // message length (words) covers exactly header-to-CRC
         let words = u16::from_be_bytes([r.packet[14], r.packet[15]]);
@@ -156,7 +171,9 @@ fn b256_sas_when_preferred_by_both() {
     // PGP words: "even:odd"
     let words: Vec<&str> = sas.split(':').collect();
     assert_eq!(words.len(), 2, "{sas}");
-    assert!(words.iter().all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphabetic())));
+    assert!(words
+        .iter()
+        .all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphabetic())));
 }
 
 #[test]
@@ -180,21 +197,38 @@ fn retained_secrets_carry_over_four_sessions() {
         zids = Some(z);
 
         // cache path used, and no mismatch
-        assert!(!a.cache_mismatch() && !b.cache_mismatch(), "session {session}");
-        assert_eq!(a.status_counters().cache_mismatch + b.status_counters().cache_mismatch, 0);
+        assert!(
+            !a.cache_mismatch() && !b.cache_mismatch(),
+            "session {session}"
+        );
+        assert_eq!(
+            a.status_counters().cache_mismatch + b.status_counters().cache_mismatch,
+            0
+        );
         assert!(a.zuid() > 0 && b.zuid() > 0);
 
         // PVS: verified in session 0, so reported from session 1 on
         let expected_pvs = session > 0;
-        assert_eq!(a.previously_verified(), Some(expected_pvs), "session {session}");
-        assert_eq!(b.previously_verified(), Some(expected_pvs), "session {session}");
+        assert_eq!(
+            a.previously_verified(),
+            Some(expected_pvs),
+            "session {session}"
+        );
+        assert_eq!(
+            b.previously_verified(),
+            Some(expected_pvs),
+            "session {session}"
+        );
 
         // rs2 := previous rs1, new rs1 identical on both sides
         let (rs1a, rs2a) = a.retained_secrets_at_export();
         let (rs1b, rs2b) = b.retained_secrets_at_export();
         assert!(rs1a.is_some());
         assert_eq!(rs1a, rs1b, "session {session}");
-        assert_eq!(rs2a, prev_rs1, "session {session}: rs2 is not the previous rs1");
+        assert_eq!(
+            rs2a, prev_rs1,
+            "session {session}: rs2 is not the previous rs1"
+        );
         assert_eq!(rs2b, prev_rs1);
         assert_ne!(rs1a, prev_rs1);
         // and that is what the cache holds now
@@ -325,14 +359,16 @@ fn unknown_sas_types_in_peer_hello_are_tolerated() {
     assert!(wire::crc_ok(&modified));
 
     // bzrtp accepts it and answers HelloACK
-    b.process(&modified, 10).expect("bzrtp rejected a Hello with unknown SAS types");
+    b.process(&modified, 10)
+        .expect("bzrtp rejected a Hello with unknown SAS types");
     let out = b.take_outgoing();
     let names: Vec<String> = out.iter().map(|p| wire::message_name(p)).collect();
     assert!(names.contains(&"HelloACK".to_owned()), "{names:?}");
 
     // our HelloACK moves it on to Commit, which picks a known SAS type
     let seq = wire::sequence(&modified).expect("seq") + 1;
-    b.process(&hello_ack(seq, 0x0A11_CE00), 20).expect("HelloACK");
+    b.process(&hello_ack(seq, 0x0A11_CE00), 20)
+        .expect("HelloACK");
     let commit = b
         .take_outgoing()
         .into_iter()
@@ -350,8 +386,11 @@ fn unknown_sas_types_in_peer_hello_are_tolerated() {
     c.start(0).expect("c start");
     d.start(0).expect("d start");
     let hello_c = c.take_outgoing().remove(0);
-    let too_many = wire::hello_with_extra_sas(&hello_c, &[*b"KV01", *b"KV02", *b"KV03", *b"KV04", *b"KV05", *b"KV06"])
-        .expect("modify");
+    let too_many = wire::hello_with_extra_sas(
+        &hello_c,
+        &[*b"KV01", *b"KV02", *b"KV03", *b"KV04", *b"KV05", *b"KV06"],
+    )
+    .expect("modify");
     assert_eq!(wire::parse_hello(&too_many).map(|h| h.sas.len()), Some(8));
     assert!(d.process(&too_many, 10).is_err());
 }
@@ -373,10 +412,14 @@ fn unknown_sas_only_falls_back_to_mandatory_b32() {
     m[sas_off..sas_off + 4].copy_from_slice(b"KVCP");
     m[sas_off + 4..sas_off + 8].copy_from_slice(b"KVRQ");
     wire::fix_crc(&mut m);
-    assert_eq!(wire::parse_hello(&m).map(|h| h.sas), Some(vec!["KVCP".to_owned(), "KVRQ".to_owned()]));
+    assert_eq!(
+        wire::parse_hello(&m).map(|h| h.sas),
+        Some(vec!["KVCP".to_owned(), "KVRQ".to_owned()])
+    );
     b.process(&m, 10).expect("accepted");
     let seq = wire::sequence(&m).expect("seq") + 1;
-    b.process(&hello_ack(seq, 0x0A11_CE00), 20).expect("HelloACK");
+    b.process(&hello_ack(seq, 0x0A11_CE00), 20)
+        .expect("HelloACK");
     let commit = b
         .take_outgoing()
         .into_iter()
@@ -453,15 +496,25 @@ fn late_starter_and_roles() {
     let mut initiators = [0u32; 2];
     for _ in 0..6 {
         let (mut a, mut b) = endpoints(None);
-        let opts = Options { b_start_delay_ms: Some(500), ..Options::default() };
+        let opts = Options {
+            b_start_delay_ms: Some(500),
+            ..Options::default()
+        };
         let t = driver::run(&mut a, &mut b, opts).expect("run");
         assert!(t.secure_at_ms.is_some(), "{:?}", t.summary());
         assert_agreement(&a, &b);
         let i = usize::from(a.role() != Some(Role::Initiator));
         initiators[i] += 1;
         // B's packets before it starts are rejected (no state machine yet)
-        let early: Vec<_> = t.records.iter().filter(|r| r.from == Side::A && r.t_ms < 1_500).collect();
-        assert!(early.iter().all(|r| r.result == Err(0x4)), "bzrtp drops packets before start");
+        let early: Vec<_> = t
+            .records
+            .iter()
+            .filter(|r| r.from == Side::A && r.t_ms < 1_500)
+            .collect();
+        assert!(
+            early.iter().all(|r| r.result == Err(0x4)),
+            "bzrtp drops packets before start"
+        );
     }
     eprintln!("initiator counts (A, B) over 6 runs: {initiators:?}");
 }
@@ -475,8 +528,13 @@ fn recorded_exchange_is_consistent() {
     assert_agreement(&a, &b);
     let s = t.summary();
     // every message of DH mode was delivered; the last is Conf2ACK
-    for m in ["Hello", "HelloACK", "Commit", "DHPart1", "DHPart2", "Confirm1", "Confirm2", "Conf2ACK"] {
-        assert!(s.iter().any(|x| x.ends_with(&format!(":{m}"))), "missing {m}: {s:?}");
+    for m in [
+        "Hello", "HelloACK", "Commit", "DHPart1", "DHPart2", "Confirm1", "Confirm2", "Conf2ACK",
+    ] {
+        assert!(
+            s.iter().any(|x| x.ends_with(&format!(":{m}"))),
+            "missing {m}: {s:?}"
+        );
     }
 
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/bzrtp_x255_session1.txt");
@@ -511,7 +569,10 @@ fn recorded_exchange_is_consistent() {
     let mut n = 0;
     let mut seen_hello = 0;
     let mut last_seq = [None::<u16>; 2];
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let cols: Vec<&str> = line.split(' ').collect();
         assert_eq!(cols.len(), 5, "{line}");
         let p = hex::decode(cols[4]).expect("hex");
@@ -570,7 +631,11 @@ fn hash_chain_macs_and_retained_secret_ids_follow_rfc() {
         let (mut a, mut b) = endpoints(Some(dir.path()));
         let t = run_pair(&mut a, &mut b);
         assert_agreement(&a, &b);
-        let (ini, res) = if a.role() == Some(Role::Initiator) { (Side::A, Side::B) } else { (Side::B, Side::A) };
+        let (ini, res) = if a.role() == Some(Role::Initiator) {
+            (Side::A, Side::B)
+        } else {
+            (Side::B, Side::A)
+        };
 
         // RFC 6189 9: H3 = SHA256(H2), H2 = SHA256(H1), H1 = SHA256(H0);
         // Hello MAC keyed by H2, Commit MAC by H1, DHPart MAC by H0 (all HMAC-SHA256/64).
@@ -588,9 +653,18 @@ fn hash_chain_macs_and_retained_secret_ids_follow_rfc() {
         let h2_r = sha256(h1_r);
         assert_eq!(sha256(&h2_r), h3_r);
         assert_eq!(sha256(h1_i), h2_i);
-        assert_eq!(hmac8(h2_i, &hello_i[..hello_i.len() - 8]), hello_i[hello_i.len() - 8..]);
-        assert_eq!(hmac8(&h2_r, &hello_r[..hello_r.len() - 8]), hello_r[hello_r.len() - 8..]);
-        assert_eq!(hmac8(h1_i, &commit[..commit.len() - 8]), commit[commit.len() - 8..]);
+        assert_eq!(
+            hmac8(h2_i, &hello_i[..hello_i.len() - 8]),
+            hello_i[hello_i.len() - 8..]
+        );
+        assert_eq!(
+            hmac8(&h2_r, &hello_r[..hello_r.len() - 8]),
+            hello_r[hello_r.len() - 8..]
+        );
+        assert_eq!(
+            hmac8(h1_i, &commit[..commit.len() - 8]),
+            commit[commit.len() - 8..]
+        );
         // hvi = hash(initiator's DHPart2 || responder's Hello) (RFC 4.4.1.1)
         let hvi = &commit[12 + 32 + 12 + 20..12 + 32 + 12 + 20 + 32];
         assert_eq!(sha256(&[dh2, hello_r].concat()), hvi);
@@ -599,7 +673,10 @@ fn hash_chain_macs_and_retained_secret_ids_follow_rfc() {
 
         // retained secret IDs: rsNIDi = MAC(rsN, "Initiator"), rsNIDr = MAC(rsN, "Responder")
         let ids = |dh: &[u8]| -> ([u8; 8], [u8; 8]) {
-            (dh[44..52].try_into().expect("8"), dh[52..60].try_into().expect("8"))
+            (
+                dh[44..52].try_into().expect("8"),
+                dh[52..60].try_into().expect("8"),
+            )
         };
         let (rs1id_r, rs2id_r) = ids(dh1);
         let (rs1id_i, rs2id_i) = ids(dh2);
@@ -626,7 +703,8 @@ fn hash_chain_macs_and_retained_secret_ids_follow_rfc() {
                 hex::encode(&rs_history[0]),
                 hex::encode(a.retained_secrets_at_export().0.expect("rs1")),
             );
-            let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/bzrtp_x255_session2_rs1.txt");
+            let data =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("data/bzrtp_x255_session2_rs1.txt");
             std::fs::write(data, t.to_text(&header)).expect("write");
         }
         rs_history.push(a.retained_secrets_at_export().0.expect("rs1"));
