@@ -2,6 +2,7 @@
 //!
 //! - [`bzrtp`]: safe wrapper around one bzrtp endpoint (through a small C shim),
 //! - [`driver`]: runs two endpoints back to back with a simulated clock,
+//! - [`keav`]: keav's sans-IO endpoint behind the same [`driver::Peer`] interface,
 //! - [`wire`]: tiny RFC 6189 packet helpers to inspect/tamper bzrtp's packets.
 //!
 //! Findings about bzrtp's behaviour are in `NOTES.md` next to this crate.
@@ -14,6 +15,7 @@
 pub mod bzrtp;
 pub mod driver;
 mod ffi;
+pub mod keav;
 pub mod wire;
 
 /// Whether the crate was built against an installed libbzrtp. When false

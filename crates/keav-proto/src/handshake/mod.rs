@@ -209,6 +209,16 @@ pub struct SessionOutcome {
     /// What to persist. `None` = leave the cache as it is (no-continuity mode, or a mismatch
     /// with a plain ZRTP peer whose SAS has not been verified).
     pub cache_update: Option<CacheUpdate>,
+    /// RFC 6189 KDF_Context of this session (ZIDi || ZIDr || total_hash); not secret.
+    pub kdf_context: Vec<u8>,
+}
+
+impl SessionOutcome {
+    /// Derives an application key from the exported key:
+    /// `KDF(exported_key, label, KDF_Context, bits)` (what bzrtp's `bzrtp_exportKey` does).
+    pub fn export(&self, label: &[u8], bits: u32) -> Vec<u8> {
+        crypto::kdf(self.exported_key.expose(), label, &self.kdf_context, bits)
+    }
 }
 
 #[derive(Debug)]
@@ -1795,6 +1805,7 @@ impl Endpoint {
             cache_mismatch: k.mismatch,
             exported_key: k.keys().exported_key.clone(),
             cache_update,
+            kdf_context: k.ctx.clone(),
         })
     }
 }
