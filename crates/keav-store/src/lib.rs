@@ -68,6 +68,7 @@
 )]
 
 mod codec;
+pub mod ledger;
 #[cfg(test)]
 mod tests;
 
@@ -327,13 +328,24 @@ fn rsid_key(rsid: &[u8; 8], peer: &PeerId) -> [u8; 24] {
     k
 }
 
-/// Test-only fault injection: `KEAV_STORE_FAILPOINT=<name>` aborts the process at that point.
+/// Test-only fault injection: `KEAV_STORE_FAILPOINT=<name>` aborts the process the first time
+/// that point is reached, `<name>@<n>` the n-th time (counted across all stores of the process).
 #[cfg(any(test, feature = "failpoints"))]
 fn failpoint(name: &str) {
-    static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let armed = FAILPOINT.get_or_init(|| std::env::var("KEAV_STORE_FAILPOINT").ok());
-    if armed.as_deref() == Some(name) {
-        std::process::abort();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static FAILPOINT: std::sync::OnceLock<Option<(String, u32)>> = std::sync::OnceLock::new();
+    static HITS: AtomicU32 = AtomicU32::new(0);
+    let armed = FAILPOINT.get_or_init(|| {
+        let v = std::env::var("KEAV_STORE_FAILPOINT").ok()?;
+        Some(match v.split_once('@') {
+            Some((n, k)) => (n.to_string(), k.parse().unwrap_or(1)),
+            None => (v, 1),
+        })
+    });
+    if let Some((point, nth)) = armed {
+        if point == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 >= *nth {
+            std::process::abort();
+        }
     }
 }
 
