@@ -6,7 +6,7 @@
 //! ≤ [`MAX_MESSAGE_LEN`] ([`ParseError::TooLong`]), preamble ([`ParseError::BadPreamble`]),
 //! length field equal to the bytes present ([`ParseError::LengthMismatch`]), known type block
 //! ([`ParseError::UnknownType`]); then it reads the body with a bounds-checked
-//! [`Reader`](crate::codec::Reader) and rejects trailing bytes.
+//! [`Reader`] and rejects trailing bytes.
 //!
 //! Parsing never needs a secret: MACs are only carried here. Verify them with the *received*
 //! bytes ([`mac_covered`]), never with a re-encoding — reserved bits the RFC tells a receiver to
