@@ -62,10 +62,16 @@ impl<'a> Ledger<'a> {
     }
 
     /// Answers [`Event::NeedPeerCache`]: by retained-secret ID in paranoid mode, else by ZID.
-    pub fn lookup(&mut self, zid: &Zid, rs_id_hint: Option<[u8; 8]>) -> Result<Option<PeerCache>, Error> {
+    pub fn lookup(
+        &mut self,
+        zid: &Zid,
+        rs_id_hint: Option<[u8; 8]>,
+    ) -> Result<Option<PeerCache>, Error> {
         let rec = match rs_id_hint {
             Some(id) => self.store.peer_by_initiator_rs_id(&id)?,
-            None if self.label.is_some() => self.store.peer_by_label(self.label.as_deref().unwrap_or(""))?,
+            None if self.label.is_some() => self
+                .store
+                .peer_by_label(self.label.as_deref().unwrap_or(""))?,
             None => self.store.peer_by_zid(zid)?,
         };
         self.peer = rec.as_ref().map(|r| r.id);
@@ -112,7 +118,11 @@ impl<'a> Ledger<'a> {
     /// Records a failed session. Failures that gave the peer a guess (a failed, aborted or
     /// refused equality test, a refused cache mismatch) count toward lockout: against the
     /// peer's record if it is known (or the label we called), else an anonymous bucket.
-    pub fn failed(&mut self, err: &keav_proto::Error, now: u64) -> Result<Option<LockState>, Error> {
+    pub fn failed(
+        &mut self,
+        err: &keav_proto::Error,
+        now: u64,
+    ) -> Result<Option<LockState>, Error> {
         if !err.counts_toward_lockout() {
             return Ok(None);
         }

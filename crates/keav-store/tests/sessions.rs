@@ -23,7 +23,13 @@ fn config(store: &Store, mode: Mode, secret: Option<&[u8]>, policy: LockoutPolic
 
 /// Alice (store at `a`) calls "bob" (store at `b`); both open their stores afresh, as after a
 /// restart.
-fn session(a: &Path, b: &Path, mode: Mode, secrets: (Option<&[u8]>, Option<&[u8]>), now: u64) -> PairResult {
+fn session(
+    a: &Path,
+    b: &Path,
+    mode: Mode,
+    secrets: (Option<&[u8]>, Option<&[u8]>),
+    now: u64,
+) -> PairResult {
     let sa = Store::open(a).expect("alice store");
     let sb = Store::open(b).expect("bob store");
     let policy = LockoutPolicy {
@@ -48,8 +54,14 @@ fn session(a: &Path, b: &Path, mode: Mode, secrets: (Option<&[u8]>, Option<&[u8]
 }
 
 fn ok(r: &PairResult) -> (&SessionOutcome, &SessionOutcome) {
-    let a = r.initiator.as_ref().unwrap_or_else(|e| panic!("initiator: {e}"));
-    let b = r.responder.as_ref().unwrap_or_else(|e| panic!("responder: {e}"));
+    let a = r
+        .initiator
+        .as_ref()
+        .unwrap_or_else(|e| panic!("initiator: {e}"));
+    let b = r
+        .responder
+        .as_ref()
+        .unwrap_or_else(|e| panic!("responder: {e}"));
     assert_eq!(a.exported_key, b.exported_key);
     (a, b)
 }
@@ -63,7 +75,12 @@ fn rs1s(a: &Path, b: &Path) -> (Option<[u8; 32]>, Option<[u8; 32]>) {
     let sa = Store::open(a).expect("a");
     let sb = Store::open(b).expect("b");
     let ra = sa.peer_by_label("bob").expect("read").map(|r| r.cache);
-    let rb = sb.list_peers().expect("read").into_iter().next().map(|r| r.cache);
+    let rb = sb
+        .list_peers()
+        .expect("read")
+        .into_iter()
+        .next()
+        .map(|r| r.cache);
     (
         ra.and_then(|c| c.rs1).map(|s| *s.expose()),
         rb.and_then(|c| c.rs1).map(|s| *s.expose()),
@@ -81,7 +98,14 @@ fn twelve_sessions_across_restarts_follow_the_normal_mode_table() {
         assert_eq!(oa.session_number, k);
         assert_eq!(ob.session_number, k);
         assert_eq!(oa.key_agreement == KeyAgreement::Dh, verify, "session {k}");
-        assert_eq!(oa.verification, if verify { Verification::Bound } else { Verification::Skipped });
+        assert_eq!(
+            oa.verification,
+            if verify {
+                Verification::Bound
+            } else {
+                Verification::Skipped
+            }
+        );
         let (x, y) = rs1s(&a, &b);
         assert!(x.is_some() && x == y, "caches agree after session {k}");
     }
@@ -107,19 +131,34 @@ fn child_session() {
 fn run_child(dir: &Path, failpoint: &str) {
     let exe = std::env::current_exe().expect("test binary");
     let status = Command::new(exe)
-        .args(["--exact", "child_session", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_session",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("KEAV_TEST_CHILD_DIR", dir)
         .env("KEAV_STORE_FAILPOINT", failpoint)
         .status()
         .expect("spawn child");
-    assert!(!status.success() && status.code() != Some(3), "child must be killed: {status:?}");
+    assert!(
+        !status.success() && status.code() != Some(3),
+        "child must be killed: {status:?}"
+    );
 }
 
 fn crash_case(failpoint: &str) -> (PairResult, bool) {
     let dir = tempfile::tempdir().expect("tmp");
     let (a, b) = paths(dir.path());
     for k in 1..=3 {
-        ok(&session(&a, &b, Mode::NORMAL, (Some(CODE), Some(CODE)), T0 + k));
+        ok(&session(
+            &a,
+            &b,
+            Mode::NORMAL,
+            (Some(CODE), Some(CODE)),
+            T0 + k,
+        ));
     }
     let before = rs1s(&a, &b);
     run_child(dir.path(), failpoint);
@@ -130,7 +169,10 @@ fn crash_case(failpoint: &str) -> (PairResult, bool) {
     assert!(after.0 == before.0, "alice never completed her commit");
     let r = session(&a, &b, Mode::NORMAL, (Some(CODE), Some(CODE)), T0 + 200);
     let (x, y) = rs1s(&a, &b);
-    assert!(x.is_some() && x == y, "caches agree again after the next session");
+    assert!(
+        x.is_some() && x == y,
+        "caches agree again after the next session"
+    );
     (r, apart)
 }
 
@@ -141,7 +183,11 @@ fn killed_inside_the_responders_cache_update_keeps_the_old_state() {
     let (r, apart) = crash_case("commit_session:after_write");
     assert!(!apart, "neither side rotated");
     let (oa, _) = ok(&r);
-    assert_eq!(oa.key_agreement, KeyAgreement::Preshared, "nothing lost: still preshared");
+    assert_eq!(
+        oa.key_agreement,
+        KeyAgreement::Preshared,
+        "nothing lost: still preshared"
+    );
     assert!(oa.cache_matched && !oa.cache_mismatch);
 }
 
@@ -151,9 +197,16 @@ fn killed_between_the_two_sides_cache_updates_costs_one_dh_fallback() {
     let (r, apart) = crash_case("commit_session:before_commit@2");
     assert!(apart, "bob is one rotation ahead");
     let (oa, ob) = ok(&r);
-    assert_eq!(oa.key_agreement, KeyAgreement::Dh, "preshared key unknown to bob: DH");
+    assert_eq!(
+        oa.key_agreement,
+        KeyAgreement::Dh,
+        "preshared key unknown to bob: DH"
+    );
     assert!(oa.cache_matched && ob.cache_matched, "rs2 bridges the gap");
-    assert!(!oa.cache_mismatch && !ob.cache_mismatch, "no alarm, no verification needed");
+    assert!(
+        !oa.cache_mismatch && !ob.cache_mismatch,
+        "no alarm, no verification needed"
+    );
 }
 
 #[test]
@@ -163,11 +216,19 @@ fn lockout_is_durable_across_restarts() {
     // "bob" is answered by a device that does not know the code.
     for k in 0..3 {
         let r = session(&a, &m, Mode::NORMAL, (Some(CODE), Some(b"guess")), T0 + k);
-        assert!(r.initiator.as_ref().is_err_and(|e| e.counts_toward_lockout()), "attempt {k}");
+        assert!(
+            r.initiator
+                .as_ref()
+                .is_err_and(|e| e.counts_toward_lockout()),
+            "attempt {k}"
+        );
         assert!(r.responder.is_err());
     }
     let sa = Store::open(&a).expect("a");
-    let rec = sa.peer_by_label("bob").expect("read").expect("bob recorded");
+    let rec = sa
+        .peer_by_label("bob")
+        .expect("read")
+        .expect("bob recorded");
     assert_eq!(rec.verify_failures, 3);
     assert_eq!(rec.cache.locked_until, Some(T0 + 2 + 100));
     drop(sa);
@@ -180,7 +241,11 @@ fn lockout_is_durable_across_restarts() {
     // The unidentified caller was charged to the responder's anonymous bucket.
     let sm = Store::open(&m).expect("m");
     let anon = sm
-        .lock_state(&keav_store::ANONYMOUS_PEER, T0 + 50, &LockoutPolicy::default())
+        .lock_state(
+            &keav_store::ANONYMOUS_PEER,
+            T0 + 50,
+            &LockoutPolicy::default(),
+        )
         .expect("lock state");
     assert_eq!(anon.failures, 3);
 }
@@ -190,7 +255,13 @@ fn corrupted_store_is_refused_and_a_fresh_one_repairs_with_the_code() {
     let dir = tempfile::tempdir().expect("tmp");
     let (a, b) = paths(dir.path());
     for k in 1..=2 {
-        ok(&session(&a, &b, Mode::NORMAL, (Some(CODE), Some(CODE)), T0 + k));
+        ok(&session(
+            &a,
+            &b,
+            Mode::NORMAL,
+            (Some(CODE), Some(CODE)),
+            T0 + k,
+        ));
     }
     // Overwrite the middle of bob's file.
     let mut bytes = std::fs::read(&b).expect("read");
@@ -215,5 +286,9 @@ fn corrupted_store_is_refused_and_a_fresh_one_repairs_with_the_code() {
     // Without the code the same situation is refused.
     std::fs::remove_file(&b).expect("delete");
     let r = session(&a, &b, Mode::NORMAL, (None, None), T0 + 20);
-    assert!(matches!(r.initiator, Err(keav_proto::Error::CacheMismatch)), "{:?}", r.initiator.as_ref().err());
+    assert!(
+        matches!(r.initiator, Err(keav_proto::Error::CacheMismatch)),
+        "{:?}",
+        r.initiator.as_ref().err()
+    );
 }

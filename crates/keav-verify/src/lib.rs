@@ -175,6 +175,14 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Stable lowercase name (`cpace`, `smp`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::CPace => "cpace",
+            Backend::Smp => "smp",
+        }
+    }
+
     /// The 4-byte identifier advertised in Hello.
     pub fn wire_id(self) -> [u8; 4] {
         match self {

@@ -122,14 +122,16 @@ impl Peer for KeavPeer {
     fn process(&mut self, packet: &[u8], now_ms: u64) -> Result<(), i32> {
         let ep = self.endpoint.as_mut().ok_or(0x20)?;
         let p = decode_packet(packet).map_err(|_| 0x10)?;
-        let r = ep.handle_message(p.message, now_ms, &mut OsRng);
-        if let Err(e) = &r {
-            let c = code(e);
-            self.error
-                .get_or_insert_with(|| keav_proto::Error::PeerError(c as u32));
-        }
+        let r = match ep.handle_message(p.message, now_ms, &mut OsRng) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let c = code(&e);
+                self.error.get_or_insert(e);
+                Err(c)
+            }
+        };
         self.pump(now_ms);
-        r.map_err(|e| code(&e))
+        r
     }
 
     fn iterate(&mut self, now_ms: u64) -> Result<(), i32> {
