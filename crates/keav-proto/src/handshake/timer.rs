@@ -81,19 +81,23 @@ mod tests {
 
     #[test]
     fn t2_schedule_matches_rfc_total() {
-        // 150 + 300 + 600 + 7*1200 = 9450 ms until the 10th retransmission's wait ends.
+        // RFC 6189 §6: retransmissions 150, 300, 600, then 1200 ms apart, ten of them, the
+        // last at 150 + 300 + 600 + 7 * 1200 = 9450 ms; we give up one interval later.
         let mut t = Retransmit::start(Schedule::T2, 0);
-        let mut fired = 0;
-        let now = loop {
+        let mut sent_at = Vec::new();
+        let gave_up = loop {
             let now = t.deadline();
             match t.fire(now) {
-                Some(true) => fired += 1,
+                Some(true) => sent_at.push(now),
                 Some(false) => unreachable!(),
                 None => break now,
             }
         };
-        assert_eq!(fired, 10);
-        assert_eq!(now, 9450);
+        assert_eq!(
+            sent_at,
+            [150, 450, 1050, 2250, 3450, 4650, 5850, 7050, 8250, 9450]
+        );
+        assert_eq!(gave_up, 10650);
     }
 
     #[test]
