@@ -367,3 +367,65 @@ fn one_sided_cache_update_recovers_through_one_dh_fallback() {
     let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 5, T0, None);
     assert_eq!(both_ok(&r).0.key_agreement, KeyAgreement::Preshared);
 }
+
+#[test]
+fn simultaneous_commits_are_resolved_by_commit_contention() {
+    use keav_proto::cache::Zid;
+    use keav_proto::handshake::{Config, Endpoint, Event, PeerLookup, Role};
+    use rand::SeedableRng;
+    let mut roles_won = [0u32; 2];
+    for seed in 0..16 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let cfg = |zid: u8| {
+            let mut c = Config::new(Zid([zid; 12]), Mode::NORMAL);
+            c.verify_secret = Some(keav_verify::VerifySecret::new(b"code".to_vec()));
+            c
+        };
+        // Both devices call each other at the same moment: both send Commit.
+        let mut eps = [
+            Endpoint::initiator(cfg(1), PeerLookup::Given(None), 0, T0, &mut rng).expect("a"),
+            Endpoint::initiator(cfg(2), PeerLookup::Given(None), 0, T0, &mut rng).expect("b"),
+        ];
+        let mut done: [Option<Box<keav_proto::handshake::SessionOutcome>>; 2] = [None, None];
+        let mut commits = 0;
+        for _ in 0..50 {
+            // Collect both flights first, then deliver: the Commits cross on the wire.
+            let flights: Vec<Vec<Vec<u8>>> = eps
+                .iter_mut()
+                .map(|e| std::iter::from_fn(|| e.poll_transmit()).collect())
+                .collect();
+            for (from, flight) in flights.into_iter().enumerate() {
+                for m in flight {
+                    if keav_proto::msg::peek_type(&m) == Ok(keav_proto::msg::MessageType::Commit) {
+                        commits += 1;
+                    }
+                    eps[1 - from]
+                        .handle_message(&m, 0, &mut rng)
+                        .expect("no failure");
+                }
+            }
+            for (i, e) in eps.iter_mut().enumerate() {
+                while let Some(ev) = e.poll_event() {
+                    if let Event::Established(o) = ev {
+                        done[i] = Some(o);
+                    }
+                }
+            }
+            if done.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        assert_eq!(commits, 2, "both sides committed");
+        let [Some(a), Some(b)] = &done else {
+            panic!("seed {seed}: not completed")
+        };
+        assert_ne!(a.role, b.role, "one side became responder");
+        assert_eq!(a.exported_key, b.exported_key);
+        assert_eq!(a.verification, Verification::Bound);
+        roles_won[usize::from(a.role == Role::Initiator)] += 1;
+    }
+    assert!(
+        roles_won[0] > 0 && roles_won[1] > 0,
+        "hvi decides, not the order: {roles_won:?}"
+    );
+}

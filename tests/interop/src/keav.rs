@@ -28,6 +28,7 @@ pub struct KeavPeer {
     outgoing: Vec<Vec<u8>>,
     outcome: Option<Box<SessionOutcome>>,
     error: Option<keav_proto::Error>,
+    sas_types: Option<Vec<keav_proto::sas::SasType>>,
 }
 
 impl KeavPeer {
@@ -44,7 +45,14 @@ impl KeavPeer {
             outgoing: Vec::new(),
             outcome: None,
             error: None,
+            sas_types: None,
         }
+    }
+
+    /// Overrides the SAS rendering preference (default: B32, then B256).
+    pub fn with_sas_types(mut self, sas: Vec<keav_proto::sas::SasType>) -> Self {
+        self.sas_types = Some(sas);
+        self
     }
 
     /// The completed session, if any.
@@ -74,6 +82,9 @@ impl KeavPeer {
         // Plain ZRTP peer: no KEAV verification on its side, the SAS is for a person.
         let mut cfg = Config::new(self.zid, Mode::NORMAL);
         cfg.require_keav = false;
+        if let Some(s) = &self.sas_types {
+            cfg.sas_types = s.clone();
+        }
         cfg
     }
 

@@ -111,3 +111,32 @@ fn keav_responder_against_bzrtp_four_sessions() {
     }
     sessions(Start::Responder, 4);
 }
+
+#[test]
+fn b256_sas_matches_bzrtp_words() {
+    if skip() {
+        return;
+    }
+    use keav_interop::bzrtp::SasType as BzSas;
+    use keav_proto::sas::SasType;
+    let mut keav = KeavPeer::new(Start::Responder, Zid(*b"keav-b256-01"), 7, None)
+        .with_sas_types(vec![SasType::B256, SasType::B32]);
+    let mut cfg = BzrtpConfig::new(BZRTP_URI, KEAV_URI, 8);
+    cfg.sas = vec![BzSas::B256, BzSas::B32];
+    let mut bz = BzrtpEndpoint::new(&cfg).expect("bzrtp");
+    let t = driver::run(&mut bz, &mut keav, Options::default()).expect("driver");
+    assert!(
+        t.secure_at_ms.is_some(),
+        "{:?} {:?}",
+        keav.error(),
+        t.summary()
+    );
+    let o = keav.outcome().expect("outcome");
+    assert_eq!(o.sas_type, SasType::B256);
+    // bzrtp shows the two PGP words as "even:odd"; keav separates them with a space.
+    assert_eq!(o.sas.replace(' ', ":"), bz.sas().expect("bzrtp sas"));
+    assert_eq!(
+        o.export(DEFAULT_EXPORT_LABEL, 256),
+        bz.exported_key().expect("key")
+    );
+}
