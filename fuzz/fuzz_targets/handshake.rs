@@ -75,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(keys[i].is_none(), "established twice");
                         keys[i] = Some(*o.exported_key.expose());
                     }
+                    _ => {}
                 }
             }
         }

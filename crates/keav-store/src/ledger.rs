@@ -4,10 +4,17 @@
 //! 1. [`Ledger::initiator`] (by the local label of the peer being called) or
 //!    [`Ledger::responder`];
 //! 2. on [`Event::NeedPeerCache`], [`Ledger::lookup`];
-//! 3. on [`Event::Established`], [`Ledger::succeeded`] — *before* sending the responder's
-//!    Conf2ACK (PROTOCOL.md: the responder persists first);
-//! 4. on an error, [`Ledger::failed`], which counts failures that gave the peer a guess of the
-//!    verification secret and returns the resulting lockout.
+//! 3. on [`Event::VerificationStarting`], [`Ledger::verification_starting`] — *before* sending
+//!    what the endpoint queued — and [`Endpoint::abort`] if it refuses: every attempt at the
+//!    equality test is counted in advance, so neither parallel sessions nor a peer that
+//!    vanishes after learning the answer gets an uncounted guess;
+//! 4. on [`Event::Established`], [`Ledger::succeeded`] — *before* sending the responder's
+//!    Conf2ACK (PROTOCOL.md: the responder persists first); this takes the advance count back;
+//! 5. on an error, [`Ledger::failed`], which counts failures that gave the peer a guess of the
+//!    verification secret (unless already counted) and returns the resulting lockout.
+//!
+//! Unknown peers share one attempt budget (the anonymous bucket): the verification secret
+//! is the device's, so changing identities must not buy an attacker more guesses.
 //!
 //! [`pair_in_process`] runs both sides of one session in memory, for the demo and for tests.
 
@@ -25,6 +32,8 @@ pub struct Ledger<'a> {
     policy: LockoutPolicy,
     label: Option<String>,
     peer: Option<PeerId>,
+    /// Where this session's attempt was counted in advance, if it was.
+    counted_on: Option<PeerId>,
 }
 
 impl<'a> Ledger<'a> {
@@ -45,6 +54,7 @@ impl<'a> Ledger<'a> {
                 policy,
                 label: Some(label.to_string()),
                 peer: rec.map(|r| r.id),
+                counted_on: None,
             },
             lookup,
         ))
@@ -58,6 +68,7 @@ impl<'a> Ledger<'a> {
             policy,
             label: None,
             peer: None,
+            counted_on: None,
         }
     }
 
@@ -66,6 +77,7 @@ impl<'a> Ledger<'a> {
         &mut self,
         zid: &Zid,
         rs_id_hint: Option<[u8; 8]>,
+        now: u64,
     ) -> Result<Option<PeerCache>, Error> {
         let rec = match rs_id_hint {
             Some(id) => self.store.peer_by_initiator_rs_id(&id)?,
@@ -75,7 +87,46 @@ impl<'a> Ledger<'a> {
             None => self.store.peer_by_zid(zid)?,
         };
         self.peer = rec.as_ref().map(|r| r.id);
-        Ok(rec.map(|r| r.cache))
+        match rec {
+            Some(r) => Ok(Some(r.cache)),
+            None => {
+                // Unknown peer: no secrets, but the shared budget of unknown peers applies.
+                let lock = self.store.lock_state(&ANONYMOUS_PEER, now, &self.policy)?;
+                Ok(Some(PeerCache {
+                    locked_until: lock.locked_until,
+                    ..PeerCache::default()
+                }))
+            }
+        }
+    }
+
+    /// Counts one attempt at the equality test before it can reveal anything, and refuses it
+    /// (`Err(LockedOut)`, to pass to [`Endpoint::abort`]) if the peer's budget — or for an
+    /// unknown peer the shared one — is used up.
+    pub fn verification_starting(
+        &mut self,
+        now: u64,
+    ) -> Result<Result<(), keav_proto::Error>, Error> {
+        if self.counted_on.is_some() {
+            return Ok(Ok(()));
+        }
+        let id = match (self.peer, &self.label) {
+            (Some(id), _) => id,
+            (None, Some(label)) => {
+                let id = self.store.create_peer(None, Some(label), self.mode, now)?;
+                self.peer = Some(id);
+                id
+            }
+            (None, None) => ANONYMOUS_PEER,
+        };
+        let before = self.store.lock_state(&id, now, &self.policy)?;
+        if let Some(until) = before.locked_until {
+            return Ok(Err(keav_proto::Error::LockedOut { until }));
+        }
+        self.store
+            .record_verification_failure(&id, now, &self.policy)?;
+        self.counted_on = Some(id);
+        Ok(Ok(()))
     }
 
     /// The peer record this session is about, once known.
@@ -110,7 +161,14 @@ impl<'a> Ledger<'a> {
         };
         self.peer = Some(id);
         if let Some(u) = &o.cache_update {
+            // Resets the failure counter (and so the advance count) when the test ran.
             self.store.commit_session(&id, u, now)?;
+        }
+        if let Some(counted) = self.counted_on.take() {
+            if counted == ANONYMOUS_PEER || o.cache_update.is_none() {
+                self.store
+                    .retract_verification_failure(&counted, &self.policy)?;
+            }
         }
         Ok(id)
     }
@@ -123,6 +181,10 @@ impl<'a> Ledger<'a> {
         err: &keav_proto::Error,
         now: u64,
     ) -> Result<Option<LockState>, Error> {
+        if let Some(id) = self.counted_on {
+            // Already counted when the test started.
+            return self.store.lock_state(&id, now, &self.policy).map(Some);
+        }
         if !err.counts_toward_lockout() {
             return Ok(None);
         }
@@ -159,6 +221,40 @@ pub struct LocalDevice<'a> {
     pub config: Config,
 }
 
+/// Drains one endpoint's events through its ledger. Returns the outcome if it completed, or
+/// the error if the ledger made it stop.
+fn drain_events<R: RngCore + CryptoRng>(
+    ep: &mut Endpoint,
+    ledger: &mut Ledger<'_>,
+    unix_now: u64,
+    rng: &mut R,
+) -> Result<Option<Result<Box<SessionOutcome>, keav_proto::Error>>, Error> {
+    let mut result = None;
+    while let Some(ev) = ep.poll_event() {
+        match ev {
+            Event::NeedPeerCache { zid, rs_id_hint } => {
+                let cache = ledger.lookup(&zid, rs_id_hint, unix_now)?;
+                if let Err(e) = ep.provide_peer_cache(cache, 0, rng) {
+                    ledger.failed(&e, unix_now)?;
+                    result = Some(Err(e));
+                }
+            }
+            Event::VerificationStarting { .. } => {
+                if let Err(refusal) = ledger.verification_starting(unix_now)? {
+                    let e = ep.abort(refusal);
+                    result = Some(Err(e));
+                }
+            }
+            Event::Established(o) => {
+                ledger.succeeded(&o, unix_now)?;
+                result = Some(Ok(o));
+            }
+            _ => {}
+        }
+    }
+    Ok(result)
+}
+
 /// Runs one session between two devices in this process, with no loss, persisting both
 /// outcomes and counting failures like a real driver. `label` is how the initiator knows the
 /// responder. Store errors abort the run.
@@ -171,82 +267,50 @@ pub fn pair_in_process<R: RngCore + CryptoRng>(
 ) -> Result<PairResult, Error> {
     let (mode_a, pol_a) = (initiator.config.mode, initiator.config.lockout);
     let (mode_b, pol_b) = (responder.config.mode, responder.config.lockout);
-    let (mut la, lookup) = Ledger::initiator(initiator.store, mode_a, pol_a, label)?;
-    let mut lb = Ledger::responder(responder.store, mode_b, pol_b);
-    let mut b = Endpoint::responder(responder.config, 0, unix_now, rng);
-    let mut res_a = None;
-    let mut res_b = None;
-    let mut a = match Endpoint::initiator(initiator.config, lookup, 0, unix_now, rng) {
-        Ok(a) => Some(a),
+    let (la, lookup) = Ledger::initiator(initiator.store, mode_a, pol_a, label)?;
+    let lb = Ledger::responder(responder.store, mode_b, pol_b);
+    let a = match Endpoint::initiator(initiator.config, lookup, 0, unix_now, rng) {
+        Ok(a) => a,
         Err(e) => {
+            let mut la = la;
             la.failed(&e, unix_now)?;
-            res_a = Some(Err(e));
-            None
+            return Ok(PairResult {
+                initiator: Err(e),
+                responder: Err(keav_proto::Error::Timeout),
+            });
         }
     };
+    let b = Endpoint::responder(responder.config, 0, unix_now, rng);
+    let mut sides = [(a, la, None), (b, lb, None)];
     for _ in 0..256 {
         let mut moved = false;
-        if let Some(a) = a.as_mut() {
-            while let Some(m) = a.poll_transmit() {
+        for i in 0..2 {
+            // Events first: the ledger may have to record or refuse before anything is sent.
+            let (ep, ledger, res) = &mut sides[i];
+            if let Some(r) = drain_events(ep, ledger, unix_now, rng)? {
+                res.get_or_insert(r);
                 moved = true;
-                if res_b.is_none() {
-                    if let Err(e) = b.handle_message(&m, 0, rng) {
-                        lb.failed(&e, unix_now)?;
-                        res_b = Some(Err(e));
+            }
+            let out: Vec<Vec<u8>> = std::iter::from_fn(|| sides[i].0.poll_transmit()).collect();
+            let (ep, ledger, res) = &mut sides[1 - i];
+            for m in out {
+                moved = true;
+                if res.is_none() {
+                    if let Err(e) = ep.handle_message(&m, 0, rng) {
+                        ledger.failed(&e, unix_now)?;
+                        *res = Some(Err(e));
                     }
                 }
             }
         }
-        while let Some(ev) = b.poll_event() {
-            moved = true;
-            match ev {
-                Event::NeedPeerCache { zid, rs_id_hint } => {
-                    let cache = lb.lookup(&zid, rs_id_hint)?;
-                    if let Err(e) = b.provide_peer_cache(cache, 0, rng) {
-                        lb.failed(&e, unix_now)?;
-                        res_b = Some(Err(e));
-                    }
-                }
-                Event::Established(o) => {
-                    lb.succeeded(&o, unix_now)?;
-                    res_b = Some(Ok(o));
-                }
-            }
-        }
-        if let Some(ae) = a.as_mut() {
-            while let Some(m) = b.poll_transmit() {
-                moved = true;
-                if res_a.is_none() {
-                    if let Err(e) = ae.handle_message(&m, 0, rng) {
-                        la.failed(&e, unix_now)?;
-                        res_a = Some(Err(e));
-                    }
-                }
-            }
-            while let Some(ev) = ae.poll_event() {
-                moved = true;
-                match ev {
-                    Event::NeedPeerCache { zid, rs_id_hint } => {
-                        let cache = la.lookup(&zid, rs_id_hint)?;
-                        if let Err(e) = ae.provide_peer_cache(cache, 0, rng) {
-                            la.failed(&e, unix_now)?;
-                            res_a = Some(Err(e));
-                        }
-                    }
-                    Event::Established(o) => {
-                        la.succeeded(&o, unix_now)?;
-                        res_a = Some(Ok(o));
-                    }
-                }
-            }
-        }
-        if !moved || (res_a.is_some() && res_b.is_some()) {
+        if !moved || sides.iter().all(|s| s.2.is_some()) {
             break;
         }
     }
+    let [(_, _, ra), (_, _, rb)] = sides;
     let incomplete = || Err(keav_proto::Error::Timeout);
     Ok(PairResult {
-        initiator: res_a.unwrap_or_else(incomplete),
-        responder: res_b.unwrap_or_else(incomplete),
+        initiator: ra.unwrap_or_else(incomplete),
+        responder: rb.unwrap_or_else(incomplete),
     })
 }

@@ -805,6 +805,31 @@ impl Store {
         })
     }
 
+    /// Takes back one failure counted in advance (a verification attempt recorded when it
+    /// started, see `keav_proto::handshake::Event::VerificationStarting`) once the attempt
+    /// succeeded. Used for [`ANONYMOUS_PEER`], whose counter a successful session does not
+    /// reset; a lockout already in force is recomputed from the remaining failures.
+    pub fn retract_verification_failure(
+        &self,
+        id: &PeerId,
+        policy: &LockoutPolicy,
+    ) -> Result<(), Error> {
+        self.write(|txn| {
+            let Some(mut rec) = load(&txn.open_table(PEERS)?, id)? else {
+                return Ok(());
+            };
+            rec.verify_failures = rec.verify_failures.saturating_sub(1);
+            rec.cache.locked_until = rec
+                .last_failure_at
+                .and_then(|t| policy.locked_until(rec.verify_failures, t));
+            if rec.verify_failures == 0 {
+                rec.last_failure_at = None;
+            }
+            put(txn, &rec)?;
+            Ok(())
+        })
+    }
+
     /// The lockout state of `id` at `now`: the later of the stored deadline and the one
     /// `policy` gives for the stored failures. Unknown [`ANONYMOUS_PEER`] = no failures.
     pub fn lock_state(

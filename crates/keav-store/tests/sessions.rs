@@ -203,10 +203,11 @@ fn killed_between_the_two_sides_cache_updates_costs_one_dh_fallback() {
         "preshared key unknown to bob: DH"
     );
     assert!(oa.cache_matched && ob.cache_matched, "rs2 bridges the gap");
-    assert!(
-        !oa.cache_mismatch && !ob.cache_mismatch,
-        "no alarm, no verification needed"
-    );
+    assert!(!oa.cache_mismatch && !ob.cache_mismatch, "no alarm");
+    // One side missed an update: the equality test runs (it would catch someone who used a
+    // stolen cache in between), and passes here.
+    assert_eq!(oa.verification, Verification::Bound);
+    assert_eq!(ob.verification, Verification::Bound);
 }
 
 #[test]
@@ -290,5 +291,122 @@ fn corrupted_store_is_refused_and_a_fresh_one_repairs_with_the_code() {
         matches!(r.initiator, Err(keav_proto::Error::CacheMismatch)),
         "{:?}",
         r.initiator.as_ref().err()
+    );
+}
+
+#[test]
+fn unknown_peers_share_one_attempt_budget() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let b = dir.path().join("bob.redb");
+    // Five new, legitimate devices pair with bob: their attempts are taken back on success.
+    for k in 0..5 {
+        let a = dir.path().join(format!("friend{k}.redb"));
+        ok(&session(
+            &a,
+            &b,
+            Mode::NORMAL,
+            (Some(CODE), Some(CODE)),
+            T0 + k,
+        ));
+    }
+    let sb = Store::open(&b).expect("b");
+    let anon = sb
+        .lock_state(
+            &keav_store::ANONYMOUS_PEER,
+            T0 + 10,
+            &LockoutPolicy::default(),
+        )
+        .expect("anon");
+    assert_eq!(
+        anon.failures, 0,
+        "successful pairings leave the shared budget intact"
+    );
+    drop(sb);
+    // An attacker with a fresh identity (new store, new ZID) for every guess.
+    for k in 0..3 {
+        let m = dir.path().join(format!("mallory{k}.redb"));
+        let r = session(
+            &m,
+            &b,
+            Mode::NORMAL,
+            (Some(b"guess"), Some(CODE)),
+            T0 + 20 + k,
+        );
+        assert!(r.responder.is_err(), "guess {k} refused");
+    }
+    // The fourth identity gets no guess at all: refused before the test starts.
+    let m = dir.path().join("mallory3.redb");
+    let r = session(&m, &b, Mode::NORMAL, (Some(b"guess"), Some(CODE)), T0 + 30);
+    assert!(
+        matches!(r.responder, Err(keav_proto::Error::LockedOut { .. })),
+        "{:?}",
+        r.responder.as_ref().err()
+    );
+}
+
+#[test]
+fn an_attempt_is_counted_before_the_peer_can_learn_the_answer() {
+    use keav_proto::handshake::{Endpoint, Event, PeerLookup};
+    use keav_store::ledger::Ledger;
+    let dir = tempfile::tempdir().expect("tmp");
+    let sb = Store::open(&dir.path().join("bob.redb")).expect("b");
+    let policy = LockoutPolicy::default();
+    let mut mallory = Endpoint::initiator(
+        {
+            let mut c = Config::new(keav_proto::cache::Zid([9; 12]), Mode::NORMAL);
+            c.verify_secret = Some(VerifySecret::new(b"guess".to_vec()));
+            c
+        },
+        PeerLookup::Given(None),
+        0,
+        T0,
+        &mut OsRng,
+    )
+    .expect("mallory");
+    let mut bob = Endpoint::responder(
+        config(&sb, Mode::NORMAL, Some(CODE), policy),
+        0,
+        T0,
+        &mut OsRng,
+    );
+    let mut ledger = Ledger::responder(&sb, Mode::NORMAL, policy);
+    // Run until bob answers the first verification message (Yb and his confirmation tag,
+    // which let mallory check her guess offline), then mallory vanishes.
+    let mut answered = false;
+    for _ in 0..20 {
+        while let Some(m) = mallory.poll_transmit() {
+            let _ = bob.handle_message(&m, 0, &mut OsRng);
+        }
+        while let Some(ev) = bob.poll_event() {
+            match ev {
+                Event::NeedPeerCache { zid, rs_id_hint } => {
+                    let c = ledger.lookup(&zid, rs_id_hint, T0).expect("lookup");
+                    bob.provide_peer_cache(c, 0, &mut OsRng).expect("cache");
+                }
+                Event::VerificationStarting { .. } => {
+                    ledger
+                        .verification_starting(T0)
+                        .expect("store")
+                        .expect("allowed");
+                    answered = true;
+                }
+                _ => {}
+            }
+        }
+        if answered {
+            break;
+        }
+        while let Some(m) = bob.poll_transmit() {
+            let _ = mallory.handle_message(&m, 0, &mut OsRng);
+        }
+    }
+    assert!(answered);
+    drop(bob); // mallory disconnected; no error ever reached the ledger
+    let anon = sb
+        .lock_state(&keav_store::ANONYMOUS_PEER, T0, &policy)
+        .expect("anon");
+    assert_eq!(
+        anon.failures, 1,
+        "the guess was counted when the test started"
     );
 }

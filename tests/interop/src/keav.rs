@@ -100,6 +100,7 @@ impl KeavPeer {
                     }
                 }
                 Event::Established(o) => self.outcome = Some(o),
+                _ => {}
             }
         }
         while let Some(m) = ep.poll_transmit() {

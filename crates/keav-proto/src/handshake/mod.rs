@@ -165,7 +165,17 @@ pub enum PeerLookup {
 
 /// Something the driver must act on.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Event {
+    /// This side is starting the equality test. From here on the peer may learn whether one
+    /// guess of the verification secret was right, so the driver must durably count one
+    /// attempt *before* sending anything [`Endpoint::poll_transmit`] returns next, and call
+    /// [`Endpoint::abort`] if the peer (or the device) is locked out. A session that completes
+    /// clears the count.
+    VerificationStarting {
+        /// The equality test that is starting.
+        backend: Backend,
+    },
     /// Look up the peer's cache and call [`Endpoint::provide_peer_cache`].
     NeedPeerCache {
         /// The ZID in the peer's Hello (normal and no-continuity modes look up by this).
@@ -216,8 +226,13 @@ pub struct SessionOutcome {
 impl SessionOutcome {
     /// Derives an application key from the exported key:
     /// `KDF(exported_key, label, KDF_Context, bits)` (what bzrtp's `bzrtp_exportKey` does).
-    pub fn export(&self, label: &[u8], bits: u32) -> Vec<u8> {
-        crypto::kdf(self.exported_key.expose(), label, &self.kdf_context, bits)
+    pub fn export(&self, label: &[u8], bits: u32) -> crate::secret::SecretBytes {
+        crate::secret::SecretBytes::new(crypto::kdf(
+            self.exported_key.expose(),
+            label,
+            &self.kdf_context,
+            bits,
+        ))
     }
 }
 
@@ -529,6 +544,15 @@ impl Endpoint {
             }
         }
         Ok(())
+    }
+
+    /// Ends the handshake on the driver's decision (e.g. the peer turned out to be locked out
+    /// when [`Event::VerificationStarting`] was recorded). Messages not yet taken from
+    /// [`Endpoint::poll_transmit`] are discarded; an Error message with the reason's coarse
+    /// code is queued instead. Returns the error to report.
+    pub fn abort(&mut self, reason: Error) -> Error {
+        self.out.clear();
+        self.fail(reason)
     }
 
     /// Supplies the peer's cache after [`Event::NeedPeerCache`]. `None` = unknown peer.
@@ -1165,12 +1189,14 @@ impl Endpoint {
             None,
             None,
         );
+        let in_sync = self.rs1_in_sync(b"Responder", &d.rs1_id);
         let mut keyed = self.keyed(KeyAgreement::Dh, ctx, s0, s1.is_some(), cs.choice, d.h1);
         keyed.peer_deferred = bytes.to_vec();
         keyed.peer_deferred_type = MessageType::DhPart1;
         keyed.demanded = self.policy_demands(self.my_cache())
             || self.peer_requests_verification()
-            || !keyed.matched;
+            || !keyed.matched
+            || !in_sync;
         let mut flight = vec![dh2_bytes];
         if keyed.demanded {
             if let Some(backend) = self.peer_offers_keav() {
@@ -1185,6 +1211,8 @@ impl Endpoint {
                 keyed.backend = Some(backend);
                 keyed.verifier = Some(v);
                 self.verifying = true;
+                self.events
+                    .push_back(Event::VerificationStarting { backend });
                 if let Some(m) = first {
                     let vb = self.kverify(&keyed, m)?;
                     keyed.next_step = 2;
@@ -1195,6 +1223,16 @@ impl Endpoint {
         self.send_flight(flight, now_ms);
         self.state = State::Keyed(Box::new(keyed));
         Ok(Step::Advanced)
+    }
+
+    /// Whether the peer's rs1 is our rs1 (caches in step). A match through an rs2 on either
+    /// side means one side missed an update — after a crash, or because someone else used a
+    /// stolen cache in between — so the session runs the equality test (PROTOCOL.md).
+    /// Symmetric: both sides compare the same pair of rs1 values.
+    fn rs1_in_sync(&self, peer_label: &[u8], peer_rs1_id: &[u8; 8]) -> bool {
+        self.my_secrets()
+            .0
+            .is_some_and(|rs1| crypto::mac_eq(&crypto::rs_id(rs1, peer_label), peer_rs1_id))
     }
 
     fn check_peer_hello(&mut self, h2: &[u8; 32]) -> Result<(), Error> {
@@ -1323,6 +1361,9 @@ impl Endpoint {
                 Ok(Step::Advanced)
             }
             CommitBody::Preshared { key_id, .. } => {
+                if !(self.cfg.offer_preshared && matches!(self.cfg.mode, Mode::Normal { .. })) {
+                    return Err(Error::NoCommonAlgorithm("key agreement"));
+                }
                 let demand = self.policy_demands(self.my_cache());
                 let psk = self
                     .my_secrets()
@@ -1394,10 +1435,14 @@ impl Endpoint {
             None,
             None,
         );
+        let in_sync = self.rs1_in_sync(b"Initiator", &d.rs1_id);
         let mut keyed = self.keyed(KeyAgreement::Dh, ctx, s0, s1.is_some(), s.choice, d.h1);
         keyed.peer_deferred = bytes.to_vec();
         keyed.peer_deferred_type = MessageType::DhPart2;
-        keyed.demanded = self.kvrq_sent || !keyed.matched;
+        // Our own policy counts even if our Hello could not say so (we lost commit
+        // contention after sending a Hello without KVRQ): we then wait for the test.
+        keyed.demanded =
+            self.kvrq_sent || self.policy_demands(self.my_cache()) || !keyed.matched || !in_sync;
         if keyed.demanded && self.peer_offers_keav().is_none() && self.cfg.require_keav {
             return Err(Error::Downgrade("verification required but not offered"));
         }
@@ -1488,6 +1533,8 @@ impl Endpoint {
             k.backend = Some(backend);
             k.confirm1_sent = false;
             self.verifying = true;
+            self.events
+                .push_back(Event::VerificationStarting { backend });
             self.last_response.clear();
         } else if Some(backend) != k.backend {
             return Err(Error::Downgrade("verification backend changed"));

@@ -231,6 +231,7 @@ pub fn run_session(
             match ev {
                 Event::Established(o) => res_a = Some(Ok(o)),
                 Event::NeedPeerCache { .. } => unreachable!("initiator was given its cache"),
+                _ => {}
             }
         }
         while let Some(ev) = eb.poll_event() {
@@ -243,6 +244,7 @@ pub fn run_session(
                         res_b = Some(Err(e));
                     }
                 }
+                _ => {}
             }
         }
         let a_done = res_a.is_some() || ea.is_failed();
