@@ -255,6 +255,38 @@ fn drain_events<R: RngCore + CryptoRng>(
     Ok(result)
 }
 
+type Side<'a> = (
+    Endpoint,
+    Ledger<'a>,
+    Option<Result<Box<SessionOutcome>, keav_proto::Error>>,
+);
+
+/// One step of `from`: its events go through its ledger first (which may have to record or
+/// refuse before anything is sent), then its messages go to `to`. Returns whether anything
+/// happened.
+fn relay<R: RngCore + CryptoRng>(
+    from: &mut Side<'_>,
+    to: &mut Side<'_>,
+    unix_now: u64,
+    rng: &mut R,
+) -> Result<bool, Error> {
+    let mut moved = false;
+    if let Some(r) = drain_events(&mut from.0, &mut from.1, unix_now, rng)? {
+        from.2.get_or_insert(r);
+        moved = true;
+    }
+    while let Some(m) = from.0.poll_transmit() {
+        moved = true;
+        if to.2.is_none() {
+            if let Err(e) = to.0.handle_message(&m, 0, rng) {
+                to.1.failed(&e, unix_now)?;
+                to.2 = Some(Err(e));
+            }
+        }
+    }
+    Ok(moved)
+}
+
 /// Runs one session between two devices in this process, with no loss, persisting both
 /// outcomes and counting failures like a real driver. `label` is how the initiator knows the
 /// responder. Store errors abort the run.
@@ -281,33 +313,16 @@ pub fn pair_in_process<R: RngCore + CryptoRng>(
         }
     };
     let b = Endpoint::responder(responder.config, 0, unix_now, rng);
-    let mut sides = [(a, la, None), (b, lb, None)];
+    let mut sa: Side<'_> = (a, la, None);
+    let mut sb: Side<'_> = (b, lb, None);
     for _ in 0..256 {
-        let mut moved = false;
-        for i in 0..2 {
-            // Events first: the ledger may have to record or refuse before anything is sent.
-            let (ep, ledger, res) = &mut sides[i];
-            if let Some(r) = drain_events(ep, ledger, unix_now, rng)? {
-                res.get_or_insert(r);
-                moved = true;
-            }
-            let out: Vec<Vec<u8>> = std::iter::from_fn(|| sides[i].0.poll_transmit()).collect();
-            let (ep, ledger, res) = &mut sides[1 - i];
-            for m in out {
-                moved = true;
-                if res.is_none() {
-                    if let Err(e) = ep.handle_message(&m, 0, rng) {
-                        ledger.failed(&e, unix_now)?;
-                        *res = Some(Err(e));
-                    }
-                }
-            }
-        }
-        if !moved || sides.iter().all(|s| s.2.is_some()) {
+        let moved =
+            relay(&mut sa, &mut sb, unix_now, rng)? | relay(&mut sb, &mut sa, unix_now, rng)?;
+        if !moved || (sa.2.is_some() && sb.2.is_some()) {
             break;
         }
     }
-    let [(_, _, ra), (_, _, rb)] = sides;
+    let (ra, rb) = (sa.2, sb.2);
     let incomplete = || Err(keav_proto::Error::Timeout);
     Ok(PairResult {
         initiator: ra.unwrap_or_else(incomplete),
