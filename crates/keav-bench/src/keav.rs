@@ -157,8 +157,7 @@ pub fn run_keav_handshake<R: RngCore + CryptoRng>(
     }
     match (out_a, out_b) {
         (Some(initiator), Some(responder)) => {
-            if initiator.exported_key != responder.exported_key || initiator.sas != responder.sas
-            {
+            if initiator.exported_key != responder.exported_key || initiator.sas != responder.sas {
                 return Err(BenchError::KeyMismatch("keav"));
             }
             Ok(KeavOutcome {

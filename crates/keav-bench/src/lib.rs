@@ -8,7 +8,10 @@
 //!   [`KeavSetup`] describes the devices (mode, equality test, pairing code, caches).
 //! - With the `peers` feature (default): [`peers::noise_xx_handshake`] (snow) and
 //!   [`peers::TlsPair`] (rustls, TLS 1.3 full and resumed handshakes).
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod keav;
 #[cfg(feature = "peers")]

@@ -145,8 +145,8 @@ impl TlsPair {
             CertKind::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
         };
         let key = rcgen::KeyPair::generate_for(alg)?;
-        let cert = rcgen::CertificateParams::new(vec![TLS_SERVER_NAME.to_string()])?
-            .self_signed(&key)?;
+        let cert =
+            rcgen::CertificateParams::new(vec![TLS_SERVER_NAME.to_string()])?.self_signed(&key)?;
         let cert_der: CertificateDer<'static> = cert.der().clone();
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
 
@@ -288,7 +288,10 @@ mod tests {
             );
             exporters_agree(&o);
             // The non-resuming client stays on full handshakes.
-            assert_eq!(pair.full_handshake().unwrap().kind(), Some(HandshakeKind::Full));
+            assert_eq!(
+                pair.full_handshake().unwrap().kind(),
+                Some(HandshakeKind::Full)
+            );
         }
     }
 
