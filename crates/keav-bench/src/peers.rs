@@ -1,0 +1,325 @@
+//! In-memory drivers for the comparison handshakes: Noise XX (snow) and TLS 1.3 (rustls with
+//! the *ring* provider).
+
+use std::sync::Arc;
+
+use rustls::client::Resumption;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::{
+    ClientConfig, ClientConnection, ConnectionCommon, HandshakeKind, RootCertStore, ServerConfig,
+    ServerConnection,
+};
+
+use crate::BenchError;
+
+/// The Noise protocol benchmarked: XX with X25519, ChaCha20-Poly1305 and BLAKE2s.
+pub const NOISE_XX: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+
+/// Long-term static key pairs of the two Noise parties, made once outside the timed loop
+/// (like a device's identity key or a TLS certificate).
+pub struct NoiseStatics {
+    params: snow::params::NoiseParams,
+    initiator: snow::Keypair,
+    responder: snow::Keypair,
+}
+
+impl core::fmt::Debug for NoiseStatics {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NoiseStatics")
+            .field("params", &self.params.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NoiseStatics {
+    /// Generates static key pairs for both parties of [`NOISE_XX`].
+    pub fn generate() -> Result<Self, BenchError> {
+        let params: snow::params::NoiseParams = NOISE_XX.parse()?;
+        let b = snow::Builder::new(params.clone());
+        Ok(Self {
+            initiator: b.generate_keypair()?,
+            responder: b.generate_keypair()?,
+            params,
+        })
+    }
+}
+
+/// Both parties after a completed Noise handshake.
+pub struct NoiseOutcome {
+    /// The initiator's transport state.
+    pub initiator: snow::TransportState,
+    /// The responder's transport state.
+    pub responder: snow::TransportState,
+}
+
+impl core::fmt::Debug for NoiseOutcome {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NoiseOutcome").finish_non_exhaustive()
+    }
+}
+
+/// Runs one complete Noise XX handshake (three messages, empty payloads) between the two
+/// parties, in memory, and checks that both end with the same handshake hash.
+pub fn noise_xx_handshake(statics: &NoiseStatics) -> Result<NoiseOutcome, BenchError> {
+    let mut i = snow::Builder::new(statics.params.clone())
+        .local_private_key(&statics.initiator.private)?
+        .build_initiator()?;
+    let mut r = snow::Builder::new(statics.params.clone())
+        .local_private_key(&statics.responder.private)?
+        .build_responder()?;
+    let mut msg = [0u8; 256];
+    let mut payload = [0u8; 256];
+    // -> e
+    let n = i.write_message(&[], &mut msg)?;
+    r.read_message(msg.get(..n).unwrap_or_default(), &mut payload)?;
+    // <- e, ee, s, es
+    let n = r.write_message(&[], &mut msg)?;
+    i.read_message(msg.get(..n).unwrap_or_default(), &mut payload)?;
+    // -> s, se
+    let n = i.write_message(&[], &mut msg)?;
+    r.read_message(msg.get(..n).unwrap_or_default(), &mut payload)?;
+    if !i.is_handshake_finished() || !r.is_handshake_finished() {
+        return Err(BenchError::Incomplete("noise"));
+    }
+    if i.get_handshake_hash() != r.get_handshake_hash() {
+        return Err(BenchError::KeyMismatch("noise"));
+    }
+    Ok(NoiseOutcome {
+        initiator: i.into_transport_mode()?,
+        responder: r.into_transport_mode()?,
+    })
+}
+
+/// Signature algorithm of the benchmark's self-signed server certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertKind {
+    /// Ed25519.
+    Ed25519,
+    /// ECDSA P-256 with SHA-256.
+    EcdsaP256,
+}
+
+/// Server name in the benchmark certificate.
+pub const TLS_SERVER_NAME: &str = "keav-bench.invalid";
+
+/// A TLS 1.3 server and two clients (one without and one with session resumption), all with
+/// the *ring* provider, trusting one self-signed certificate made at construction.
+pub struct TlsPair {
+    server: Arc<ServerConfig>,
+    client_full: Arc<ClientConfig>,
+    client_resume: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl core::fmt::Debug for TlsPair {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("TlsPair")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Both sides after a completed TLS handshake.
+#[derive(Debug)]
+pub struct TlsOutcome {
+    /// The client connection.
+    pub client: ClientConnection,
+    /// The server connection.
+    pub server: ServerConnection,
+}
+
+impl TlsOutcome {
+    /// Full or resumed, as the client saw it.
+    pub fn kind(&self) -> Option<HandshakeKind> {
+        self.client.handshake_kind()
+    }
+}
+
+impl TlsPair {
+    /// Generates the certificate and builds the configurations (TLS 1.3 only, default key
+    /// exchange groups of the ring provider, X25519 first; the server keeps its default of
+    /// issuing two session tickets per handshake).
+    pub fn new(kind: CertKind) -> Result<Self, BenchError> {
+        let alg = match kind {
+            CertKind::Ed25519 => &rcgen::PKCS_ED25519,
+            CertKind::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        };
+        let key = rcgen::KeyPair::generate_for(alg)?;
+        let cert =
+            rcgen::CertificateParams::new(vec![TLS_SERVER_NAME.to_string()])?.self_signed(&key)?;
+        let cert_der: CertificateDer<'static> = cert.der().clone();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert_der.clone()], key_der)?;
+
+        let mut roots = RootCertStore::empty();
+        roots.add(cert_der)?;
+        let client = |resumption: Resumption| -> Result<ClientConfig, BenchError> {
+            let mut c = ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            c.resumption = resumption;
+            Ok(c)
+        };
+        let name = ServerName::try_from(TLS_SERVER_NAME)
+            .map_err(|_| BenchError::UnexpectedKind("invalid server name".into()))?;
+        Ok(Self {
+            server: Arc::new(server),
+            client_full: Arc::new(client(Resumption::disabled())?),
+            client_resume: Arc::new(client(Resumption::in_memory_sessions(64))?),
+            name,
+        })
+    }
+
+    /// One full handshake (the client never resumes).
+    pub fn full_handshake(&self) -> Result<TlsOutcome, BenchError> {
+        self.handshake(&self.client_full)
+    }
+
+    /// One handshake of the resuming client: resumed if its session store holds a ticket
+    /// from an earlier handshake (each handshake refills it with the server's new tickets).
+    /// Call once and check [`TlsOutcome::kind`] before timing.
+    pub fn resumed_handshake(&self) -> Result<TlsOutcome, BenchError> {
+        self.handshake(&self.client_resume)
+    }
+
+    fn handshake(&self, client: &Arc<ClientConfig>) -> Result<TlsOutcome, BenchError> {
+        let mut c = ClientConnection::new(client.clone(), self.name.clone())?;
+        let mut s = ServerConnection::new(self.server.clone())?;
+        let mut buf = Vec::with_capacity(4096);
+        for _ in 0..16 {
+            let a = transfer(&mut c, &mut s, &mut buf)?;
+            let b = transfer(&mut s, &mut c, &mut buf)?;
+            if !a && !b {
+                break;
+            }
+        }
+        if c.is_handshaking() || s.is_handshaking() {
+            return Err(BenchError::Incomplete("tls"));
+        }
+        Ok(TlsOutcome {
+            client: c,
+            server: s,
+        })
+    }
+}
+
+/// Moves everything `from` wants to send into `to` and lets `to` process it.
+fn transfer<A, B>(
+    from: &mut ConnectionCommon<A>,
+    to: &mut ConnectionCommon<B>,
+    buf: &mut Vec<u8>,
+) -> Result<bool, BenchError> {
+    let mut moved = false;
+    while from.wants_write() {
+        buf.clear();
+        from.write_tls(buf)?;
+        let mut rd: &[u8] = buf;
+        while !rd.is_empty() {
+            if to.read_tls(&mut rd)? == 0 {
+                return Err(BenchError::Incomplete("tls (receiver full)"));
+            }
+            to.process_new_packets()?;
+        }
+        moved = true;
+    }
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noise_xx_completes_and_transports_agree() {
+        let statics = NoiseStatics::generate().unwrap();
+        let mut o = noise_xx_handshake(&statics).unwrap();
+        // Each side learned the other's static key.
+        assert_eq!(
+            o.initiator.get_remote_static().unwrap(),
+            statics.responder.public.as_slice()
+        );
+        assert_eq!(
+            o.responder.get_remote_static().unwrap(),
+            statics.initiator.public.as_slice()
+        );
+        let mut ct = [0u8; 64];
+        let mut pt = [0u8; 64];
+        let n = o.initiator.write_message(b"hello", &mut ct).unwrap();
+        let m = o.responder.read_message(&ct[..n], &mut pt).unwrap();
+        assert_eq!(&pt[..m], b"hello");
+        // A tampered record is rejected.
+        let n = o.initiator.write_message(b"again", &mut ct).unwrap();
+        ct[0] ^= 1;
+        assert!(o.responder.read_message(&ct[..n], &mut pt).is_err());
+    }
+
+    fn exporters_agree(o: &TlsOutcome) {
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        o.client
+            .export_keying_material(&mut a, b"keav-bench", None)
+            .unwrap();
+        o.server
+            .export_keying_material(&mut b, b"keav-bench", None)
+            .unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, [0u8; 32]);
+    }
+
+    #[test]
+    fn tls_full_handshakes_complete_for_both_cert_kinds() {
+        for kind in [CertKind::Ed25519, CertKind::EcdsaP256] {
+            let pair = TlsPair::new(kind).unwrap();
+            let o = pair.full_handshake().unwrap();
+            assert_eq!(o.kind(), Some(HandshakeKind::Full));
+            assert_eq!(
+                o.client.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_3)
+            );
+            assert_eq!(
+                o.client.negotiated_key_exchange_group().map(|g| g.name()),
+                Some(rustls::NamedGroup::X25519)
+            );
+            exporters_agree(&o);
+            // The non-resuming client stays on full handshakes.
+            assert_eq!(
+                pair.full_handshake().unwrap().kind(),
+                Some(HandshakeKind::Full)
+            );
+        }
+    }
+
+    #[test]
+    fn tls_resumption_really_resumes_repeatedly() {
+        let pair = TlsPair::new(CertKind::Ed25519).unwrap();
+        assert_eq!(
+            pair.resumed_handshake().unwrap().kind(),
+            Some(HandshakeKind::Full)
+        );
+        for _ in 0..10 {
+            let o = pair.resumed_handshake().unwrap();
+            assert_eq!(o.kind(), Some(HandshakeKind::Resumed));
+            assert_eq!(o.server.handshake_kind(), Some(HandshakeKind::Resumed));
+            exporters_agree(&o);
+        }
+    }
+
+    #[test]
+    fn tls_client_rejects_an_untrusted_certificate() {
+        let a = TlsPair::new(CertKind::Ed25519).unwrap();
+        let b = TlsPair::new(CertKind::Ed25519).unwrap();
+        let mixed = TlsPair {
+            server: b.server.clone(),
+            client_full: a.client_full.clone(),
+            client_resume: a.client_resume.clone(),
+            name: a.name.clone(),
+        };
+        assert!(matches!(mixed.full_handshake(), Err(BenchError::Tls(_))));
+    }
+}
