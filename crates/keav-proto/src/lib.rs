@@ -17,6 +17,7 @@ pub mod error;
 pub mod handshake;
 pub mod msg;
 pub mod packet;
+pub mod record;
 pub mod sas;
 pub mod secret;
 

@@ -429,3 +429,14 @@ fn simultaneous_commits_are_resolved_by_commit_contention() {
         "hvi decides, not the order: {roles_won:?}"
     );
 }
+
+#[test]
+fn channel_aead_is_the_initiators_first_common_choice() {
+    use keav_proto::record::Aead;
+    let mut a = Device::new("alice", Mode::NORMAL, 1);
+    let mut b = Device::new("bob", Mode::NORMAL, 2);
+    let r = run_session(&mut a, &mut b, LinkModel::PERFECT, 1, T0, None);
+    let (oa, ob) = both_ok(&r);
+    assert_eq!(oa.channel_aead, Some(Aead::local_preference()[0]));
+    assert_eq!(oa.channel_aead, ob.channel_aead);
+}

@@ -116,6 +116,9 @@ pub struct Config {
     pub timer_scale: u64,
     /// Attempt limits, used to refuse a locked-out peer before any public-key work.
     pub lockout: crate::cache::LockoutPolicy,
+    /// AEADs for the secure channel, in order of preference (advertised in Hello's cipher
+    /// list; the initiator's first choice that the responder also offers wins).
+    pub channel_aeads: Vec<crate::record::Aead>,
 }
 
 impl Config {
@@ -134,6 +137,7 @@ impl Config {
             handshake_timeout_ms: 30_000,
             timer_scale: 1,
             lockout: crate::cache::LockoutPolicy::default(),
+            channel_aeads: crate::record::Aead::local_preference().to_vec(),
         }
     }
 }
@@ -221,6 +225,8 @@ pub struct SessionOutcome {
     pub cache_update: Option<CacheUpdate>,
     /// RFC 6189 KDF_Context of this session (ZIDi || ZIDr || total_hash); not secret.
     pub kdf_context: Vec<u8>,
+    /// The AEAD negotiated for the secure channel (`None` with a plain ZRTP peer).
+    pub channel_aead: Option<crate::record::Aead>,
 }
 
 impl SessionOutcome {
@@ -706,7 +712,10 @@ impl Endpoint {
             mitm: false,
             passive: false,
             hashes: vec![AlgoId::S256],
-            ciphers: vec![AlgoId::AES1],
+            ciphers: core::iter::once(AlgoId::AES1)
+                .chain(self.cfg.channel_aeads.iter().map(|a| AlgoId(a.wire_id())))
+                .take(7)
+                .collect(),
             auth_tags: vec![AlgoId::HS32, AlgoId::HS80],
             key_agreements: kas,
             sas_types,
@@ -765,6 +774,30 @@ impl Endpoint {
                 .copied()
                 .find(|b| theirs.contains(b)),
             Role::Responder => theirs.into_iter().find(|b| self.cfg.backends.contains(b)),
+        }
+    }
+
+    /// The channel AEAD: the initiator's first choice that the responder also offers (both
+    /// Hellos are authenticated by the end of the handshake, so this cannot be downgraded).
+    fn negotiated_aead(&self) -> Option<crate::record::Aead> {
+        use crate::record::Aead;
+        let peer = self.peer.as_ref()?;
+        let theirs: Vec<Aead> = peer
+            .msg
+            .ciphers
+            .iter()
+            .filter_map(|a| Aead::from_wire_id(&a.0))
+            .collect();
+        match self.role {
+            Role::Initiator => self
+                .cfg
+                .channel_aeads
+                .iter()
+                .copied()
+                .find(|a| theirs.contains(a)),
+            Role::Responder => theirs
+                .into_iter()
+                .find(|a| self.cfg.channel_aeads.contains(a)),
         }
     }
 
@@ -1853,6 +1886,7 @@ impl Endpoint {
             exported_key: k.keys().exported_key.clone(),
             cache_update,
             kdf_context: k.ctx.clone(),
+            channel_aead: self.negotiated_aead(),
         })
     }
 }
