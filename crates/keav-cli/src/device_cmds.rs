@@ -66,8 +66,8 @@ pub fn peers(path: &Path) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<24} {:<13} {:>8}  {:<22} {}",
-        "label", "zid", "mode", "sessions", "last verification", "lockout"
+        "{:<16} {:<24} {:<13} {:>8}  {:<22} lockout",
+        "label", "zid", "mode", "sessions", "last verification"
     );
     for r in &list {
         let lock = store.lock_state(&r.id, now, &LockoutPolicy::default())?;
