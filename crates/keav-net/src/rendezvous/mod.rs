@@ -12,6 +12,12 @@
 //! catches an impostor. The server can make a pairing *fail* (deny service) but can never
 //! make one *succeed*.
 //!
+//! The registered address is whatever the device claims; the server does not compare it
+//! with the connection's source address (devices behind NAT or on another interface would
+//! fail such a check, and it would prove nothing about the key anyway). To test the
+//! lying-server case end to end, pre-fill a [`MemoryRendezvousStore`] with
+//! [`MemoryRendezvousStore::insert_unchecked`] and run [`spawn`] on it.
+//!
 //! # Wire protocol (version 1)
 //!
 //! One TCP connection carries any number of request/response pairs, strictly alternating.
@@ -97,7 +103,7 @@ pub use server::{
 };
 pub use store::{
     apply_claim, Claim, Entry, MemoryRendezvousStore, PutOutcome, RedbRendezvousStore,
-    RemoveOutcome, RendezvousStore,
+    RemoveOutcome, RendezvousStore, DEFAULT_MAX_ENTRIES,
 };
 
 use std::time::Duration;
