@@ -662,7 +662,7 @@ mod properties {
                         prop_assert!(ro.open(&mut buf, now).is_err());
                     }
                     6 => {
-                        let mut junk: Vec<u8> = (0..(a % 64)).map(|i| (i as u16 ^ b) as u8).collect();
+                        let mut junk: Vec<u8> = (0..(a % 64)).map(|i| (i ^ b) as u8).collect();
                         prop_assert!(ro.open(&mut junk, now).is_err());
                     }
                     7 if a % 16 == 0 => {
