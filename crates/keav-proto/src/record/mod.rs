@@ -1,6 +1,6 @@
 //! The record layer of a KEAV secure channel.
 //!
-//! After a handshake, [`channel`] turns the [`SessionOutcome`](crate::handshake::SessionOutcome)
+//! After a handshake, [`channel`] turns the [`SessionOutcome`]
 //! into a [`Sealer`] (our sending direction) and an [`Opener`] (the peer's). Like the rest of
 //! this crate it is sans-IO: records are byte buffers and the time is passed in.
 //!
