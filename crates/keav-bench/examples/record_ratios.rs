@@ -25,6 +25,19 @@ const BENCHES: [(&str, &str); 6] = [
     ("snow-chachapoly", "snow ChaChaPoly"),
 ];
 /// 16 KiB goal: at least 1 GB/s of payload through seal + open on one core.
+/// The bare AEADs (group `aead`), seal + open in place without any record layer.
+const AEADS: [(&str, &str); 4] = [
+    (
+        "rustcrypto-aes256gcm",
+        "RustCrypto aes-gcm 0.10 (keav, snow)",
+    ),
+    (
+        "rustcrypto-chacha20poly1305",
+        "RustCrypto chacha20poly1305 0.10 (keav, snow)",
+    ),
+    ("ring-aes256gcm", "ring AES-256-GCM (rustls)"),
+    ("ring-chacha20poly1305", "ring ChaCha20-Poly1305 (rustls)"),
+];
 const GOAL_GBPS_16K: f64 = 1.0;
 
 /// Median with its 95% confidence interval, ns per record.
@@ -43,8 +56,12 @@ fn num(v: &Value, path: &[&str]) -> Result<f64, String> {
 }
 
 fn load(dir: &Path, id: &str, size: usize) -> Result<Stat, String> {
+    load_in(dir, GROUP, id, size)
+}
+
+fn load_in(dir: &Path, group: &str, id: &str, size: usize) -> Result<Stat, String> {
     let p = dir
-        .join(GROUP)
+        .join(group)
         .join(id)
         .join(size.to_string())
         .join("new")
@@ -160,6 +177,80 @@ fn main() {
             print!(" {:.3} |", median(a, i) / median(b, i));
         }
         println!();
+    }
+
+    // The bare AEADs, if that group ran.
+    let bare: Vec<(&str, &str, Vec<Stat>)> = AEADS
+        .iter()
+        .filter_map(|(id, what)| {
+            let row: Result<Vec<Stat>, String> = SIZES
+                .iter()
+                .map(|s| load_in(&dir, "aead", id, *s))
+                .collect();
+            row.ok().map(|r| (*id, *what, r))
+        })
+        .collect();
+    if !bare.is_empty() {
+        println!("\nBare AEAD, seal + open in place, no record layer: median ns and GB/s:\n");
+        print!("| AEAD |");
+        for s in SIZES {
+            print!(" {s} B ns | {s} B GB/s |");
+        }
+        println!();
+        print!("|---|");
+        for _ in SIZES {
+            print!("---:|---:|");
+        }
+        println!();
+        for (id, what, row) in &bare {
+            print!("| {what} (`{id}`) |");
+            for (size, s) in SIZES.iter().zip(row) {
+                print!(" {:.0} | {:.2} |", s.median, gbps(*size, s.median));
+            }
+            println!();
+        }
+        println!("\nRecord layer over its bare AEAD (time ratio, medians):\n");
+        print!("| ratio |");
+        for s in SIZES {
+            print!(" {s} B |");
+        }
+        println!();
+        print!("|---|");
+        for _ in SIZES {
+            print!("---:|");
+        }
+        println!();
+        for (name, stack, aead) in [
+            (
+                "keav AES-GCM / RustCrypto AES-GCM",
+                "keav-aes256gcm",
+                "rustcrypto-aes256gcm",
+            ),
+            (
+                "keav ChaCha / RustCrypto ChaCha",
+                "keav-chacha20poly1305",
+                "rustcrypto-chacha20poly1305",
+            ),
+            (
+                "rustls AES-GCM / ring AES-GCM",
+                "rustls-aes256gcm",
+                "ring-aes256gcm",
+            ),
+            (
+                "rustls ChaCha / ring ChaCha",
+                "rustls-chacha20poly1305",
+                "ring-chacha20poly1305",
+            ),
+        ] {
+            let Some((_, _, row)) = bare.iter().find(|(id, _, _)| *id == aead) else {
+                continue;
+            };
+            print!("| {name} |");
+            for (i, s) in row.iter().enumerate() {
+                print!(" {:.2} |", median(stack, i) / s.median);
+            }
+            println!();
+        }
     }
 
     println!("\nGoals:\n");
