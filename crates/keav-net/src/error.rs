@@ -56,11 +56,13 @@ pub enum Error {
 }
 
 impl Error {
-    /// Converts a handshake failure: a bare peer Error message becomes [`Error::Refused`],
-    /// everything else [`Error::Handshake`].
+    /// Converts a handshake failure: a bare peer Error message becomes [`Error::Refused`], a
+    /// plain deadline [`Error::Timeout`], everything else [`Error::Handshake`] (including a
+    /// timeout during the equality test, which counts toward lockout).
     pub fn from_handshake(e: keav_proto::Error) -> Error {
         match e {
             keav_proto::Error::PeerError(code) => Error::Refused { code },
+            keav_proto::Error::Timeout => Error::Timeout("handshake deadline"),
             e => Error::Handshake(e),
         }
     }
