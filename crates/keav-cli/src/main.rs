@@ -1,10 +1,13 @@
 //! The `keav` command-line tool.
 //!
-//! Today it offers `keav demo`: two in-process devices with durable stores pair through twelve
-//! sessions in `normal` mode and print what each session did.
+//! Errors are one line on stderr (`keav: error: ...`) with exit status 1; usage errors exit 2.
+//! `-v` shows debug detail on stderr; secrets are never logged at any verbosity.
 
 mod demo;
+mod device_cmds;
+mod settings;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -13,15 +16,30 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "keav", version, about)]
 struct Cli {
-    /// More detail (-v: debug, -vv: trace). Secrets are never logged.
+    /// More detail on stderr (-v: debug, -vv: trace). Secrets are never logged.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Config file (TOML); default $KEAV_CONFIG or ~/.config/keav/config.toml if present.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Device store; default from the config, $KEAV_STORE or ~/.local/share/keav/device.redb.
+    #[arg(long, global = true, value_name = "PATH")]
+    store: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Create the device store and identity (idempotent).
+    Init,
+    /// List known peers: mode, sessions, last verification, lockout.
+    Peers,
+    /// Forget a peer (by label or ZID): its retained secrets and counters are erased.
+    Forget {
+        /// Label or 24-hex-digit ZID.
+        peer: String,
+    },
     /// Pair two in-process devices through several sessions and show what each one did.
     Demo(demo::DemoArgs),
 }
@@ -40,14 +58,22 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let result = match cli.command {
-        Command::Demo(args) => demo::run(args),
-    };
-    match result {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keav: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let file = settings::FileConfig::load(cli.config.as_deref())?;
+    let store = || settings::store_path(cli.store.as_deref(), &file);
+    match cli.command {
+        Command::Init => device_cmds::init(&store()?),
+        Command::Peers => device_cmds::peers(&store()?),
+        Command::Forget { peer } => device_cmds::forget(&store()?, &peer),
+        Command::Demo(args) => demo::run(args),
     }
 }

@@ -46,7 +46,13 @@ impl<'a> Ledger<'a> {
         label: &str,
     ) -> Result<(Self, PeerLookup), Error> {
         let rec = store.peer_by_label(label)?;
-        let lookup = PeerLookup::Given(rec.as_ref().map(|r| r.cache.clone()));
+        let lookup = match &rec {
+            Some(r) => PeerLookup::Given(Some(r.cache.clone())),
+            // Not known by this label: maybe known by ZID (it called us before); look it up
+            // when its Hello arrives. Paranoid peers have no stable ZID to find.
+            None if mode != Mode::Paranoid => PeerLookup::AtHello,
+            None => PeerLookup::Given(None),
+        };
         Ok((
             Self {
                 store,
@@ -81,9 +87,6 @@ impl<'a> Ledger<'a> {
     ) -> Result<Option<PeerCache>, Error> {
         let rec = match rs_id_hint {
             Some(id) => self.store.peer_by_initiator_rs_id(&id)?,
-            None if self.label.is_some() => self
-                .store
-                .peer_by_label(self.label.as_deref().unwrap_or(""))?,
             None => self.store.peer_by_zid(zid)?,
         };
         self.peer = rec.as_ref().map(|r| r.id);
@@ -160,6 +163,15 @@ impl<'a> Ledger<'a> {
             }
         };
         self.peer = Some(id);
+        if let Some(label) = &self.label {
+            // Called by a label this record did not have yet (it called us before): remember
+            // it, unless the label is someone else's.
+            if self.store.peer(&id)?.is_some_and(|r| r.label.is_none())
+                && self.store.peer_by_label(label)?.is_none()
+            {
+                self.store.set_label(&id, Some(label))?;
+            }
+        }
         if let Some(u) = &o.cache_update {
             // Resets the failure counter (and so the advance count) when the test ran.
             self.store.commit_session(&id, u, now)?;

@@ -866,6 +866,33 @@ impl Store {
         })
     }
 
+    /// Sets or clears the local label of a record (fails with [`Error::LabelTaken`] if
+    /// another record has it, [`Error::InvalidLabel`] if empty or over-long).
+    pub fn set_label(&self, id: &PeerId, label: Option<&str>) -> Result<(), Error> {
+        if let Some(l) = label {
+            validate_label(l)?;
+        }
+        self.write(|txn| {
+            let mut rec = load(&txn.open_table(PEERS)?, id)?.ok_or(Error::NotFound)?;
+            if rec.label.as_deref() == label {
+                return Ok(());
+            }
+            let mut idx = txn.open_table(LABEL_IDX)?;
+            if let Some(l) = label {
+                if idx.get(l)?.is_some() {
+                    return Err(Error::LabelTaken);
+                }
+                idx.insert(l, id.as_slice())?;
+            }
+            if let Some(old) = rec.label.as_deref() {
+                idx.remove(old)?;
+            }
+            drop(idx);
+            rec.label = label.map(str::to_owned);
+            put(txn, &rec)
+        })
+    }
+
     /// Sets or clears the peer's ZID (and the ZID index). [`Error::ZidTaken`] if another
     /// record has it.
     pub fn set_zid(&self, id: &PeerId, zid: Option<Zid>) -> Result<(), Error> {

@@ -410,3 +410,40 @@ fn an_attempt_is_counted_before_the_peer_can_learn_the_answer() {
         "the guess was counted when the test started"
     );
 }
+
+#[test]
+fn one_record_per_peer_whichever_side_called_first() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (a, b) = paths(dir.path());
+    // Alice calls "bob"; then bob calls her back under the label "alice".
+    ok(&session(&a, &b, Mode::NORMAL, (None, None), T0));
+    let sa = Store::open(&a).expect("a");
+    let sb = Store::open(&b).expect("b");
+    let policy = LockoutPolicy::default();
+    let r = pair_in_process(
+        LocalDevice {
+            store: &sb,
+            config: config(&sb, Mode::NORMAL, None, policy),
+        },
+        "alice",
+        LocalDevice {
+            store: &sa,
+            config: config(&sa, Mode::NORMAL, None, policy),
+        },
+        T0 + 1,
+        &mut OsRng,
+    )
+    .expect("io");
+    let (ob, _) = ok(&r);
+    assert_eq!(
+        ob.session_number, 2,
+        "bob found his record for alice by her ZID"
+    );
+    assert_eq!(ob.key_agreement, KeyAgreement::Preshared);
+    assert_eq!(sb.list_peers().expect("peers").len(), 1);
+    let rec = sb
+        .peer_by_label("alice")
+        .expect("read")
+        .expect("label attached");
+    assert_eq!(rec.cache.sessions, 2);
+}
