@@ -4,9 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::record::RatchetPolicy;
 use keav_proto::cache::{LockoutPolicy, Mode, Zid};
 use keav_proto::handshake::Config;
-use crate::record::RatchetPolicy;
 use keav_store::Store;
 use keav_verify::{Backend, VerifySecret};
 
@@ -135,7 +135,8 @@ impl Device {
         cfg.require_keav = s.require_keav;
         cfg.allow_repair = s.allow_repair;
         cfg.lockout = s.lockout;
-        cfg.handshake_timeout_ms = u64::try_from(s.handshake_timeout.as_millis()).unwrap_or(u64::MAX);
+        cfg.handshake_timeout_ms =
+            u64::try_from(s.handshake_timeout.as_millis()).unwrap_or(u64::MAX);
         cfg
     }
 }

@@ -233,7 +233,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Queues one frame and flushes.
-    pub async fn write_frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), crate::Error> {
+    pub async fn write_frame(
+        &mut self,
+        kind: FrameKind,
+        payload: &[u8],
+    ) -> Result<(), crate::Error> {
         self.queue(kind, payload)?;
         self.flush().await?;
         Ok(())
@@ -272,7 +276,10 @@ mod tests {
         });
         let mut r = FrameReader::new(b);
         let f = r.read_frame().await.unwrap().unwrap();
-        assert_eq!((f.kind, &f.payload[..]), (FrameKind::Handshake, &b"hello"[..]));
+        assert_eq!(
+            (f.kind, &f.payload[..]),
+            (FrameKind::Handshake, &b"hello"[..])
+        );
         let f = r.read_frame().await.unwrap().unwrap();
         assert_eq!(f.kind, FrameKind::Record);
         assert_eq!(f.payload.len(), MAX_PAYLOAD);
@@ -331,7 +338,9 @@ mod tests {
     #[test]
     fn writer_refuses_oversized_payload() {
         let mut w = FrameWriter::new(Vec::<u8>::new());
-        assert!(w.queue(FrameKind::Record, &vec![0; MAX_PAYLOAD + 1]).is_err());
+        assert!(w
+            .queue(FrameKind::Record, &vec![0; MAX_PAYLOAD + 1])
+            .is_err());
         assert_eq!(w.pending(), 0);
     }
 }

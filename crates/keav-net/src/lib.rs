@@ -40,7 +40,9 @@ pub(crate) mod record {
     pub use keav_proto::record::Aead;
     pub const MAX_PLAINTEXT: usize = 16 * 1024;
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    pub struct RatchetPolicy;
+    pub struct RatchetPolicy {
+        pub every_ms: u64,
+    }
     #[derive(Debug, thiserror::Error)]
     #[non_exhaustive]
     pub enum RecordError {
@@ -112,7 +114,11 @@ pub(crate) mod record {
             let n = r.len();
             let t = r[n - 1];
             let body = &r[9..n - 1];
-            let want = if kind == 0x15 { tag(self.key, seq, b"close") } else { tag(self.key, seq, body) };
+            let want = if kind == 0x15 {
+                tag(self.key, seq, b"close")
+            } else {
+                tag(self.key, seq, body)
+            };
             if t != want || (kind != 0x15 && kind != 0x17) {
                 return Err(RecordError::Auth);
             }

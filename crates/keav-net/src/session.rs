@@ -376,8 +376,7 @@ impl<T> Channel<T> {
             "the peer negotiated no channel AEAD (plain ZRTP peer)",
         ))?;
         let clock = Clock::start();
-        let (sealer, opener) =
-            record::channel(outcome, device.settings().ratchet, clock.now_ms())?;
+        let (sealer, opener) = record::channel(outcome, device.settings().ratchet, clock.now_ms())?;
         let peer = Arc::new(PeerInfo {
             peer_zid: outcome.peer_zid,
             local_zid: outcome.local_zid,
@@ -737,13 +736,13 @@ async fn next_record(rx: &mut Rx) -> Result<Option<Vec<u8>>, Error> {
 // ---------------------------------------------------------------------------------------------
 // Generic streams
 
-async fn establish_stream<T, S>(
+pub(crate) async fn establish_stream<T, S>(
     device: &Device,
     stream: S,
     side: Side<'_>,
     deadline: Instant,
     opts: &Options,
-    extra: StreamExtra,
+    extra: Attach,
 ) -> Result<Channel<T>, Error>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -774,25 +773,12 @@ where
     )
 }
 
+/// What a driver attaches to a channel besides the handshake result.
 #[derive(Default)]
-pub(crate) struct StreamExtra {
+pub(crate) struct Attach {
     pub(crate) remote: Option<SocketAddr>,
     pub(crate) shutdown: Option<watch::Receiver<bool>>,
     pub(crate) permit: Option<OwnedSemaphorePermit>,
-}
-
-pub(crate) async fn establish_stream_with<T, S>(
-    device: &Device,
-    stream: S,
-    side: Side<'_>,
-    deadline: Instant,
-    opts: &Options,
-    extra: StreamExtra,
-) -> Result<Channel<T>, Error>
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    establish_stream(device, stream, side, deadline, opts, extra).await
 }
 
 /// Runs the initiator's handshake over any byte stream (framed as in [`crate::frame`]) and
@@ -813,13 +799,17 @@ where
         Side::Initiator(label),
         deadline,
         opts,
-        StreamExtra::default(),
+        Attach::default(),
     )
     .await
 }
 
 /// Runs the responder's handshake over any byte stream and returns the channel.
-pub async fn accept_stream<S>(device: &Device, stream: S, opts: &Options) -> Result<Channel<S>, Error>
+pub async fn accept_stream<S>(
+    device: &Device,
+    stream: S,
+    opts: &Options,
+) -> Result<Channel<S>, Error>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -830,7 +820,7 @@ where
         Side::Responder,
         deadline,
         opts,
-        StreamExtra::default(),
+        Attach::default(),
     )
     .await
 }
@@ -904,10 +894,8 @@ impl<T: 'static> Acceptor<T> {
         info!(handlers = tasks.len(), "shutting down");
         self.shutdown();
         let grace = self.grace;
-        let drained = tokio::time::timeout(grace, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             warn!(
                 handlers = tasks.len(),

@@ -21,8 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::device::Device;
 use crate::session::{
-    self, establish_stream_with, log_failure, Acceptor, Channel, Incoming, Options, Side,
-    StreamExtra,
+    self, establish_stream, log_failure, Acceptor, Attach, Channel, Incoming, Options, Side,
 };
 use crate::Error;
 
@@ -41,15 +40,15 @@ pub async fn connect(
         .map_err(|_| Error::Timeout("TCP connect"))??;
     stream.set_nodelay(true)?;
     let remote = stream.peer_addr().ok();
-    establish_stream_with(
+    establish_stream(
         device,
         stream,
         Side::Initiator(label),
         deadline,
         opts,
-        StreamExtra {
+        Attach {
             remote,
-            ..StreamExtra::default()
+            ..Attach::default()
         },
     )
     .await
@@ -174,13 +173,13 @@ async fn accept_loop(
             (device.clone(), opts.clone(), out.clone(), shutdown.clone());
         tasks.spawn(async move {
             let deadline = Instant::now() + device.settings().handshake_timeout;
-            let result = establish_stream_with(
+            let result = establish_stream(
                 &device,
                 stream,
                 Side::Responder,
                 deadline,
                 &opts,
-                StreamExtra {
+                Attach {
                     remote: Some(remote),
                     shutdown: Some(shutdown),
                     permit: Some(conn),

@@ -30,8 +30,8 @@ use tracing::{debug, info};
 
 use crate::device::Device;
 use crate::session::{
-    self, handshake, log_failure, Acceptor, Channel, Clock, HsLink, Incoming, Options, Parts,
-    Rx, Side, Tx,
+    self, handshake, log_failure, Acceptor, Attach, Channel, Clock, HsLink, Incoming, Options,
+    Parts, Rx, Side, Tx,
 };
 use crate::Error;
 
@@ -148,7 +148,7 @@ impl HsUdp {
         }
     }
 
-    fn into_rx(self, endpoint: Option<Endpoint>) -> (UdpTx, UdpRx) {
+    fn into_rx(self, endpoint: Option<Box<Endpoint>>) -> (UdpTx, UdpRx) {
         let rx = UdpRx {
             tx: self.tx.clone(),
             source: self.source,
@@ -170,7 +170,7 @@ pub(crate) struct UdpRx {
     ssrc: u32,
     /// Responder: kept to answer a retransmitted Confirm2 (our Conf2ACK was lost) until the
     /// peer's first record proves it has completed.
-    endpoint: Option<Endpoint>,
+    endpoint: Option<Box<Endpoint>>,
     clock: Clock,
     pending: VecDeque<Vec<u8>>,
 }
@@ -230,23 +230,21 @@ fn channel_from(
     done: session::Handshaken,
     link: HsUdp,
     keep_endpoint: bool,
-    remote: SocketAddr,
     label: Option<String>,
     opts: &Options,
-    shutdown: Option<watch::Receiver<bool>>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    attach: Attach,
 ) -> Result<Channel<UdpSocket>, Error> {
-    let (tx, rx) = link.into_rx(keep_endpoint.then_some(done.endpoint));
+    let (tx, rx) = link.into_rx(keep_endpoint.then(|| Box::new(done.endpoint)));
     Channel::new(
         device,
         &done.outcome,
         Parts {
             tx: Tx::Udp(tx),
             rx: Rx::Udp(rx),
-            remote: Some(remote),
+            remote: attach.remote,
             label,
-            shutdown,
-            permit,
+            shutdown: attach.shutdown,
+            permit: attach.permit,
         },
         opts,
     )
@@ -292,11 +290,12 @@ pub async fn connect(
         done,
         link,
         false,
-        target,
         Some(label.to_string()),
         opts,
-        None,
-        None,
+        Attach {
+            remote: Some(target),
+            ..Attach::default()
+        },
     )
 }
 
@@ -467,21 +466,24 @@ async fn demux_loop(
                     done,
                     link,
                     true,
-                    src,
                     None,
                     &opts,
-                    Some(shutdown),
-                    Some(conn),
+                    Attach {
+                        remote: Some(src),
+                        shutdown: Some(shutdown),
+                        permit: Some(conn),
+                    },
                 )
             });
             if let Err(e) = &result {
                 log_failure("incoming UDP handshake", Some(src), e);
             }
-            let _ = out.send(Incoming {
-                remote: src,
-                result,
-            })
-            .await;
+            let _ = out
+                .send(Incoming {
+                    remote: src,
+                    result,
+                })
+                .await;
         });
     }
 }

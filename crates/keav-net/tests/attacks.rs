@@ -41,12 +41,17 @@ async fn man_in_the_middle_is_caught_on_both_sides() {
     let bob_addr = bob_listener.local_addr();
 
     // Control: Alice and Bob pair directly.
-    let (ca, cb) = tokio::join!(tcp::connect(&alice, bob_addr, "bob", &opts), bob_listener.accept());
+    let (ca, cb) = tokio::join!(
+        tcp::connect(&alice, bob_addr, "bob", &opts),
+        bob_listener.accept()
+    );
     assert_eq!(ca.unwrap().peer().verification, Verification::Bound);
     assert_eq!(cb.unwrap().peer().verification, Verification::Bound);
 
     // The attacker listens for Alice and calls Bob, meaning to relay between the two.
-    let mut m1_listener = Listener::bind(&m1, "127.0.0.1:0", opts.clone()).await.unwrap();
+    let mut m1_listener = Listener::bind(&m1, "127.0.0.1:0", opts.clone())
+        .await
+        .unwrap();
     let mitm_addr = m1_listener.local_addr();
     let mitm = tokio::spawn(async move {
         let opts = Options::default();
@@ -90,15 +95,24 @@ async fn man_in_the_middle_is_caught_on_both_sides() {
         .unwrap()
         .as_secs();
     assert_eq!(
-        bob.store().lock_state(&ANONYMOUS_PEER, now, &policy).unwrap().failures,
+        bob.store()
+            .lock_state(&ANONYMOUS_PEER, now, &policy)
+            .unwrap()
+            .failures,
         1
     );
     // Bob's record of Alice is untouched by the attack.
     let alice_at_bob = bob.store().peer_by_zid(&alice.zid()).unwrap().unwrap();
-    assert_eq!((alice_at_bob.cache.sessions, alice_at_bob.verify_failures), (1, 0));
+    assert_eq!(
+        (alice_at_bob.cache.sessions, alice_at_bob.verify_failures),
+        (1, 0)
+    );
 
     // And the real pair still works afterwards, continuing its key history.
-    let (ca, cb) = tokio::join!(tcp::connect(&alice, bob_addr, "bob", &opts), bob_listener.accept());
+    let (ca, cb) = tokio::join!(
+        tcp::connect(&alice, bob_addr, "bob", &opts),
+        bob_listener.accept()
+    );
     let (ca, cb) = (ca.unwrap(), cb.unwrap());
     assert_eq!(ca.peer().session_number, 2);
     assert_eq!(cb.peer().session_number, 2);
@@ -137,7 +151,10 @@ async fn oversized_and_malformed_frames_are_cut_off_and_others_still_served() {
     evil.write_all(&[0xff, 0xff, 0xff, 0xf0, 0]).await.unwrap();
     let inc = l.next_incoming().await.unwrap();
     assert!(
-        matches!(inc.result, Err(Error::Frame(FrameError::Oversized { len: 0xffff_fff0 }))),
+        matches!(
+            inc.result,
+            Err(Error::Frame(FrameError::Oversized { len: 0xffff_fff0 }))
+        ),
         "{:?}",
         inc.result
     );
@@ -157,13 +174,23 @@ async fn oversized_and_malformed_frames_are_cut_off_and_others_still_served() {
     let mut evil = TcpStream::connect(addr).await.unwrap();
     evil.write_all(&[0, 0, 0, 1, 1, 0x17]).await.unwrap();
     let inc = l.next_incoming().await.unwrap();
-    assert!(matches!(inc.result, Err(Error::Frame(FrameError::Unexpected(_)))));
+    assert!(matches!(
+        inc.result,
+        Err(Error::Frame(FrameError::Unexpected(_)))
+    ));
 
     // A handshake frame holding garbage: the handshake fails with a parse error.
     let mut evil = TcpStream::connect(addr).await.unwrap();
     evil.write_all(&[0, 0, 0, 3, 0, 1, 2, 3]).await.unwrap();
     let inc = l.next_incoming().await.unwrap();
-    assert!(matches!(inc.result, Err(Error::Handshake(keav_proto::Error::Parse(_)))), "{:?}", inc.result);
+    assert!(
+        matches!(
+            inc.result,
+            Err(Error::Handshake(keav_proto::Error::Parse(_)))
+        ),
+        "{:?}",
+        inc.result
+    );
 
     // The listener still serves honest callers.
     let opts = Options::default();
@@ -206,7 +233,11 @@ async fn slow_loris_is_cut_off_at_the_deadline_while_others_are_served() {
     // Both slow connections end with a timeout at (about) the deadline.
     for _ in 0..2 {
         let inc = l.next_incoming().await.unwrap();
-        assert!(matches!(inc.result, Err(Error::Timeout(_))), "{:?}", inc.result);
+        assert!(
+            matches!(inc.result, Err(Error::Timeout(_))),
+            "{:?}",
+            inc.result
+        );
     }
     let cut = started.elapsed();
     assert!(cut >= deadline - Duration::from_millis(100), "{cut:?}");

@@ -25,10 +25,7 @@ async fn pair_and_exchange_megabytes_both_ways() {
     let addr = listener.local_addr();
 
     let opts = Options::default();
-    let (ca, cb) = tokio::join!(
-        tcp::connect(&a, addr, "b", &opts),
-        listener.accept()
-    );
+    let (ca, cb) = tokio::join!(tcp::connect(&a, addr, "b", &opts), listener.accept());
     let (ca, cb) = (ca.unwrap(), cb.unwrap());
 
     // What each side learned about the other.
@@ -52,7 +49,15 @@ async fn pair_and_exchange_megabytes_both_ways() {
     let rec = a.store().peer_by_label("b").unwrap().unwrap();
     assert_eq!(rec.cache.sessions, 1);
     assert!(rec.cache.rs1.is_some());
-    assert_eq!(b.store().peer_by_zid(&a.zid()).unwrap().unwrap().cache.sessions, 1);
+    assert_eq!(
+        b.store()
+            .peer_by_zid(&a.zid())
+            .unwrap()
+            .unwrap()
+            .cache
+            .sessions,
+        1
+    );
 
     let up = data(3 << 20, 1);
     let down = data((2 << 20) + 12345, 2);
@@ -111,10 +116,7 @@ async fn twelve_sessions_follow_the_normal_mode_schedule() {
     let addr = listener.local_addr();
     let opts = Options::default();
     for n in 1..=12u64 {
-        let (ca, cb) = tokio::join!(
-            tcp::connect(&a, addr, "b", &opts),
-            listener.accept()
-        );
+        let (ca, cb) = tokio::join!(tcp::connect(&a, addr, "b", &opts), listener.accept());
         let (mut ca, mut cb) = (ca.unwrap(), cb.unwrap());
         let verifies = n == 1 || n == 11;
         for p in [ca.peer(), cb.peer()] {
@@ -161,7 +163,9 @@ async fn serve_echoes_then_shuts_down_gracefully() {
         },
     ));
 
-    let mut c1 = tcp::connect(&a, addr, "b", &Options::default()).await.unwrap();
+    let mut c1 = tcp::connect(&a, addr, "b", &Options::default())
+        .await
+        .unwrap();
     assert_eq!(c1.peer().verification, Verification::Unbound);
     c1.send(b"ping").await.unwrap();
     assert_eq!(c1.recv().await.unwrap().unwrap(), b"ping");
@@ -178,7 +182,9 @@ async fn serve_echoes_then_shuts_down_gracefully() {
         .unwrap()
         .unwrap();
     // Nothing listens any more.
-    assert!(tcp::connect(&a, addr, "b", &Options::default()).await.is_err());
+    assert!(tcp::connect(&a, addr, "b", &Options::default())
+        .await
+        .is_err());
 }
 
 #[tokio::test]

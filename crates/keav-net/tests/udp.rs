@@ -108,7 +108,11 @@ async fn lossy_duplicating_link_completes_and_never_delivers_twice() {
     let opts = Options::default();
     let (ca, cb) = tokio::join!(udp::connect(&a, shim, "b", &opts), l.accept());
     let (mut ca, mut cb) = (ca.unwrap(), cb.unwrap());
-    assert_eq!(lost.load(Ordering::SeqCst), 3, "the shim did not drop what it should");
+    assert_eq!(
+        lost.load(Ordering::SeqCst),
+        3,
+        "the shim did not drop what it should"
+    );
     assert_eq!(ca.peer().verification, Verification::Bound);
     assert_eq!(ca.peer().sas, cb.peer().sas);
 
