@@ -1,4 +1,4 @@
-//! Handshake CPU benchmarks of keav, and the in-memory drivers they time.
+//! Handshake and record CPU benchmarks of keav, and the in-memory drivers they time.
 //!
 //! Every driver here runs *both* sides of one complete handshake in one thread, passing the
 //! messages between them in memory: no sockets, no clock, no storage. What the benchmarks
@@ -8,6 +8,10 @@
 //!   [`KeavSetup`] describes the devices (mode, equality test, pairing code, caches).
 //! - With the `peers` feature (default): [`peers::noise_xx_handshake`] (snow) and
 //!   [`peers::TlsPair`] (rustls, TLS 1.3 full and resumed handshakes).
+//!
+//! The record benchmarks use [`records::KeavPipe`] and, with `peers`, [`peers::NoisePipe`]
+//! and [`peers::TlsPipe`]: one record sent and received per call, again both sides in one
+//! thread.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -16,6 +20,7 @@
 pub mod keav;
 #[cfg(feature = "peers")]
 pub mod peers;
+pub mod records;
 
 pub use keav::{run_keav_handshake, DeviceSetup, KeavOutcome, KeavSetup};
 
@@ -26,6 +31,9 @@ pub enum BenchError {
     /// The keav handshake returned an error.
     #[error("keav handshake failed: {0}")]
     Keav(#[from] keav_proto::Error),
+    /// A keav record could not be sealed or opened.
+    #[error("keav record: {0}")]
+    Record(#[from] keav_proto::record::RecordError),
     /// The message pump went quiet (or ran out of rounds) before both sides completed.
     #[error("{0} handshake did not complete")]
     Incomplete(&'static str),

@@ -14,6 +14,8 @@ use crate::BenchError;
 
 /// The Noise protocol benchmarked: XX with X25519, ChaCha20-Poly1305 and BLAKE2s.
 pub const NOISE_XX: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+/// Noise XX with AES-256-GCM (and SHA-256), for the AES transport records.
+pub const NOISE_XX_AESGCM: &str = "Noise_XX_25519_AESGCM_SHA256";
 
 /// Long-term static key pairs of the two Noise parties, made once outside the timed loop
 /// (like a device's identity key or a TLS certificate).
@@ -34,7 +36,13 @@ impl core::fmt::Debug for NoiseStatics {
 impl NoiseStatics {
     /// Generates static key pairs for both parties of [`NOISE_XX`].
     pub fn generate() -> Result<Self, BenchError> {
-        let params: snow::params::NoiseParams = NOISE_XX.parse()?;
+        Self::generate_for(NOISE_XX)
+    }
+
+    /// Generates static key pairs for both parties of the XX protocol `name` (e.g.
+    /// [`NOISE_XX_AESGCM`]).
+    pub fn generate_for(name: &str) -> Result<Self, BenchError> {
+        let params: snow::params::NoiseParams = name.parse()?;
         let b = snow::Builder::new(params.clone());
         Ok(Self {
             initiator: b.generate_keypair()?,
@@ -90,6 +98,128 @@ pub fn noise_xx_handshake(statics: &NoiseStatics) -> Result<NoiseOutcome, BenchE
     })
 }
 
+/// Largest Noise message (the Noise specification's limit).
+const NOISE_MAX_MESSAGE: usize = 65535;
+
+/// One direction of a Noise transport: the initiator writes, the responder reads.
+pub struct NoisePipe {
+    tx: snow::TransportState,
+    rx: snow::TransportState,
+    wire: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl core::fmt::Debug for NoisePipe {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NoisePipe").finish_non_exhaustive()
+    }
+}
+
+impl NoisePipe {
+    /// Runs an XX handshake of protocol `name` ([`NOISE_XX`] or [`NOISE_XX_AESGCM`]) and
+    /// keeps both transport states.
+    pub fn new(name: &str) -> Result<Self, BenchError> {
+        let o = noise_xx_handshake(&NoiseStatics::generate_for(name)?)?;
+        Ok(Self {
+            tx: o.initiator,
+            rx: o.responder,
+            wire: vec![0; NOISE_MAX_MESSAGE],
+            out: vec![0; NOISE_MAX_MESSAGE],
+        })
+    }
+
+    /// `write_message` of `payload` into the reused wire buffer, then `read_message` into the
+    /// reused output buffer; returns the plaintext read.
+    pub fn transfer(&mut self, payload: &[u8]) -> Result<&[u8], BenchError> {
+        let n = self.tx.write_message(payload, &mut self.wire)?;
+        let wire = self.wire.get(..n).unwrap_or_default();
+        let m = self.rx.read_message(wire, &mut self.out)?;
+        Ok(self.out.get(..m).unwrap_or_default())
+    }
+}
+
+/// The TLS 1.3 cipher suite of a [`TlsPipe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsSuite {
+    /// `TLS_AES_256_GCM_SHA384`.
+    Aes256Gcm,
+    /// `TLS_CHACHA20_POLY1305_SHA256`.
+    ChaCha20Poly1305,
+}
+
+impl TlsSuite {
+    fn suite(self) -> rustls::SupportedCipherSuite {
+        match self {
+            TlsSuite::Aes256Gcm => rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            TlsSuite::ChaCha20Poly1305 => {
+                rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256
+            }
+        }
+    }
+}
+
+/// One direction of an established TLS 1.3 connection (rustls, ring provider): the client
+/// writes application data, the server reads it. Records travel through a reused `Vec`.
+#[derive(Debug)]
+pub struct TlsPipe {
+    client: ClientConnection,
+    server: ServerConnection,
+    wire: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl TlsPipe {
+    /// Runs a full handshake (Ed25519 certificate) restricted to `suite` and keeps both
+    /// connections.
+    pub fn new(suite: TlsSuite) -> Result<Self, BenchError> {
+        let pair = TlsPair::with_suites(CertKind::Ed25519, &[suite.suite()])?;
+        let o = pair.full_handshake()?;
+        if o.client.negotiated_cipher_suite() != Some(suite.suite()) {
+            return Err(BenchError::UnexpectedKind(format!(
+                "negotiated {:?}",
+                o.client.negotiated_cipher_suite()
+            )));
+        }
+        Ok(Self {
+            client: o.client,
+            server: o.server,
+            wire: Vec::with_capacity(32 * 1024),
+            out: vec![0; 64 * 1024],
+        })
+    }
+
+    /// The per-record path of a rustls user over a byte stream: client
+    /// `writer().write_all(payload)`, `write_tls` into the reused wire buffer, server
+    /// `read_tls` + `process_new_packets` until the wire buffer is consumed, then
+    /// `reader().read_exact` of the payload length. Returns the plaintext read.
+    pub fn transfer(&mut self, payload: &[u8]) -> Result<&[u8], BenchError> {
+        use std::io::{Read, Write};
+        self.client.writer().write_all(payload)?;
+        self.wire.clear();
+        while self.client.wants_write() {
+            self.client.write_tls(&mut self.wire)?;
+        }
+        let mut rd: &[u8] = &self.wire;
+        while !rd.is_empty() {
+            if self.server.read_tls(&mut rd)? == 0 {
+                return Err(BenchError::Incomplete("tls (receiver full)"));
+            }
+            self.server.process_new_packets()?;
+        }
+        let out = self
+            .out
+            .get_mut(..payload.len())
+            .ok_or(BenchError::Incomplete("tls (payload too long)"))?;
+        self.server.reader().read_exact(out)?;
+        Ok(out)
+    }
+
+    /// Bytes the last [`TlsPipe::transfer`] put on the wire.
+    pub fn last_wire_len(&self) -> usize {
+        self.wire.len()
+    }
+}
+
 /// Signature algorithm of the benchmark's self-signed server certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CertKind {
@@ -140,6 +270,15 @@ impl TlsPair {
     /// exchange groups of the ring provider, X25519 first; the server keeps its default of
     /// issuing two session tickets per handshake).
     pub fn new(kind: CertKind) -> Result<Self, BenchError> {
+        Self::with_suites(kind, &[])
+    }
+
+    /// Like [`TlsPair::new`], but both sides offer only `suites` (all of the provider's
+    /// TLS 1.3 suites if empty).
+    pub fn with_suites(
+        kind: CertKind,
+        suites: &[rustls::SupportedCipherSuite],
+    ) -> Result<Self, BenchError> {
         let alg = match kind {
             CertKind::Ed25519 => &rcgen::PKCS_ED25519,
             CertKind::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
@@ -150,7 +289,11 @@ impl TlsPair {
         let cert_der: CertificateDer<'static> = cert.der().clone();
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut provider = rustls::crypto::ring::default_provider();
+        if !suites.is_empty() {
+            provider.cipher_suites = suites.to_vec();
+        }
+        let provider = Arc::new(provider);
         let server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
@@ -307,6 +450,46 @@ mod tests {
             assert_eq!(o.kind(), Some(HandshakeKind::Resumed));
             assert_eq!(o.server.handshake_kind(), Some(HandshakeKind::Resumed));
             exporters_agree(&o);
+        }
+    }
+
+    fn payload(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 13 + 1) as u8).collect()
+    }
+
+    #[test]
+    fn noise_pipes_round_trip_and_encrypt() {
+        for name in [NOISE_XX, NOISE_XX_AESGCM] {
+            let mut p = NoisePipe::new(name).unwrap();
+            for n in crate::records::PAYLOAD_SIZES {
+                let msg = payload(n);
+                for _ in 0..3 {
+                    assert_eq!(p.transfer(&msg).unwrap(), &msg[..]);
+                }
+                // The wire bytes are not the plaintext.
+                assert_ne!(&p.wire[..n], &msg[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn tls_pipes_round_trip_with_the_requested_suite() {
+        for suite in [TlsSuite::Aes256Gcm, TlsSuite::ChaCha20Poly1305] {
+            let mut p = TlsPipe::new(suite).unwrap();
+            assert_eq!(p.client.negotiated_cipher_suite(), Some(suite.suite()));
+            for n in crate::records::PAYLOAD_SIZES {
+                let msg = payload(n);
+                for _ in 0..3 {
+                    assert_eq!(p.transfer(&msg).unwrap(), &msg[..]);
+                    // One TLS 1.3 record: 5-byte header, payload, content type, 16-byte tag.
+                    assert_eq!(p.last_wire_len(), 5 + n + 1 + 16);
+                    assert!(!p.wire.windows(32).any(|w| w == &msg[..32]));
+                }
+            }
+            // Nothing left over on either side.
+            assert!(!p.client.wants_write());
+            let mut extra = [0u8; 1];
+            assert!(std::io::Read::read(&mut p.server.reader(), &mut extra).is_err());
         }
     }
 
