@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::record::RatchetPolicy;
+use keav_proto::record::RatchetPolicy;
 use keav_proto::cache::{LockoutPolicy, Mode, Zid};
 use keav_proto::handshake::Config;
 use keav_store::Store;

@@ -32,7 +32,7 @@ pub enum Error {
     /// A record failed to open or seal (tampering, replay, a key that ran out). On a stream
     /// transport the channel is dead after this.
     #[error("secure channel: {0}")]
-    Record(#[from] crate::record::RecordError),
+    Record(#[from] keav_proto::record::RecordError),
     /// A deadline passed.
     #[error("timed out: {0}")]
     Timeout(&'static str),
