@@ -4,9 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keav_proto::record::RatchetPolicy;
 use keav_proto::cache::{LockoutPolicy, Mode, Zid};
 use keav_proto::handshake::Config;
+use keav_proto::record::RatchetPolicy;
 use keav_store::Store;
 use keav_verify::{Backend, VerifySecret};
 

@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{device, settings};
@@ -261,13 +262,14 @@ async fn slow_loris_is_cut_off_at_the_deadline_while_others_are_served() {
 /// What the byte-level proxy does to the first record frame from the client.
 #[derive(Clone, Copy, Debug)]
 enum Tamper {
+    Nothing,
     FlipLastByte,
     Replay,
     DropConnectionAfterRecords(usize),
 }
 
 /// A TCP proxy that understands the framing and tampers with client→server records.
-async fn tampering_proxy(server: SocketAddr, how: Tamper) -> SocketAddr {
+async fn tampering_proxy(server: SocketAddr, how: Tamper, seen: Arc<Mutex<Vec<u8>>>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -289,6 +291,7 @@ async fn tampering_proxy(server: SocketAddr, how: Tamper) -> SocketAddr {
             if cr.read_exact(&mut payload).await.is_err() {
                 return;
             }
+            seen.lock().unwrap().extend_from_slice(&payload);
             if header[4] == 1 {
                 records += 1;
                 match how {
@@ -317,7 +320,7 @@ async fn tampering_proxy(server: SocketAddr, how: Tamper) -> SocketAddr {
 async fn tamper_run(how: Tamper) -> (Vec<Vec<u8>>, Error) {
     let dir = TempDir::new().unwrap();
     let (a, _b, mut l, addr) = b_listener(&dir, 5_000).await;
-    let proxy = tampering_proxy(addr, how).await;
+    let proxy = tampering_proxy(addr, how, Arc::default()).await;
     let opts = Options::default();
     let (ca, cb) = tokio::join!(tcp::connect(&a, proxy, "b", &opts), l.accept());
     let (mut ca, mut cb) = (ca.unwrap(), cb.unwrap());
@@ -356,4 +359,21 @@ async fn truncation_without_close_is_reported() {
     let (delivered, err) = tamper_run(Tamper::DropConnectionAfterRecords(2)).await;
     assert_eq!(delivered, vec![b"one".to_vec(), b"two".to_vec()]);
     assert!(matches!(err, Error::Truncated), "{err:?}");
+}
+
+#[tokio::test]
+async fn records_are_encrypted_on_the_wire() {
+    let dir = TempDir::new().unwrap();
+    let (a, _b, mut l, addr) = b_listener(&dir, 5_000).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let proxy = tampering_proxy(addr, Tamper::Nothing, seen.clone()).await;
+    let opts = Options::default();
+    let (ca, cb) = tokio::join!(tcp::connect(&a, proxy, "b", &opts), l.accept());
+    let (mut ca, mut cb) = (ca.unwrap(), cb.unwrap());
+    let marker = b"MARKER-0123456789-the quick brown fox jumps over the lazy dog";
+    ca.send(marker).await.unwrap();
+    assert_eq!(cb.recv().await.unwrap().unwrap(), marker);
+    let wire = seen.lock().unwrap().clone();
+    assert!(wire.len() > marker.len());
+    assert!(!wire.windows(16).any(|w| w == &marker[..16]));
 }

@@ -12,13 +12,33 @@ use keav_net::tcp::{self, Listener};
 use keav_net::Error;
 use keav_proto::cache::Verification;
 use keav_proto::handshake::{KeyAgreement, Role};
+use keav_proto::record::RatchetPolicy;
 use tempfile::TempDir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pair_and_exchange_megabytes_both_ways() {
     let dir = TempDir::new().unwrap();
-    let a = device(&dir, "a", settings(Some("pairing code 1234")));
-    let b = device(&dir, "b", settings(Some("pairing code 1234")));
+    // Ratchet every 16 records, so the bulk transfer crosses a dozen epochs each way.
+    let ratchet = RatchetPolicy {
+        every_records_log2: 4,
+        ..RatchetPolicy::default()
+    };
+    let a = device(
+        &dir,
+        "a",
+        DeviceSettings {
+            ratchet,
+            ..settings(Some("pairing code 1234"))
+        },
+    );
+    let b = device(
+        &dir,
+        "b",
+        DeviceSettings {
+            ratchet,
+            ..settings(Some("pairing code 1234"))
+        },
+    );
     let mut listener = Listener::bind(&b, "127.0.0.1:0", Options::default())
         .await
         .unwrap();
