@@ -1,8 +1,10 @@
 //! Record-layer CPU benchmark: one record sealed by the sender and opened by the receiver,
 //! both in one thread, in memory, per iteration.
 //!
-//! Run with `cargo bench -p keav-bench --bench records`, then
-//! `cargo run -p keav-bench --release --example record_ratios` for the table and ratios.
+//! Run with `cargo bench -p keav-bench --bench records` (keav on ring's AEADs, ids
+//! `keav-ring-*`), and for keav's pure-Rust default backend (ids `keav-*`) also
+//! `cargo bench -p keav-bench --bench records --no-default-features --features peers -- records/keav-`;
+//! then `cargo run -p keav-bench --release --example record_ratios` for the tables and ratios.
 //!
 //! Every iteration sends a *fresh* record (the sender's sequence number advances, the
 //! receiver's replay window moves with it), so every iteration really encrypts, authenticates
@@ -62,19 +64,29 @@ fn bench_pipe<P: Pipe>(
 }
 
 fn records(c: &mut Criterion) {
+    // keav-proto's AEAD backend is chosen at build time (keav-bench feature `fast-aead`, on by
+    // default); the bench ids carry it so that both builds' results sit side by side.
+    let (gcm_id, chacha_id) = match keav_proto::record::AEAD_BACKEND {
+        "ring" => ("keav-ring-aes256gcm", "keav-ring-chacha20poly1305"),
+        _ => ("keav-aes256gcm", "keav-chacha20poly1305"),
+    };
+    eprintln!(
+        "keav record AEAD backend: {} (bench ids {gcm_id}, {chacha_id})",
+        keav_proto::record::AEAD_BACKEND
+    );
     let mut g = c.benchmark_group("records");
     for size in PAYLOAD_SIZES {
         let payload: Vec<u8> = (0..size).map(|i| (i * 7 + 3) as u8).collect();
         g.throughput(Throughput::Bytes(size as u64));
         bench_pipe(
             &mut g,
-            "keav-aes256gcm",
+            gcm_id,
             KeavPipe::new(Aead::Aes256Gcm).expect("keav"),
             &payload,
         );
         bench_pipe(
             &mut g,
-            "keav-chacha20poly1305",
+            chacha_id,
             KeavPipe::new(Aead::ChaCha20Poly1305).expect("keav"),
             &payload,
         );

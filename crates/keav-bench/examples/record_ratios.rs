@@ -13,9 +13,19 @@ use serde_json::Value;
 
 const GROUP: &str = "records";
 const SIZES: [usize; 3] = [64, 1024, 16384];
-const BENCHES: [(&str, &str); 6] = [
-    ("keav-aes256gcm", "keav AES-256-GCM"),
-    ("keav-chacha20poly1305", "keav ChaCha20-Poly1305"),
+/// keav rows: `keav-*` from a build without keav-bench's `fast-aead` feature (RustCrypto
+/// AEADs), `keav-ring-*` from a build with it (ring AEADs). Rows without results are skipped.
+const BENCHES: [(&str, &str); 8] = [
+    ("keav-aes256gcm", "keav AES-256-GCM [RustCrypto]"),
+    (
+        "keav-chacha20poly1305",
+        "keav ChaCha20-Poly1305 [RustCrypto]",
+    ),
+    ("keav-ring-aes256gcm", "keav AES-256-GCM [ring]"),
+    (
+        "keav-ring-chacha20poly1305",
+        "keav ChaCha20-Poly1305 [ring]",
+    ),
     ("rustls-aes256gcm", "rustls TLS_AES_256_GCM_SHA384"),
     (
         "rustls-chacha20poly1305",
@@ -90,25 +100,23 @@ fn main() {
             std::env::var_os("CARGO_TARGET_DIR").map(|t| PathBuf::from(t).join("criterion"))
         })
         .unwrap_or_else(|| PathBuf::from("target/criterion"));
-    let mut stats: Vec<Vec<Stat>> = Vec::new();
-    for (id, _) in BENCHES {
-        let mut row = Vec::new();
-        for size in SIZES {
-            match load(&dir, id, size) {
-                Ok(s) => row.push(s),
-                Err(e) => {
-                    eprintln!("cannot read results of {id}/{size}: {e}");
-                    std::process::exit(1);
-                }
+    // Rows with results (a keav row may be missing if only one backend's build ran).
+    let mut rows: Vec<(&str, &str, Vec<Stat>)> = Vec::new();
+    for (id, what) in BENCHES {
+        let row: Result<Vec<Stat>, String> = SIZES.iter().map(|s| load(&dir, id, *s)).collect();
+        match row {
+            Ok(r) => rows.push((id, what, r)),
+            Err(e) if id.starts_with("keav-") => eprintln!("skipping {id}: {e}"),
+            Err(e) => {
+                eprintln!("cannot read results of {id}: {e}");
+                std::process::exit(1);
             }
         }
-        stats.push(row);
     }
     let median = |id: &str, size_idx: usize| {
-        BENCHES
-            .iter()
-            .position(|(b, _)| *b == id)
-            .map(|i| stats[i][size_idx].median)
+        rows.iter()
+            .find(|(b, _, _)| *b == id)
+            .map(|(_, _, r)| r[size_idx].median)
             .unwrap_or(f64::NAN)
     };
 
@@ -124,7 +132,7 @@ fn main() {
         print!("---:|---:|");
     }
     println!();
-    for ((id, what), row) in BENCHES.iter().zip(&stats) {
+    for (id, what, row) in &rows {
         print!("| {what} (`{id}`) |");
         for (size, s) in SIZES.iter().zip(row) {
             print!(
@@ -151,27 +159,40 @@ fn main() {
     println!();
     let ratios = [
         (
-            "keav AES-GCM / rustls AES-GCM",
+            "keav[ring] AES-GCM / rustls AES-GCM",
+            "keav-ring-aes256gcm",
+            "rustls-aes256gcm",
+        ),
+        (
+            "keav[ring] ChaCha / rustls ChaCha",
+            "keav-ring-chacha20poly1305",
+            "rustls-chacha20poly1305",
+        ),
+        (
+            "keav[RustCrypto] AES-GCM / rustls AES-GCM",
             "keav-aes256gcm",
             "rustls-aes256gcm",
         ),
         (
-            "keav ChaCha / rustls ChaCha",
+            "keav[RustCrypto] ChaCha / rustls ChaCha",
             "keav-chacha20poly1305",
             "rustls-chacha20poly1305",
         ),
         (
-            "keav AES-GCM / snow AESGCM",
+            "keav[RustCrypto] AES-GCM / snow AESGCM",
             "keav-aes256gcm",
             "snow-aesgcm",
         ),
         (
-            "keav ChaCha / snow ChaChaPoly",
+            "keav[RustCrypto] ChaCha / snow ChaChaPoly",
             "keav-chacha20poly1305",
             "snow-chachapoly",
         ),
     ];
     for (name, a, b) in ratios {
+        if median(a, 0).is_nan() {
+            continue;
+        }
         print!("| {name} |");
         for i in 0..SIZES.len() {
             print!(" {:.3} |", median(a, i) / median(b, i));
@@ -222,14 +243,24 @@ fn main() {
         println!();
         for (name, stack, aead) in [
             (
-                "keav AES-GCM / RustCrypto AES-GCM",
+                "keav[RustCrypto] AES-GCM / RustCrypto AES-GCM",
                 "keav-aes256gcm",
                 "rustcrypto-aes256gcm",
             ),
             (
-                "keav ChaCha / RustCrypto ChaCha",
+                "keav[RustCrypto] ChaCha / RustCrypto ChaCha",
                 "keav-chacha20poly1305",
                 "rustcrypto-chacha20poly1305",
+            ),
+            (
+                "keav[ring] AES-GCM / ring AES-GCM",
+                "keav-ring-aes256gcm",
+                "ring-aes256gcm",
+            ),
+            (
+                "keav[ring] ChaCha / ring ChaCha",
+                "keav-ring-chacha20poly1305",
+                "ring-chacha20poly1305",
             ),
             (
                 "rustls AES-GCM / ring AES-GCM",
@@ -245,6 +276,9 @@ fn main() {
             let Some((_, _, row)) = bare.iter().find(|(id, _, _)| *id == aead) else {
                 continue;
             };
+            if median(stack, 0).is_nan() {
+                continue;
+            }
             print!("| {name} |");
             for (i, s) in row.iter().enumerate() {
                 print!(" {:.2} |", median(stack, i) / s.median);
@@ -255,15 +289,28 @@ fn main() {
 
     println!("\nGoals:\n");
     for (keav, tls) in [
+        ("keav-ring-aes256gcm", "rustls-aes256gcm"),
+        ("keav-ring-chacha20poly1305", "rustls-chacha20poly1305"),
         ("keav-aes256gcm", "rustls-aes256gcm"),
         ("keav-chacha20poly1305", "rustls-chacha20poly1305"),
     ] {
+        if median(keav, 0).is_nan() {
+            continue;
+        }
         let r = median(keav, 0) / median(tls, 0);
         let verdict = if r <= 1.0 { "met" } else { "missed" };
         println!("- 64 B, {keav} / {tls} = {r:.3} (goal ≤ 1.0): {verdict}");
     }
     let last = SIZES.len() - 1;
-    for keav in ["keav-aes256gcm", "keav-chacha20poly1305"] {
+    for keav in [
+        "keav-ring-aes256gcm",
+        "keav-ring-chacha20poly1305",
+        "keav-aes256gcm",
+        "keav-chacha20poly1305",
+    ] {
+        if median(keav, last).is_nan() {
+            continue;
+        }
         let g = gbps(SIZES[last], median(keav, last));
         let verdict = if g >= GOAL_GBPS_16K { "met" } else { "missed" };
         println!("- 16 KiB, {keav}: {g:.2} GB/s seal+open (goal ≥ {GOAL_GBPS_16K}): {verdict}");

@@ -64,6 +64,23 @@
 //! subkey `H = AES_K(0)`. `H` only authenticates; it reveals neither the record key nor any
 //! plaintext, and records of an erased epoch are refused whatever their tag.
 //!
+//! # AEAD backends
+//!
+//! By default the AEADs are RustCrypto's `aes-gcm` and `chacha20poly1305` (pure Rust, for
+//! small devices). With the cargo feature `fast-aead` they are ring's instead (assembly,
+//! several times faster on servers; see docs/BENCHMARKS.md, "Records"). The choice is made at
+//! build time for the whole crate ([`AEAD_BACKEND`] tells which) and changes nothing on the
+//! wire: same keys, nonces and AAD, records identical bit for bit, so either side may use
+//! either backend. The behaviour of [`Opener::open`] is the same too (a refused record is left
+//! as it was; the ring backend copies the ciphertext aside first, since ring zeroes the buffer
+//! when a tag fails).
+//!
+//! Key erasure differs: ring's keys (`LessSafeKey`) offer no erasure, so with `fast-aead` the
+//! expanded AES key and GHASH table (or the ChaCha20 key) of a dropped epoch remain in freed
+//! memory until it is reused. The chain keys and the 32-byte record keys are still erased.
+//! Builds that must not leave epoch keys behind (forward secrecy against a later memory dump)
+//! should keep the default backend.
+//!
 //! # Receiving
 //!
 //! [`Opener::open`] does the cheap checks first, in this order, and only then the AEAD:
@@ -86,6 +103,10 @@ use crate::secret::Secret32;
 use keys::Cipher;
 use window::ReplayWindow;
 pub use window::REPLAY_WINDOW;
+
+/// The AEAD implementation this build seals and opens records with: `"ring"` with the
+/// `fast-aead` feature, `"rustcrypto"` without.
+pub const AEAD_BACKEND: &str = keys::Backend::DEFAULT.name();
 
 /// Largest application payload of one record.
 pub const MAX_PLAINTEXT: usize = 16 * 1024;
@@ -426,6 +447,9 @@ pub struct Opener {
     keys: Option<OpenKeys>,
     window: ReplayWindow,
     received: u64,
+    /// Copy of the ciphertext while a record is opened (ring backend only; stays empty with
+    /// RustCrypto). Holds no secret.
+    scratch: Vec<u8>,
 }
 
 impl fmt::Debug for Opener {
@@ -457,6 +481,7 @@ impl Opener {
             }),
             window: ReplayWindow::new(),
             received: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -542,7 +567,7 @@ impl Opener {
             },
             Slot::Ahead(c, _, _) => c,
         };
-        if !cipher.open(seq, &header[..], ct, tag) {
+        if !cipher.open(seq, &header[..], ct, tag, &mut self.scratch) {
             return Err(RecordError::BadTag);
         }
 
