@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use keav_net::device::{Device, DeviceSettings};
-use keav_net::session::Options;
+use keav_net::session::{Options, PeerInfo};
 use keav_net::tcp::{self, Listener};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,7 +109,7 @@ async fn keav_run(
     total: usize,
     chunk: &[u8],
     digest: bool,
-) -> (Run, Option<[u8; 32]>, Duration, &'static str) {
+) -> (Run, Option<[u8; 32]>, Duration, PeerInfo) {
     let mut listener = Listener::bind(b, "127.0.0.1:0", Options::default())
         .await
         .unwrap();
@@ -120,7 +120,7 @@ async fn keav_run(
     let handshake = h0.elapsed();
     let (mut ca, mut cb) = (ca.unwrap(), cb.unwrap());
     assert_eq!(ca.peer().channel_aead, cb.peer().channel_aead);
-    let aead = ca.peer().channel_aead.name();
+    let peer = ca.peer().clone();
     let chunk = chunk.to_vec();
     let cpu0 = cpu_time();
     let t0 = Instant::now();
@@ -156,7 +156,7 @@ async fn keav_run(
         },
         d,
         handshake,
-        aead,
+        peer,
     )
 }
 
@@ -186,17 +186,19 @@ async fn main() {
     let want: [u8; 32] = Sha256::digest(&check).into();
     let (_, d) = plain_run(check.len(), &check, true).await;
     assert_eq!(d, Some(want), "plain TCP corrupted the check transfer");
-    let (_, d, first_hs, aead) = keav_run(&a, &b, check.len(), &check, true).await;
+    let (_, d, first_hs, first) = keav_run(&a, &b, check.len(), &check, true).await;
     assert_eq!(d, Some(want), "keav corrupted the check transfer");
 
     let chunk = data(chunk_len, 1);
     let (mut plain, mut keav, mut plain_cpu, mut keav_cpu, mut hs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut kinds = Vec::new();
     for _ in 0..runs {
         let (r, _) = plain_run(total, &chunk, false).await;
         plain.push(total as f64 / r.secs / 1e6);
         plain_cpu.extend(r.cpu.map(|c| c / (total as f64 / 1e9)));
-        let (r, _, h, _) = keav_run(&a, &b, total, &chunk, false).await;
+        let (r, _, h, peer) = keav_run(&a, &b, total, &chunk, false).await;
+        kinds.push(format!("{:?}", peer.key_agreement));
         keav.push(total as f64 / r.secs / 1e6);
         keav_cpu.extend(r.cpu.map(|c| c / (total as f64 / 1e9)));
         hs.push(h.as_secs_f64() * 1e3);
@@ -226,6 +228,7 @@ async fn main() {
         fmt(&plain),
         cpu(&plain_cpu)
     );
+    let aead = first.channel_aead.name();
     println!(
         "| keav channel ({aead}) | {k:.0} | {} | {} |",
         fmt(&keav),
@@ -233,8 +236,12 @@ async fn main() {
     );
     println!("\nkeav / plain TCP throughput ratio: {:.3}", k / p);
     println!(
-        "handshake (connect + accept, first session {:.1} ms; later sessions median {:.1} ms)",
+        "handshake (connect + accept): first session ({:?}, {:?}) {:.1} ms; \
+         later sessions ({}) median {:.1} ms",
+        first.key_agreement,
+        first.verification,
         first_hs.as_secs_f64() * 1e3,
+        kinds.join(", "),
         median(hs)
     );
 }
