@@ -33,6 +33,13 @@ pub enum BackendArg {
 }
 
 impl ModeArg {
+    /// Parses a mode name from the config file.
+    pub fn parse(name: &str) -> Result<ModeArg> {
+        <ModeArg as ValueEnum>::from_str(name, false).map_err(|_| {
+            anyhow::anyhow!("unknown mode {name:?} (expected no-continuity, normal or paranoid)")
+        })
+    }
+
     /// The protocol mode, with N for `normal`.
     pub fn mode(self, verify_every: u32) -> Mode {
         match self {
@@ -44,6 +51,12 @@ impl ModeArg {
 }
 
 impl BackendArg {
+    /// Parses an equality-test name from the config file.
+    pub fn parse(name: &str) -> Result<BackendArg> {
+        <BackendArg as ValueEnum>::from_str(name, false)
+            .map_err(|_| anyhow::anyhow!("unknown equality test {name:?} (expected cpace or smp)"))
+    }
+
     /// The protocol backend.
     pub fn backend(self) -> Backend {
         match self {

@@ -5,6 +5,7 @@
 
 mod demo;
 mod device_cmds;
+mod net_cmds;
 mod settings;
 
 use std::path::PathBuf;
@@ -40,6 +41,13 @@ enum Command {
         /// Label or 24-hex-digit ZID.
         peer: String,
     },
+    /// Wait for a peer, pair, then copy stdin to the peer and the peer to stdout.
+    Listen(net_cmds::ListenArgs),
+    /// Pair with a peer at an address (or found through rendezvous), then copy like `listen`.
+    Connect(net_cmds::ConnectArgs),
+    /// Rendezvous discovery: run a server, register, look up.
+    #[command(subcommand)]
+    Rendezvous(net_cmds::RendezvousCmd),
     /// Pair two in-process devices through several sessions and show what each one did.
     Demo(demo::DemoArgs),
 }
@@ -47,7 +55,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        0 => "warn",
+        0 => "error",
         1 => "debug",
         _ => "trace",
     };
@@ -74,6 +82,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init => device_cmds::init(&store()?),
         Command::Peers => device_cmds::peers(&store()?),
         Command::Forget { peer } => device_cmds::forget(&store()?, &peer),
+        Command::Listen(args) => net_cmds::listen(&store()?, &file, args),
+        Command::Connect(args) => net_cmds::connect(&store()?, &file, args),
+        Command::Rendezvous(cmd) => net_cmds::rendezvous_cmd(cmd),
         Command::Demo(args) => demo::run(args),
     }
 }

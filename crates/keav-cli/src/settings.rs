@@ -17,7 +17,6 @@ use serde::Deserialize;
 /// max_failures = 5                      # K: failed verifications before lockout
 /// ```
 #[derive(Debug, Default, Deserialize)]
-#[allow(dead_code)] // the session settings are read by listen/connect
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Device store path.
@@ -88,7 +87,6 @@ pub fn store_path(flag: Option<&Path>, file: &FileConfig) -> Result<PathBuf> {
 /// Where the pairing code comes from. Never from the command line itself, so it does not end
 /// up in shell history or `ps`.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // used by listen/connect
 pub enum CodeSource {
     /// No code: verification runs unbound (trust on first use).
     None,
@@ -100,7 +98,6 @@ pub enum CodeSource {
     Env,
 }
 
-#[allow(dead_code)] // used by listen/connect
 impl CodeSource {
     /// Reads the code. Empty codes are refused (use no code instead).
     pub fn read(&self) -> Result<Option<Vec<u8>>> {
