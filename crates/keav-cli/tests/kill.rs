@@ -74,12 +74,18 @@ fn listener_killed_mid_transfer_then_restarted_pairs_again_with_agreeing_caches(
     let err = assert_failed(&mut connect, cs);
     eprintln!("alice after the kill: {err}");
     let (sent, _) = fed.join_timeout(Duration::from_secs(30));
-    assert!(sent < LEN, "alice's stdin should have been cut off, all {sent} bytes went");
+    assert!(
+        sent < LEN,
+        "alice's stdin should have been cut off, all {sent} bytes went"
+    );
     let _ = alice_out.join_timeout(Duration::from_secs(30));
 
     // Restarted Bob, same store: the pairing succeeds.
     let (after, _) = session(&alice, &bob, code);
-    assert_eq!(after.session, 3, "the killed session was already persisted as session 2");
+    assert_eq!(
+        after.session, 3,
+        "the killed session was already persisted as session 2"
+    );
     // Both sides agree on the cache: a further session uses the retained secret (preshared),
     // or if this one re-synchronised with DH, the one after it does.
     let (next, _) = session(&alice, &bob, code);

@@ -78,7 +78,10 @@ fn relay_of_two_keav_processes_is_refused_by_both_victims() {
     // The refusals are on record.
     let row = alice.peer_row("bob");
     let text = row.join(" ");
-    assert!(text.ends_with("1 failures") || text.contains("locked"), "alice's peers: {text}");
+    assert!(
+        text.ends_with("1 failures") || text.contains("locked"),
+        "alice's peers: {text}"
+    );
     // Bob never learnt who called (M2 failed its first contact): the failure is counted in
     // the shared budget of unknown callers.
     let peers = bob.peers();
@@ -96,5 +99,8 @@ fn relay_of_two_keav_processes_is_refused_by_both_victims() {
     assert_failed(&mut alice_c, s);
     m1_l.wait(t);
     let text = alice.peer_row("bob").join(" ");
-    assert!(text.ends_with("2 failures") || text.contains("locked"), "alice's peers: {text}");
+    assert!(
+        text.ends_with("2 failures") || text.contains("locked"),
+        "alice's peers: {text}"
+    );
 }

@@ -18,13 +18,31 @@ fn twelve_reconnects_follow_the_normal_mode_schedule() {
     for n in 1..=12u64 {
         let mut listen = bob.spawn(&["listen", "--mode", "normal", "--code-file", code]);
         let addr = listen.listen_addr().to_string();
-        let mut connect = alice.spawn(&["connect", "bob", &addr, "--mode", "normal", "--code-file", code]);
+        let mut connect = alice.spawn(&[
+            "connect",
+            "bob",
+            &addr,
+            "--mode",
+            "normal",
+            "--code-file",
+            code,
+        ]);
         // A few bytes each way, so each session is also shown to carry data.
         let to_bob = format!("hello bob, session {n}\n");
         let to_alice = format!("hello alice, session {n}\n");
         use std::io::Write;
-        listen.stdin.take().unwrap().write_all(to_alice.as_bytes()).unwrap();
-        connect.stdin.take().unwrap().write_all(to_bob.as_bytes()).unwrap();
+        listen
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(to_alice.as_bytes())
+            .unwrap();
+        connect
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(to_bob.as_bytes())
+            .unwrap();
         let bob_got = listen.take_stdout_collector();
         let alice_got = connect.take_stdout_collector();
 

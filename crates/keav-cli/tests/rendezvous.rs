@@ -31,26 +31,53 @@ fn pair_through_rendezvous_and_a_lying_server_cannot_make_it_succeed() {
     let t = Duration::from_secs(30);
 
     let mut listen = bob.spawn(&[
-        "listen", "--register", "bob-dev", "--rendezvous", &rv, "--code-file", path_str(&shared),
+        "listen",
+        "--register",
+        "bob-dev",
+        "--rendezvous",
+        &rv,
+        "--code-file",
+        path_str(&shared),
     ]);
     let bob_addr = listen.listen_addr();
-    listen.wait_line("`registered`", SHORT, |l| l.starts_with("keav: registered \"bob-dev\""));
+    listen.wait_line("`registered`", SHORT, |l| {
+        l.starts_with("keav: registered \"bob-dev\"")
+    });
     // The lookup command finds exactly the address Bob bound.
     let out = run(&["rendezvous", "lookup", "bob-dev", "--server", &rv], t);
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(out.stdout.trim(), bob_addr.to_string());
 
     let mut connect = alice.spawn(&[
-        "connect", "bob", "--rendezvous", &rv, "--peer-id", "bob-dev", "--code-file",
+        "connect",
+        "bob",
+        "--rendezvous",
+        &rv,
+        "--peer-id",
+        "bob-dev",
+        "--code-file",
         path_str(&shared),
     ]);
-    listen.stdin.take().unwrap().write_all(b"from bob via rendezvous\n").unwrap();
-    connect.stdin.take().unwrap().write_all(b"from alice via rendezvous\n").unwrap();
+    listen
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from bob via rendezvous\n")
+        .unwrap();
+    connect
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from alice via rendezvous\n")
+        .unwrap();
     let bob_got = listen.take_stdout_collector();
     let alice_got = connect.take_stdout_collector();
     let lp = parse_paired(&listen.paired_line());
     let cp = parse_paired(&connect.paired_line());
-    assert_eq!((cp.session, cp.keys.as_str(), cp.verification.as_str()), (1, "dh", "bound"));
+    assert_eq!(
+        (cp.session, cp.keys.as_str(), cp.verification.as_str()),
+        (1, "dh", "bound")
+    );
     assert_eq!(lp.sas, cp.sas);
     assert!(listen.wait(t).success(), "{}", listen.stderr_text());
     assert!(connect.wait(t).success(), "{}", connect.stderr_text());
@@ -60,12 +87,32 @@ fn pair_through_rendezvous_and_a_lying_server_cannot_make_it_succeed() {
     let mut carol_l = carol.spawn(&["listen", "--code-file", path_str(&carols)]);
     let carol_addr = carol_l.listen_addr().to_string();
     // The honest server does not let anyone else take over Bob's identifier...
-    let out = run(&["rendezvous", "register", "bob-dev", &carol_addr, "--server", &rv], t);
+    let out = run(
+        &[
+            "rendezvous",
+            "register",
+            "bob-dev",
+            &carol_addr,
+            "--server",
+            &rv,
+        ],
+        t,
+    );
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("keav: error: "), "{}", out.stderr);
     // ...so the lie comes from the server itself: one that maps bob-dev to Carol.
     let (_liar, rv) = serve();
-    let out = run(&["rendezvous", "register", "bob-dev", &carol_addr, "--server", &rv], t);
+    let out = run(
+        &[
+            "rendezvous",
+            "register",
+            "bob-dev",
+            &carol_addr,
+            "--server",
+            &rv,
+        ],
+        t,
+    );
     assert!(out.status.success(), "{}", out.stderr);
     let out = run(&["rendezvous", "lookup", "bob-dev", "--server", &rv], t);
     assert_eq!(out.stdout.trim(), carol_addr);
@@ -74,7 +121,13 @@ fn pair_through_rendezvous_and_a_lying_server_cannot_make_it_succeed() {
     let alice2 = Dev::init(dir.path(), "alice2");
     for (who, dev) in [("alice", &alice), ("alice2", &alice2)] {
         let mut connect = dev.spawn(&[
-            "connect", "bob", "--rendezvous", &rv, "--peer-id", "bob-dev", "--code-file",
+            "connect",
+            "bob",
+            "--rendezvous",
+            &rv,
+            "--peer-id",
+            "bob-dev",
+            "--code-file",
             path_str(&shared),
         ]);
         let _in = connect.stdin.take();
@@ -83,13 +136,26 @@ fn pair_through_rendezvous_and_a_lying_server_cannot_make_it_succeed() {
         eprintln!("{who} against carol: {err}");
         assert!(err.contains("refused"), "{who}: {err}");
         assert!(err.contains("(counted toward lockout)"), "{who}: {err}");
-        assert!(!connect.stderr_text().contains("paired with"), "{}", connect.stderr_text());
+        assert!(
+            !connect.stderr_text().contains("paired with"),
+            "{}",
+            connect.stderr_text()
+        );
         let row = dev.peer_row("bob").join(" ");
-        assert!(row.ends_with("1 failures") || row.contains("locked"), "{who}: {row}");
+        assert!(
+            row.ends_with("1 failures") || row.contains("locked"),
+            "{who}: {row}"
+        );
         // Carol's listener handled this one attempt and failed too; start her again.
         let st = carol_l.wait(t);
         assert_failed(&mut carol_l, st);
-        carol_l = carol.spawn(&["listen", "--bind", &carol_addr, "--code-file", path_str(&carols)]);
+        carol_l = carol.spawn(&[
+            "listen",
+            "--bind",
+            &carol_addr,
+            "--code-file",
+            path_str(&carols),
+        ]);
         carol_l.listen_addr();
     }
     // Alice's cache of the real Bob survived: session 1 is still the last good one.

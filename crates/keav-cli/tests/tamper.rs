@@ -121,7 +121,13 @@ fn tamper_run(how: Tamper, bob_stdin_open: bool) {
     let mut listen = bob.spawn(&["listen", "--code-file", path_str(&code)]);
     let addr = listen.listen_addr();
     let (paddr, proxied) = proxy(addr, how);
-    let mut connect = alice.spawn(&["connect", "bob", &paddr.to_string(), "--code-file", path_str(&code)]);
+    let mut connect = alice.spawn(&[
+        "connect",
+        "bob",
+        &paddr.to_string(),
+        "--code-file",
+        path_str(&code),
+    ]);
 
     let bob_got = listen.take_stdout_collector();
     let alice_got = connect.take_stdout_collector();
@@ -140,7 +146,10 @@ fn tamper_run(how: Tamper, bob_stdin_open: bool) {
     let _ = alice_got.join_timeout(limit);
     let _ = alice_sent.join_timeout(limit);
     let records = proxied.join_timeout(limit);
-    assert!(records > K + 3, "{how:?}: the proxy saw only {records} records");
+    assert!(
+        records > K + 3,
+        "{how:?}: the proxy saw only {records} records"
+    );
 
     let sent = Stream::bytes(7, LEN as usize);
     assert!(

@@ -17,9 +17,21 @@ fn hundred_megabytes_both_ways_arrive_intact() {
     let bob = Dev::init(dir.path(), "bob");
 
     let started = Instant::now();
-    let mut listen = bob.spawn(&["listen", "--bind", "127.0.0.1:0", "--code-file", path_str(&code)]);
+    let mut listen = bob.spawn(&[
+        "listen",
+        "--bind",
+        "127.0.0.1:0",
+        "--code-file",
+        path_str(&code),
+    ]);
     let addr = listen.listen_addr();
-    let mut connect = alice.spawn(&["connect", "bob", &addr.to_string(), "--code-file", path_str(&code)]);
+    let mut connect = alice.spawn(&[
+        "connect",
+        "bob",
+        &addr.to_string(),
+        "--code-file",
+        path_str(&code),
+    ]);
 
     // Different streams each way, so a reflected stream cannot pass for the right one.
     let bob_got = listen.take_stdout_hasher();

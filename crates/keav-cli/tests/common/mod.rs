@@ -164,7 +164,12 @@ impl Proc {
 
     /// Waits for a stderr line satisfying `pred`; panics (with the stderr so far) on timeout
     /// or if the process exits first.
-    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         let until = Instant::now() + timeout;
         loop {
             if let Some(l) = self.stderr_lines().into_iter().find(|l| pred(l)) {
@@ -185,13 +190,21 @@ impl Proc {
 
     /// The address from `keav: listening on tcp ADDR`.
     pub fn listen_addr(&mut self) -> SocketAddr {
-        let l = self.wait_line("`listening on`", SHORT, |l| l.starts_with("keav: listening on "));
-        l.rsplit(' ').next().unwrap().parse().expect("listen address")
+        let l = self.wait_line("`listening on`", SHORT, |l| {
+            l.starts_with("keav: listening on ")
+        });
+        l.rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .expect("listen address")
     }
 
     /// The `keav: paired with ...` line.
     pub fn paired_line(&mut self) -> String {
-        self.wait_line("`paired with`", SHORT, |l| l.starts_with("keav: paired with "))
+        self.wait_line("`paired with`", SHORT, |l| {
+            l.starts_with("keav: paired with ")
+        })
     }
 
     /// Waits for exit, at most `timeout` (then kills it and panics).
@@ -391,7 +404,11 @@ pub fn parse_paired(line: &str) -> Paired {
         .1;
     let parts: Vec<&str> = rest.split(", ").collect();
     assert_eq!(parts.len(), 5, "paired line fields: {line}");
-    let session = parts[0].strip_prefix("session ").expect(line).parse().expect(line);
+    let session = parts[0]
+        .strip_prefix("session ")
+        .expect(line)
+        .parse()
+        .expect(line);
     let keys = parts[1].strip_suffix(" keys").expect(line).to_string();
     let verification = parts[2]
         .strip_prefix("verification ")
@@ -413,7 +430,12 @@ pub fn parse_paired(line: &str) -> Paired {
 /// Asserts a process failed the way the CLI promises: status 1, a `keav: error:` line.
 pub fn assert_failed(p: &mut Proc, status: ExitStatus) -> String {
     let err = p.stderr_text();
-    assert_eq!(status.code(), Some(1), "{:?} should exit 1; stderr:\n{err}", p.args);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{:?} should exit 1; stderr:\n{err}",
+        p.args
+    );
     let line = err
         .lines()
         .find(|l| l.starts_with("keav: error: "))
