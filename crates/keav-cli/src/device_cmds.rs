@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use keav_proto::cache::{LockoutPolicy, Zid};
-use keav_store::{PeerRecord, Store};
+use keav_store::{LockState, PeerRecord, Store, ANONYMOUS_PEER};
 
 /// Current unix time in seconds.
 pub fn unix_now() -> u64 {
@@ -55,27 +55,31 @@ fn verification_text(r: &PeerRecord) -> String {
     }
 }
 
+fn lock_text(lock: &LockState, now: u64) -> String {
+    match (lock.locked_until, lock.failures) {
+        (Some(t), f) => format!("locked for {}s ({f} failures)", t.saturating_sub(now)),
+        (None, 0) => "-".into(),
+        (None, f) => format!("{f} failures"),
+    }
+}
+
 /// `keav peers`.
 pub fn peers(path: &Path) -> Result<()> {
     let store = open_existing(path)?;
     let now = unix_now();
+    let policy = LockoutPolicy::default();
     let mut list = store.list_peers()?;
     list.sort_by(|a, b| a.label.cmp(&b.label).then(a.zid.cmp(&b.zid)));
     if list.is_empty() {
         println!("no known peers");
-        return Ok(());
+    } else {
+        println!(
+            "{:<16} {:<24} {:<13} {:>8}  {:<22} lockout",
+            "label", "zid", "mode", "sessions", "last verification"
+        );
     }
-    println!(
-        "{:<16} {:<24} {:<13} {:>8}  {:<22} lockout",
-        "label", "zid", "mode", "sessions", "last verification"
-    );
     for r in &list {
-        let lock = store.lock_state(&r.id, now, &LockoutPolicy::default())?;
-        let lock_text = match (lock.locked_until, lock.failures) {
-            (Some(t), f) => format!("locked for {}s ({f} failures)", t.saturating_sub(now)),
-            (None, 0) => "-".into(),
-            (None, f) => format!("{f} failures"),
-        };
+        let lock = store.lock_state(&r.id, now, &policy)?;
         println!(
             "{:<16} {:<24} {:<13} {:>8}  {:<22} {}",
             r.label.as_deref().unwrap_or("-"),
@@ -83,7 +87,16 @@ pub fn peers(path: &Path) -> Result<()> {
             r.mode.name(),
             r.cache.sessions,
             verification_text(r),
-            lock_text
+            lock_text(&lock, now)
+        );
+    }
+    // Callers that could not be identified (e.g. a first contact that failed its equality
+    // test) share one failure budget, which has no peer row of its own.
+    let anon = store.lock_state(&ANONYMOUS_PEER, now, &policy)?;
+    if anon.failures > 0 || anon.locked_until.is_some() {
+        println!(
+            "unknown callers (one shared budget): {}",
+            lock_text(&anon, now)
         );
     }
     Ok(())

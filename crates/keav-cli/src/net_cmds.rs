@@ -174,12 +174,18 @@ pub enum RendezvousCmd {
     },
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `f` on a fresh runtime. The runtime is then shut down without waiting for blocking
+/// threads: tokio reads stdin on one that cannot be cancelled, so waiting for it would keep the
+/// process alive (after a fatal channel error, say) until its stdin happened to end.
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")
+        .context("starting the async runtime")?;
+    let r = rt.block_on(f);
+    rt.shutdown_background();
+    r
 }
 
 fn describe(p: &PeerInfo) -> String {
@@ -199,7 +205,8 @@ fn describe(p: &PeerInfo) -> String {
     )
 }
 
-/// Copies stdin to the peer and the peer to stdout until both directions are closed.
+/// Copies stdin to the peer and the peer to stdout until both directions are closed, or
+/// until either fails.
 async fn pipe<T>(mut tx: SendHalf<T>, mut rx: RecvHalf<T>) -> Result<()>
 where
     T: Send + 'static,
@@ -226,9 +233,9 @@ where
         stdout.flush().await.context("writing stdout")?;
         Ok::<_, anyhow::Error>(())
     };
-    let (a, b) = tokio::join!(up, down);
-    b?;
-    a
+    // Both directions until both are closed, but the first failure ends the session: a
+    // channel that was attacked or cut off must not wait for stdin to run dry.
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 fn device(store: &Path, args: &SessionArgs, file: &FileConfig) -> Result<Device> {
@@ -240,7 +247,7 @@ fn device(store: &Path, args: &SessionArgs, file: &FileConfig) -> Result<Device>
 /// `keav listen`.
 pub fn listen(store: &Path, file: &FileConfig, args: ListenArgs) -> Result<()> {
     let dev = device(store, &args.session, file)?;
-    runtime()?.block_on(async move {
+    block_on(async move {
         let opts = Options::default();
         macro_rules! serve {
             ($listener:expr) => {{
@@ -282,7 +289,7 @@ pub fn listen(store: &Path, file: &FileConfig, args: ListenArgs) -> Result<()> {
                     };
                     match (result, args.keep_open) {
                         (r, false) => return r,
-                        (Err(e), true) => eprintln!("keav: {e:#}"),
+                        (Err(e), true) => eprintln!("keav: {}", crate::one_line(&e)),
                         (Ok(()), true) => {}
                     }
                 }
@@ -299,7 +306,7 @@ pub fn listen(store: &Path, file: &FileConfig, args: ListenArgs) -> Result<()> {
 /// `keav connect`.
 pub fn connect(store: &Path, file: &FileConfig, args: ConnectArgs) -> Result<()> {
     let dev = device(store, &args.session, file)?;
-    runtime()?.block_on(async move {
+    block_on(async move {
         let addr = match (args.addr, args.rendezvous, &args.peer_id) {
             (Some(a), _, _) => a,
             (None, Some(server), Some(id)) => rendezvous::lookup(server, id)
@@ -340,7 +347,7 @@ pub fn connect(store: &Path, file: &FileConfig, args: ConnectArgs) -> Result<()>
 
 /// `keav rendezvous …`.
 pub fn rendezvous_cmd(cmd: RendezvousCmd) -> Result<()> {
-    runtime()?.block_on(async move {
+    block_on(async move {
         match cmd {
             RendezvousCmd::Serve { bind, db } => {
                 let store: Arc<dyn rendezvous::RendezvousStore> = match &db {
