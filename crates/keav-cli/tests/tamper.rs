@@ -146,8 +146,14 @@ fn tamper_run(how: Tamper, bob_stdin_open: bool) {
     let _ = alice_got.join_timeout(limit);
     let _ = alice_sent.join_timeout(limit);
     let records = proxied.join_timeout(limit);
+    // The attack point was reached (the receiver may stop the stream right after it).
+    let needed = match how {
+        Tamper::Replay => K + 3,
+        Tamper::Reorder => K + 1,
+        _ => K,
+    };
     assert!(
-        records > K + 3,
+        records > needed,
         "{how:?}: the proxy saw only {records} records"
     );
 
@@ -190,7 +196,6 @@ fn flipped_byte_ends_the_receiver_even_with_its_stdin_open() {
 }
 
 #[test]
-#[ignore = "keav-net bug: on TCP the receiver accepts a sequence gap/reordering (replay window instead of strict order)"]
 fn dropped_record_is_fatal_and_never_skipped_over() {
     tamper_run(Tamper::Drop, false);
 }
@@ -201,7 +206,6 @@ fn duplicated_record_is_fatal_and_never_delivered_twice() {
 }
 
 #[test]
-#[ignore = "keav-net bug: on TCP the receiver accepts a sequence gap/reordering (replay window instead of strict order)"]
 fn reordered_records_are_fatal_and_never_delivered_out_of_order() {
     tamper_run(Tamper::Reorder, false);
 }

@@ -376,7 +376,12 @@ impl<T> Channel<T> {
             "the peer negotiated no channel AEAD (plain ZRTP peer)",
         ))?;
         let clock = Clock::start();
-        let (sealer, opener) = record::channel(outcome, device.settings().ratchet, clock.now_ms())?;
+        let (sealer, mut opener) =
+            record::channel(outcome, device.settings().ratchet, clock.now_ms())?;
+        if matches!(parts.rx, Rx::Stream(_)) {
+            // A stream neither loses nor reorders: a gap or a swap is an attack.
+            opener.require_in_order();
+        }
         let peer = Arc::new(PeerInfo {
             peer_zid: outcome.peer_zid,
             local_zid: outcome.local_zid,

@@ -704,3 +704,43 @@ fn random_sizes_round_trip() {
         }
     }
 }
+
+#[test]
+fn in_order_mode_refuses_gaps_and_swaps_but_keeps_the_channel_usable() {
+    use keav_proto::handshake::Role;
+    use keav_proto::record::{channel_from_parts, Aead, Opened, RatchetPolicy, RecordError};
+    use keav_proto::secret::Secret32;
+    let key = Secret32::new([7; 32]);
+    let (mut tx, _) = channel_from_parts(
+        &key,
+        b"ctx",
+        Role::Initiator,
+        Aead::Aes256Gcm,
+        RatchetPolicy::default(),
+        0,
+    );
+    let (_, mut rx) = channel_from_parts(
+        &key,
+        b"ctx",
+        Role::Responder,
+        Aead::Aes256Gcm,
+        RatchetPolicy::default(),
+        0,
+    );
+    rx.require_in_order();
+    let mut recs = Vec::new();
+    for i in 0..3u8 {
+        let mut out = Vec::new();
+        tx.seal(&[i; 4], 0, &mut out).expect("seal");
+        recs.push(out);
+    }
+    let mut r0 = recs[0].clone();
+    assert_eq!(rx.open(&mut r0, 0), Ok(Opened::Data(&[0u8; 4][..])));
+    // Record 1 dropped: record 2 is refused, and the refusal changes nothing.
+    let mut r2 = recs[2].clone();
+    assert_eq!(rx.open(&mut r2, 0), Err(RecordError::OutOfOrder));
+    let mut r1 = recs[1].clone();
+    assert_eq!(rx.open(&mut r1, 0), Ok(Opened::Data(&[1u8; 4][..])));
+    let mut r2 = recs[2].clone();
+    assert_eq!(rx.open(&mut r2, 0), Ok(Opened::Data(&[2u8; 4][..])));
+}

@@ -175,6 +175,10 @@ pub enum RecordError {
     /// The sequence number is older than the replay window.
     #[error("record older than the replay window")]
     Stale,
+    /// In in-order mode (stream transports): the record is not the next one in sequence, so a
+    /// record was dropped, reordered or injected on the way.
+    #[error("record out of order (one was dropped, reordered or injected)")]
+    OutOfOrder,
     /// The record's epoch is too far ahead of the receiver's.
     #[error("record epoch too far ahead")]
     EpochTooFar,
@@ -447,6 +451,8 @@ pub struct Opener {
     keys: Option<OpenKeys>,
     window: ReplayWindow,
     received: u64,
+    /// Stream transports: only the next sequence number is acceptable.
+    in_order: bool,
     /// Copy of the ciphertext while a record is opened (ring backend only; stays empty with
     /// RustCrypto). Holds no secret.
     scratch: Vec<u8>,
@@ -481,8 +487,16 @@ impl Opener {
             }),
             window: ReplayWindow::new(),
             received: 0,
+            in_order: false,
             scratch: Vec::new(),
         }
+    }
+
+    /// Accept only the next record in sequence (for transports that neither lose nor reorder,
+    /// such as TCP): any gap or reordering is then an attack and fails with
+    /// [`RecordError::OutOfOrder`] instead of being tolerated by the replay window.
+    pub fn require_in_order(&mut self) {
+        self.in_order = true;
     }
 
     /// Authenticates and decrypts one record in place.
@@ -517,6 +531,9 @@ impl Opener {
         let epoch = u32::from_be_bytes([e0, e1, e2, e3]);
         let seq = u64::from_be_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
         self.window.check(seq)?;
+        if self.in_order && seq != self.window.next_expected() {
+            return Err(RecordError::OutOfOrder);
+        }
 
         if k.previous.is_some() && now_ms >= k.previous_until_ms {
             k.previous = None;

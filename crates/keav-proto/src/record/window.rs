@@ -32,6 +32,11 @@ impl ReplayWindow {
         }
     }
 
+    /// The sequence number that would extend the accepted run without a gap.
+    pub(super) fn next_expected(&self) -> u64 {
+        self.highest.map_or(0, |h| h.saturating_add(1))
+    }
+
     /// Whether `seq` may still be accepted: newer than everything seen, or inside the window
     /// and not yet seen. Does not change the window.
     #[inline]
