@@ -721,12 +721,7 @@ impl Endpoint {
             sas_types,
             mac: [0; 8],
         };
-        let mut bytes = Message::Hello(hello).encode();
-        let mac = crypto::mac8(
-            &self.chain.h2,
-            msg::mac_covered(&bytes, MessageType::Hello)?,
-        );
-        msg::set_trailing_mac(&mut bytes, &mac)?;
+        let bytes = encode_with_mac(&Message::Hello(hello), MessageType::Hello, &self.chain.h2)?;
         self.hello = bytes.clone();
         self.hello_sent = true;
         self.kvrq_sent = kvrq;
@@ -1087,31 +1082,7 @@ impl Endpoint {
                 Some(psk),
             )
         } else {
-            let kp = X25519KeyPair::generate(rng);
-            let (rs1, rs2) = self.my_secrets();
-            let rs1_id = rs1.map_or_else(
-                || crypto::random_id(rng),
-                |s| crypto::rs_id(s, b"Initiator"),
-            );
-            let rs2_id = rs2.map_or_else(
-                || crypto::random_id(rng),
-                |s| crypto::rs_id(s, b"Initiator"),
-            );
-            let dh2 = DhPart {
-                h1: self.chain.h1,
-                rs1_id,
-                rs2_id,
-                aux_id: crypto::random_id(rng),
-                pbx_id: crypto::random_id(rng),
-                pv: kp.public().to_vec(),
-                mac: [0; 8],
-            };
-            let mut dh2_bytes = Message::DhPart2(dh2).encode();
-            let mac = crypto::mac8(
-                &self.chain.h0,
-                msg::mac_covered(&dh2_bytes, MessageType::DhPart2)?,
-            );
-            msg::set_trailing_mac(&mut dh2_bytes, &mac)?;
+            let (kp, dh2_bytes) = self.dh_part(Role::Initiator, rng)?;
             let hvi = crypto::hvi(&dh2_bytes, &self.peer_hello()?.bytes);
             (
                 CommitBody::Dh { hvi },
@@ -1131,12 +1102,11 @@ impl Endpoint {
             body,
             mac: [0; 8],
         };
-        let mut bytes = Message::Commit(commit).encode();
-        let mac = crypto::mac8(
+        let bytes = encode_with_mac(
+            &Message::Commit(commit),
+            MessageType::Commit,
             &self.chain.h1,
-            msg::mac_covered(&bytes, MessageType::Commit)?,
-        );
-        msg::set_trailing_mac(&mut bytes, &mac)?;
+        )?;
         self.hello_timer = None;
         self.send_flight(vec![bytes.clone()], now_ms);
         self.state = State::CommitSent(Box::new(CommitSent {
@@ -1146,6 +1116,41 @@ impl Endpoint {
             psk,
         }));
         Ok(())
+    }
+
+    /// A fresh key pair and our DHPart (DHPart2 as initiator, DHPart1 as responder): our H1,
+    /// our rs IDs for this role (random where we hold no secret), random aux/pbx IDs, and the
+    /// MAC keyed by H0 (checked by the peer once Confirm reveals H0).
+    fn dh_part<R: RngCore + CryptoRng>(
+        &self,
+        role: Role,
+        rng: &mut R,
+    ) -> Result<(X25519KeyPair, Vec<u8>), Error> {
+        let (label, t): (&[u8], _) = match role {
+            Role::Initiator => (b"Initiator", MessageType::DhPart2),
+            Role::Responder => (b"Responder", MessageType::DhPart1),
+        };
+        let kp = X25519KeyPair::generate(rng);
+        let (rs1, rs2) = self.my_secrets();
+        let mut id = |rs: Option<&Secret32>| match rs {
+            Some(s) => crypto::rs_id(s, label),
+            None => crypto::random_id(rng),
+        };
+        let (rs1_id, rs2_id) = (id(rs1), id(rs2));
+        let part = DhPart {
+            h1: self.chain.h1,
+            rs1_id,
+            rs2_id,
+            aux_id: crypto::random_id(rng),
+            pbx_id: crypto::random_id(rng),
+            pv: kp.public().to_vec(),
+            mac: [0; 8],
+        };
+        let message = match role {
+            Role::Initiator => Message::DhPart2(part),
+            Role::Responder => Message::DhPart1(part),
+        };
+        Ok((kp, encode_with_mac(&message, t, &self.chain.h0)?))
     }
 
     /// RFC 6189 §4.2: both sides sent Commit.
@@ -1357,31 +1362,7 @@ impl Endpoint {
                 if c.key_agreement != AlgoId::X255 {
                     return Err(Error::NoCommonAlgorithm("key agreement"));
                 }
-                let kp = X25519KeyPair::generate(rng);
-                let (rs1, rs2) = self.my_secrets();
-                let rs1_id = rs1.map_or_else(
-                    || crypto::random_id(rng),
-                    |s| crypto::rs_id(s, b"Responder"),
-                );
-                let rs2_id = rs2.map_or_else(
-                    || crypto::random_id(rng),
-                    |s| crypto::rs_id(s, b"Responder"),
-                );
-                let d1 = DhPart {
-                    h1: self.chain.h1,
-                    rs1_id,
-                    rs2_id,
-                    aux_id: crypto::random_id(rng),
-                    pbx_id: crypto::random_id(rng),
-                    pv: kp.public().to_vec(),
-                    mac: [0; 8],
-                };
-                let mut d1_bytes = Message::DhPart1(d1).encode();
-                let mac = crypto::mac8(
-                    &self.chain.h0,
-                    msg::mac_covered(&d1_bytes, MessageType::DhPart1)?,
-                );
-                msg::set_trailing_mac(&mut d1_bytes, &mac)?;
+                let (kp, d1_bytes) = self.dh_part(Role::Responder, rng)?;
                 self.respond(vec![d1_bytes.clone()]);
                 self.state = State::DhPart1Sent(Box::new(DhPart1Sent {
                     choice,
@@ -1909,6 +1890,15 @@ fn sas_algo(s: SasType) -> AlgoId {
         SasType::B32 => AlgoId::B32,
         SasType::B256 => AlgoId::B256,
     }
+}
+
+/// Encodes a message whose trailing MAC is keyed by a hash-chain element (Hello by H2,
+/// Commit by H1, DHPart by H0).
+fn encode_with_mac(m: &Message, t: MessageType, key: &[u8; 32]) -> Result<Vec<u8>, Error> {
+    let mut bytes = m.encode();
+    let mac = crypto::mac8(key, msg::mac_covered(&bytes, t)?);
+    msg::set_trailing_mac(&mut bytes, &mac)?;
+    Ok(bytes)
 }
 
 fn trailing_mac(bytes: &[u8]) -> Result<[u8; 8], Error> {
