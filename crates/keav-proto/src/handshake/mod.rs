@@ -754,21 +754,18 @@ impl Endpoint {
     /// The equality test both sides will use: the first backend in the *initiator's* list
     /// that the responder also offers (both sides compute the same answer).
     fn peer_offers_keav(&self) -> Option<Backend> {
-        let peer = self.peer.as_ref()?;
-        let theirs: Vec<Backend> = peer
-            .msg
-            .sas_types
-            .iter()
-            .filter_map(|a| Backend::from_wire_id(&a.0))
-            .collect();
+        let theirs = &self.peer.as_ref()?.msg.sas_types;
         match self.role {
             Role::Initiator => self
                 .cfg
                 .backends
                 .iter()
                 .copied()
-                .find(|b| theirs.contains(b)),
-            Role::Responder => theirs.into_iter().find(|b| self.cfg.backends.contains(b)),
+                .find(|b| theirs.iter().any(|a| a.0 == b.wire_id())),
+            Role::Responder => theirs
+                .iter()
+                .filter_map(|a| Backend::from_wire_id(&a.0))
+                .find(|b| self.cfg.backends.contains(b)),
         }
     }
 

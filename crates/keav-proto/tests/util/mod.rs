@@ -2,8 +2,6 @@
 //! driver that runs one session between two devices.
 #![allow(dead_code, missing_docs)]
 
-use std::collections::VecDeque;
-
 use keav_proto::cache::{LockoutPolicy, Mode, PeerCache, Verification, Zid};
 use keav_proto::crypto;
 use keav_proto::handshake::{Config, Endpoint, Event, PeerLookup, SessionOutcome};
@@ -395,10 +393,4 @@ pub fn both_ok(r: &SessionResult) -> (&SessionOutcome, &SessionOutcome) {
     assert_eq!(a.key_agreement, b.key_agreement);
     assert_eq!(a.verification.ran(), b.verification.ran());
     (a, b)
-}
-
-/// Deterministic queue for passing messages by hand (used by the MitM relays).
-#[derive(Default)]
-pub struct Pipe {
-    pub q: VecDeque<Vec<u8>>,
 }
