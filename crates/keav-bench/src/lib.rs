@@ -1,4 +1,11 @@
-//! Handshake and record CPU benchmarks of keav, and the in-memory drivers they time.
+//! `keav bench`: keav measured beside TLS 1.3 (rustls) and Noise (snow), and the drivers the
+//! measurements use.
+//!
+//! [`run()`] executes the scenarios chosen in [`Options`] (the patent's latency table over a
+//! link model, CPU per handshake, records, throughput, memory per session, bytes on the
+//! wire) and returns a [`Report`], which [`Report::write`] turns into `report.md`,
+//! `results.json` and PNG plots. The criterion benches under `benches/` time the same
+//! in-memory drivers with criterion's statistics.
 //!
 //! Every driver here runs *both* sides of one complete handshake in one thread, passing the
 //! messages between them in memory: no sockets, no clock, no storage. What the benchmarks
@@ -18,9 +25,17 @@
 )]
 
 pub mod keav;
+pub mod options;
 #[cfg(feature = "peers")]
 pub mod peers;
 pub mod records;
+pub mod report;
+pub mod run;
+pub mod scenario;
+
+pub use options::{LinkModel, Options, Scenario};
+pub use report::Report;
+pub use run::{run, Ctx, Progress, Quiet};
 
 pub use keav::{run_keav_handshake, DeviceSetup, KeavOutcome, KeavSetup};
 
@@ -56,7 +71,19 @@ pub enum BenchError {
     #[cfg(feature = "peers")]
     #[error("certificate generation: {0}")]
     Cert(#[from] rcgen::Error),
-    /// In-memory transfer of TLS records failed.
-    #[error("in-memory transfer: {0}")]
+    /// An I/O operation failed (sockets, files, in-memory transfers).
+    #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// keav-net failed (latency and throughput scenarios).
+    #[error("keav-net: {0}")]
+    Net(#[from] keav_net::Error),
+    /// A flag or option value is invalid or conflicts with another.
+    #[error("{0}")]
+    InvalidOption(String),
+    /// The run was stopped (Ctrl-C) before this measurement finished.
+    #[error("stopped before the measurement finished")]
+    Cancelled,
+    /// The report or a plot could not be produced, or a scenario could not run.
+    #[error("{0}")]
+    Report(String),
 }
