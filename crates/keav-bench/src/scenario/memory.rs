@@ -10,3 +10,9 @@ pub fn run(ctx: &mut Ctx<'_>) -> Result<(), BenchError> {
         "the memory scenario is not implemented yet".into(),
     ))
 }
+
+/// Runs the memory worker when this process was started as one (stub until the memory
+/// scenario lands): `Some(exit code)` means the process was a worker and must exit.
+pub fn maybe_run_worker() -> Option<std::process::ExitCode> {
+    None
+}
