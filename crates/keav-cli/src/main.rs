@@ -3,6 +3,7 @@
 //! Errors are one line on stderr (`keav: error: ...`) with exit status 1; usage errors exit 2.
 //! `-v` shows debug detail on stderr; secrets are never logged at any verbosity.
 
+mod bench_cmd;
 mod demo;
 mod device_cmds;
 mod net_cmds;
@@ -50,9 +51,15 @@ enum Command {
     Rendezvous(net_cmds::RendezvousCmd),
     /// Pair two in-process devices through several sessions and show what each one did.
     Demo(demo::DemoArgs),
+    /// Benchmark keav beside TLS 1.3 and Noise on this machine; writes bench-report/.
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() -> ExitCode {
+    // A re-executed child of the memory scenario does its job and exits before anything else.
+    if let Some(code) = keav_bench::scenario::memory::maybe_run_worker() {
+        return code;
+    }
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "error",
@@ -66,6 +73,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    if let Command::Bench(args) = &cli.command {
+        // Needs neither the config file nor a store; runs its own runtimes.
+        return bench_cmd::run(args);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -106,5 +117,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(args) => net_cmds::connect(&store()?, &file, args),
         Command::Rendezvous(cmd) => net_cmds::rendezvous_cmd(cmd),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(_) => anyhow::bail!("internal: `bench` is dispatched in main"),
     }
 }
