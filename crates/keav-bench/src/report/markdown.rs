@@ -1051,6 +1051,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::report::{MemoryRow, WireRow};
 
+    #[allow(clippy::too_many_arguments)]
     fn sample(
         link: LinkModel,
         subject: Subject,
