@@ -168,7 +168,7 @@ mod tests {
     fn rfc3339() {
         assert_eq!(rfc3339_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_795_398_093);
-        assert_eq!(rfc3339_utc(t), "2026-11-22T23:41:33Z");
+        assert_eq!(rfc3339_utc(t), "2026-11-23T01:41:33Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339_utc(leap), "2000-02-29T00:00:00Z");
     }
