@@ -1,4 +1,5 @@
 //! The per-side accounting of the in-memory drivers and the `cpu` and `wire` scenarios.
+#![cfg(feature = "peers")]
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
@@ -243,4 +244,36 @@ fn wire_scenario_rows() {
         );
         assert!(w.initiator_bytes > 0 && w.responder_bytes > 0, "{w:?}");
     }
+}
+
+/// The full cpu scenario, printed: `cargo test -p keav-bench --release --test cpu_wire --
+/// --ignored --nocapture` (not a pass/fail check of timings).
+#[test]
+#[ignore = "slow in debug builds; run explicitly in release to print the numbers"]
+fn print_full_cpu_scenario() {
+    let mut o = quick(Scenario::Cpu);
+    o.quick = false;
+    let r = run(&o, "test", &Count::default(), &AtomicBool::new(false)).unwrap();
+    assert_eq!(r.cpu.len(), keav_bench::scenario::cpu::SUBJECTS.len());
+    for c in &r.cpu {
+        println!(
+            "{:40} ini {:9.1} us  resp {:9.1} us  total range {:9.1}..{:9.1}  server {:8.0}/s  n={}",
+            c.subject,
+            c.initiator_us,
+            c.responder_us,
+            c.total_range_us.0,
+            c.total_range_us.1,
+            c.server_hs_per_sec,
+            c.iterations
+        );
+    }
+    let total = |s: &str| {
+        let c = r.cpu.iter().find(|c| c.subject == s).unwrap();
+        c.initiator_us + c.responder_us
+    };
+    println!(
+        "keav dh+cpace / tls full+ocsp = {:.2}; keav preshared / tls resumed = {:.2}",
+        total("keav dh+cpace") / total("tls13 full (ed25519) + ocsp"),
+        total("keav preshared") / total("tls13 resumed")
+    );
 }
