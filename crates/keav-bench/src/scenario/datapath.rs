@@ -92,10 +92,10 @@ impl RecordSubject {
         Ok(match self {
             RecordSubject::Keav(a) => Pipe::Keav(KeavPipe::new(a)?),
             #[cfg(feature = "peers")]
-            RecordSubject::Rustls(a) => Pipe::Tls(crate::peers::TlsPipe::new(match a {
+            RecordSubject::Rustls(a) => Pipe::Tls(Box::new(crate::peers::TlsPipe::new(match a {
                 Aead::Aes256Gcm => crate::peers::TlsSuite::Aes256Gcm,
                 Aead::ChaCha20Poly1305 => crate::peers::TlsSuite::ChaCha20Poly1305,
-            })?),
+            })?)),
             #[cfg(feature = "peers")]
             RecordSubject::Snow(a) => {
                 let name = noise_name(a);
@@ -120,7 +120,7 @@ pub enum Pipe {
     Keav(KeavPipe),
     /// rustls.
     #[cfg(feature = "peers")]
-    Tls(crate::peers::TlsPipe),
+    Tls(Box<crate::peers::TlsPipe>),
     /// snow, with its protocol name.
     #[cfg(feature = "peers")]
     Noise(crate::peers::NoisePipe, &'static str),
@@ -273,7 +273,7 @@ pub fn run_records(ctx: &mut Ctx<'_>) -> Result<(), BenchError> {
         for (i, size) in PAYLOAD_SIZES.into_iter().enumerate() {
             let data = payload(size, i as u8 + 1);
             let progress = ctx.progress;
-            let cancel = &*ctx.cancel;
+            let cancel = ctx.cancel;
             let row = measure_records(subject, &mut pipe, &data, plan, &mut || {
                 progress.advance(1);
                 if cancel.load(std::sync::atomic::Ordering::Relaxed) {
@@ -721,7 +721,7 @@ pub fn run_throughput(ctx: &mut Ctx<'_>) -> Result<(), BenchError> {
     let plan = ThroughputPlan::new(ctx.opts.quick);
     ctx.progress.stage("throughput", u64::from(plan.runs) * 2);
     let progress = ctx.progress;
-    let cancel = &*ctx.cancel;
+    let cancel = ctx.cancel;
     let runs = measure_throughput(plan, &mut |_| {
         progress.advance(1);
         if cancel.load(std::sync::atomic::Ordering::Relaxed) {

@@ -214,7 +214,9 @@ fn row(subject: &str, what: String, (before, after, n): (u64, u64, u64)) -> Memo
         sessions: n,
         rss_before_kib: before,
         rss_after_kib: after,
-        bytes_per_session: after.saturating_sub(before) as f64 * 1024.0 / n.max(1) as f64,
+        // Signed: memory freed before the measurement and reused by the sessions can make
+        // it shrink (in a fresh worker process that does not happen).
+        bytes_per_session: (after as f64 - before as f64) * 1024.0 / n.max(1) as f64,
     }
 }
 
