@@ -1,4 +1,5 @@
 //! The records and throughput scenarios end to end (quick plans; nothing timed is asserted).
+#![cfg(feature = "peers")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;

@@ -1,5 +1,6 @@
 //! Memory per idle session: the in-process measurement, the worker protocol's parser and
 //! the scenario's fallback when the executable (this test binary) is no worker.
+#![cfg(feature = "peers")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;

@@ -43,18 +43,20 @@ pub enum RecordSubject {
 impl RecordSubject {
     /// Every stack this build can measure, in table order.
     pub fn all() -> Vec<RecordSubject> {
-        let mut v = vec![
+        let keav = [
             RecordSubject::Keav(Aead::Aes256Gcm),
             RecordSubject::Keav(Aead::ChaCha20Poly1305),
         ];
         #[cfg(feature = "peers")]
-        v.extend([
+        let peers = [
             RecordSubject::Rustls(Aead::Aes256Gcm),
             RecordSubject::Rustls(Aead::ChaCha20Poly1305),
             RecordSubject::Snow(Aead::Aes256Gcm),
             RecordSubject::Snow(Aead::ChaCha20Poly1305),
-        ]);
-        v
+        ];
+        #[cfg(not(feature = "peers"))]
+        let peers: [RecordSubject; 0] = [];
+        keav.into_iter().chain(peers).collect()
     }
 
     /// The row's subject, e.g. `keav aes-256-gcm [ring]`, `rustls aes-256-gcm`,
