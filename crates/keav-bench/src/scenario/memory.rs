@@ -303,8 +303,8 @@ fn measure_peer(subject: &str, _n: u32) -> Result<MemoryRow, BenchError> {
 /// How the measurement of one subject went in a child process.
 enum Child {
     Row(MemoryRow),
-    /// The executable did not answer the worker protocol.
-    NotAWorker,
+    /// The executable did not answer the worker protocol (why).
+    NotAWorker(String),
 }
 
 /// Runs the current executable as a worker for `subject` and waits at most `timeout`.
@@ -354,13 +354,17 @@ fn run_child(subject: &str, count: u32, timeout: Duration) -> Result<Child, Benc
     let out = out_reader.join().unwrap_or_default();
     let err = err_reader.join().unwrap_or_default();
     if !out.contains(LINE_PREFIX) {
-        if status.success() {
-            return Ok(Child::NotAWorker);
-        }
-        return Err(BenchError::Report(format!(
-            "memory: the worker for {subject:?} failed ({status}): {}",
-            err.lines().last().unwrap_or("no message")
-        )));
+        // Not a worker (a test binary, or a binary that does not call `maybe_run_worker`),
+        // or a worker that failed: either way there is no row; measure in-process.
+        let why = if status.success() {
+            "no result line".to_string()
+        } else {
+            format!(
+                "{status}: {}",
+                err.lines().last().unwrap_or("no message").trim()
+            )
+        };
+        return Ok(Child::NotAWorker(why));
     }
     Ok(Child::Row(parse_worker_output(&out)?))
 }
@@ -385,29 +389,35 @@ pub fn run(ctx: &mut Ctx<'_>) -> Result<(), BenchError> {
         subjects.extend([RUSTLS_SERVER, SNOW_TRANSPORT]);
     }
     ctx.progress.stage("memory", subjects.len() as u64);
-    let mut in_process = false;
+    // A worker never spawns workers: if this process was started as one but runs the
+    // scenario anyway (its `main` does not call `maybe_run_worker`), stay in-process.
+    let mut in_process = std::env::var_os(WORKER_ENV).is_some();
+    if in_process {
+        ctx.report
+            .notes
+            .push("memory: measured in-process (this process is itself a memory worker)".into());
+    }
     for subject in subjects {
         ctx.check()?;
         let n = sessions_for(subject, count);
         // Generous: a peer handshake takes well under 10 ms even in a debug build.
         let timeout = Duration::from_secs(60) + Duration::from_millis(u64::from(n) * 10);
         let child = if in_process {
-            Child::NotAWorker
+            Child::NotAWorker(String::new())
         } else {
             run_child(subject, n, timeout)?
         };
         let mut r = match child {
             Child::Row(r) => r,
-            Child::NotAWorker => {
+            Child::NotAWorker(why) => {
                 if !in_process {
                     in_process = true;
                     ctx.progress
                         .note("memory: this executable is no worker; measuring in-process");
-                    ctx.report.notes.push(
+                    ctx.report.notes.push(format!(
                         "memory: measured in-process (the executable did not answer the \
-                         worker protocol), so earlier allocations may blur the numbers"
-                            .into(),
-                    );
+                         worker protocol: {why}), so earlier allocations may blur the numbers"
+                    ));
                 }
                 let mut r = measure(subject, n)?;
                 r.what.push_str(" [measured in-process]");
