@@ -461,8 +461,3 @@ mod tests {
     }
 }
 
-/// Runs the memory worker when this process was started as one (stub until the memory
-/// scenario lands): `Some(exit code)` means the process was a worker and must exit.
-pub fn maybe_run_worker() -> Option<std::process::ExitCode> {
-    None
-}
