@@ -744,3 +744,58 @@ fn in_order_mode_refuses_gaps_and_swaps_but_keeps_the_channel_usable() {
     let mut r2 = recs[2].clone();
     assert_eq!(rx.open(&mut r2, 0), Ok(Opened::Data(&[2u8; 4][..])));
 }
+
+#[test]
+fn compaction_changes_no_record_and_survives_ratchets() {
+    // Ratchet every 2^2 records; one channel compacts after every record, its twin never.
+    let policy = RatchetPolicy {
+        every_records_log2: 2,
+        every_ms: NEVER,
+    };
+    for aead in AEADS {
+        let (mut a, _, _, mut b) = pair(aead, policy);
+        let (mut a2, _, _, mut b2) = pair(aead, policy);
+        for i in 0..40u64 {
+            let pt = payload(i);
+            let r1 = seal(&mut a, &pt, 0);
+            a.compact();
+            let r2 = seal(&mut a2, &pt, 0);
+            assert_eq!(r1, r2, "{aead:?} record {i} differs after compaction");
+            assert_eq!(open_data(&mut b, &r1, 0).unwrap(), pt);
+            b.compact();
+            // A compacted opener still refuses a forgery and a replay.
+            let mut forged = r1.clone();
+            let last = forged.len() - 1;
+            forged[last] ^= 1;
+            assert_eq!(open_data(&mut b, &forged, 0), Err(RecordError::Replay));
+            assert_eq!(open_data(&mut b2, &forged, 0), Err(RecordError::BadTag));
+            assert_eq!(open_data(&mut b2, &r2, 0).unwrap(), pt);
+        }
+        assert_eq!(a.epoch(), a2.epoch());
+        assert!(a.epoch().unwrap() >= 9);
+        assert_eq!(b.epoch(), b2.epoch());
+    }
+}
+
+#[test]
+fn compacted_opener_drops_the_previous_epoch_early() {
+    // Without compaction a record of the previous epoch opens during the grace period;
+    // after compaction it is refused as stale (documented).
+    let policy = RatchetPolicy {
+        every_records_log2: 1,
+        every_ms: NEVER,
+    };
+    let (mut a, _, _, mut b) = pair(Aead::ChaCha20Poly1305, policy);
+    let r0 = seal(&mut a, b"e0 r0", 0);
+    let r1 = seal(&mut a, b"e0 r1", 0);
+    let r2 = seal(&mut a, b"e1 r2", 0);
+    assert_eq!(header(&r2).1, 1);
+    let (_, _, _, mut twin) = pair(Aead::ChaCha20Poly1305, policy);
+    for o in [&mut b, &mut twin] {
+        assert_eq!(open_data(o, &r0, 0).unwrap(), b"e0 r0");
+        assert_eq!(open_data(o, &r2, 0).unwrap(), b"e1 r2");
+    }
+    assert_eq!(open_data(&mut twin, &r1, 0).unwrap(), b"e0 r1");
+    b.compact();
+    assert_eq!(open_data(&mut b, &r1, 0), Err(RecordError::StaleEpoch));
+}

@@ -460,4 +460,3 @@ mod tests {
         assert!(worker_line("keav session:0").is_err());
     }
 }
-

@@ -96,6 +96,7 @@ mod window;
 mod tests;
 
 use core::fmt;
+use std::sync::Arc;
 
 use crate::handshake::{Role, SessionOutcome};
 use crate::secret::Secret32;
@@ -234,8 +235,10 @@ pub fn channel_from_parts(
     now_ms: u64,
 ) -> (Sealer, Opener) {
     let (send_chain, recv_chain) = keys::initial_chains(exported_key, kdf_context, role);
-    let sealer = Sealer::new(send_chain, kdf_context, aead, policy, now_ms);
-    let opener = Opener::new(recv_chain, kdf_context, aead, policy);
+    // One copy of the context, shared by both directions.
+    let ctx: Arc<[u8]> = Arc::from(kdf_context);
+    let sealer = Sealer::new(send_chain, ctx.clone(), aead, policy, now_ms);
+    let opener = Opener::new(recv_chain, ctx, aead, policy);
     (sealer, opener)
 }
 
@@ -243,7 +246,9 @@ pub fn channel_from_parts(
 struct SealKeys {
     epoch: u32,
     chain: Secret32,
-    cipher: Cipher,
+    /// The expanded AEAD state; `None` after [`Sealer::compact`], rebuilt from `chain` by
+    /// the next seal.
+    cipher: Option<Cipher>,
     epoch_records: u64,
     epoch_start_ms: u64,
 }
@@ -254,7 +259,7 @@ struct SealKeys {
 pub struct Sealer {
     aead: Aead,
     policy: RatchetPolicy,
-    kdf_context: Vec<u8>,
+    kdf_context: Arc<[u8]>,
     /// `None` once closed; dropping erases the keys.
     keys: Option<SealKeys>,
     next_seq: u64,
@@ -275,20 +280,20 @@ impl fmt::Debug for Sealer {
 impl Sealer {
     fn new(
         chain: Secret32,
-        kdf_context: &[u8],
+        kdf_context: Arc<[u8]>,
         aead: Aead,
         policy: RatchetPolicy,
         now_ms: u64,
     ) -> Sealer {
-        let cipher = keys::epoch_cipher(aead, &chain, kdf_context);
+        let cipher = keys::epoch_cipher(aead, &chain, &kdf_context);
         Sealer {
             aead,
             policy,
-            kdf_context: kdf_context.to_vec(),
+            kdf_context,
             keys: Some(SealKeys {
                 epoch: 0,
                 chain,
-                cipher,
+                cipher: Some(cipher),
                 epoch_records: 0,
                 epoch_start_ms: now_ms,
             }),
@@ -352,6 +357,17 @@ impl Sealer {
         self.keys.is_none()
     }
 
+    /// Drops the expanded AEAD state of the current epoch (AES round keys and GHASH table, or
+    /// the cipher instance) and keeps only the 32-byte chain key; the next [`Sealer::seal`]
+    /// expands the key again (about a microsecond). For servers holding many idle channels:
+    /// it cuts the memory of an idle direction to a few hundred bytes. Records are the same
+    /// with or without compaction.
+    pub fn compact(&mut self) {
+        if let Some(k) = self.keys.as_mut() {
+            k.cipher = None;
+        }
+    }
+
     fn seal_record(
         &mut self,
         ty: u8,
@@ -375,13 +391,18 @@ impl Sealer {
                 return Err(RecordError::Exhausted);
             };
             let chain = keys::ratchet(&k.chain, &self.kdf_context);
-            // The assignments drop (and so erase) the old chain key and cipher.
-            k.cipher = keys::epoch_cipher(self.aead, &chain, &self.kdf_context);
+            // The assignments drop (and so erase) the old chain key and cipher; the new
+            // cipher is expanded just below.
+            k.cipher = None;
             k.chain = chain;
             k.epoch = next_epoch;
             k.epoch_records = 0;
             k.epoch_start_ms = now_ms;
         }
+
+        let cipher = k
+            .cipher
+            .get_or_insert_with(|| keys::epoch_cipher(self.aead, &k.chain, &self.kdf_context));
 
         let start = out.len();
         out.reserve(RECORD_OVERHEAD + plaintext.len());
@@ -392,7 +413,7 @@ impl Sealer {
         let tag = out
             .get_mut(start..)
             .and_then(|rec| rec.split_at_mut_checked(HEADER_LEN))
-            .and_then(|(header, body)| k.cipher.seal(seq, header, body));
+            .and_then(|(header, body)| cipher.seal(seq, header, body));
         let Some(tag) = tag else {
             out.truncate(start);
             return Err(RecordError::TooLong);
@@ -404,40 +425,27 @@ impl Sealer {
     }
 }
 
-/// The receiving direction's keys: current epoch, the one before, the one after.
+/// The receiving direction's keys: the current epoch's chain key and AEAD state, and the
+/// AEAD state of the epoch before (during its grace period). Later epochs are derived from
+/// `chain` when their first record arrives.
 struct OpenKeys {
     epoch: u32,
-    current: Cipher,
+    chain: Secret32,
+    /// `None` after [`Opener::compact`]; rebuilt from `chain` by the next record.
+    current: Option<Cipher>,
     previous: Option<Cipher>,
     /// `now_ms` from which `previous` is dropped.
     previous_until_ms: u64,
-    /// Cipher and chain key of `epoch + 1` (`None` at the last epoch).
-    next: Option<(Cipher, Secret32)>,
 }
 
 /// Which key opens a record, decided before any AEAD work.
 enum Slot {
     Current,
     Previous,
-    Next,
-    /// `epoch + skip`, derived on the spot; the chain keys of its predecessor and of itself.
-    Ahead(Cipher, Secret32, Secret32),
-}
-
-/// The cipher and chain key of `epoch + 1`, from `epoch`'s chain key (`None` past the last
-/// epoch).
-fn derive_next(
-    aead: Aead,
-    epoch: u32,
-    chain: &Secret32,
-    kdf_context: &[u8],
-) -> Option<(Cipher, Secret32)> {
-    epoch.checked_add(1)?;
-    let next_chain = keys::ratchet(chain, kdf_context);
-    Some((
-        keys::epoch_cipher(aead, &next_chain, kdf_context),
-        next_chain,
-    ))
+    /// `epoch + skip` (skip >= 1), derived on the spot: its cipher, the chain key of the epoch
+    /// before it (to keep that epoch's cipher as `previous` when skip > 1) and its own chain
+    /// key. They replace the stored keys only if the record authenticates.
+    Ahead(Cipher, Option<Secret32>, Secret32),
 }
 
 /// Opens records of the peer's sending direction.
@@ -446,7 +454,7 @@ fn derive_next(
 pub struct Opener {
     aead: Aead,
     prev_grace_ms: u64,
-    kdf_context: Vec<u8>,
+    kdf_context: Arc<[u8]>,
     /// `None` once closed; dropping erases the keys.
     keys: Option<OpenKeys>,
     window: ReplayWindow,
@@ -470,20 +478,18 @@ impl fmt::Debug for Opener {
 }
 
 impl Opener {
-    fn new(chain: Secret32, kdf_context: &[u8], aead: Aead, policy: RatchetPolicy) -> Opener {
-        let current = keys::epoch_cipher(aead, &chain, kdf_context);
-        let next = derive_next(aead, 0, &chain, kdf_context);
-        drop(chain);
+    fn new(chain: Secret32, kdf_context: Arc<[u8]>, aead: Aead, policy: RatchetPolicy) -> Opener {
+        let current = keys::epoch_cipher(aead, &chain, &kdf_context);
         Opener {
             aead,
             prev_grace_ms: policy.every_ms,
-            kdf_context: kdf_context.to_vec(),
+            kdf_context,
             keys: Some(OpenKeys {
                 epoch: 0,
-                current,
+                chain,
+                current: Some(current),
                 previous: None,
                 previous_until_ms: 0,
-                next,
             }),
             window: ReplayWindow::new(),
             received: 0,
@@ -497,6 +503,18 @@ impl Opener {
     /// [`RecordError::OutOfOrder`] instead of being tolerated by the replay window.
     pub fn require_in_order(&mut self) {
         self.in_order = true;
+    }
+
+    /// Drops the expanded AEAD state (current epoch and the previous one's grace copy) and
+    /// the reusable scratch buffer, keeping only the 32-byte chain key; the next record
+    /// expands the key again. A record of the previous epoch that arrives after compaction
+    /// is refused as [`RecordError::StaleEpoch`]. See [`Sealer::compact`].
+    pub fn compact(&mut self) {
+        if let Some(k) = self.keys.as_mut() {
+            k.current = None;
+            k.previous = None;
+        }
+        self.scratch = Vec::new();
     }
 
     /// Authenticates and decrypts one record in place.
@@ -547,40 +565,34 @@ impl Opener {
                 return Err(RecordError::StaleEpoch);
             }
         } else {
+            // `epoch > k.epoch` here, so the subtraction cannot wrap.
             let skip = epoch - k.epoch;
             if skip > MAX_EPOCH_SKIP {
                 return Err(RecordError::EpochTooFar);
             }
-            match &k.next {
-                None => return Err(RecordError::EpochTooFar),
-                Some(_) if skip == 1 => Slot::Next,
-                Some((_, next_chain)) => {
-                    // Derive epoch+2 ..= epoch+skip from epoch+1's chain key, keeping the last
-                    // two; they replace the stored keys only if the record authenticates.
-                    let mut before = next_chain.clone();
-                    let mut at = keys::ratchet(&before, &self.kdf_context);
-                    for _ in 2..skip {
-                        let after = keys::ratchet(&at, &self.kdf_context);
-                        before = core::mem::replace(&mut at, after);
-                    }
-                    let cipher = keys::epoch_cipher(self.aead, &at, &self.kdf_context);
-                    Slot::Ahead(cipher, before, at)
-                }
+            // Derive epoch+1 ..= epoch+skip from the current chain key, keeping the last two.
+            let mut before = None;
+            let mut at = keys::ratchet(&k.chain, &self.kdf_context);
+            for _ in 1..skip {
+                let after = keys::ratchet(&at, &self.kdf_context);
+                before = Some(core::mem::replace(&mut at, after));
             }
+            let cipher = keys::epoch_cipher(self.aead, &at, &self.kdf_context);
+            Slot::Ahead(cipher, before, at)
         };
 
         let (ct, tag) = rest
             .split_last_chunk_mut::<TAG_LEN>()
             .ok_or(RecordError::Truncated)?;
         let cipher = match &slot {
-            Slot::Current => &k.current,
+            Slot::Current => {
+                let (aead, chain, ctx) = (self.aead, &k.chain, &self.kdf_context);
+                k.current
+                    .get_or_insert_with(|| keys::epoch_cipher(aead, chain, ctx))
+            }
             Slot::Previous => match &k.previous {
                 Some(c) => c,
                 None => return Err(RecordError::StaleEpoch),
-            },
-            Slot::Next => match &k.next {
-                Some((c, _)) => c,
-                None => return Err(RecordError::EpochTooFar),
             },
             Slot::Ahead(c, _, _) => c,
         };
@@ -593,22 +605,18 @@ impl Opener {
         self.received += 1;
         match slot {
             Slot::Current | Slot::Previous => {}
-            Slot::Next => {
-                if let Some((next, chain)) = k.next.take() {
-                    let old = core::mem::replace(&mut k.current, next);
-                    k.previous = Some(old);
-                    k.epoch = epoch;
-                    k.previous_until_ms = now_ms.saturating_add(self.prev_grace_ms);
-                    k.next = derive_next(self.aead, epoch, &chain, &self.kdf_context);
-                }
-            }
             Slot::Ahead(cipher, before, at) => {
-                k.previous = Some(keys::epoch_cipher(self.aead, &before, &self.kdf_context));
-                drop(before);
-                k.current = cipher;
+                // The epoch just before the new one stays openable for the grace period:
+                // the old current one when skipping one epoch, else rebuilt from `before`.
+                k.previous = match before {
+                    None => k.current.take(),
+                    Some(chain) => Some(keys::epoch_cipher(self.aead, &chain, &self.kdf_context)),
+                };
+                // The assignments drop (and so erase) the old chain key and cipher.
+                k.current = Some(cipher);
+                k.chain = at;
                 k.epoch = epoch;
                 k.previous_until_ms = now_ms.saturating_add(self.prev_grace_ms);
-                k.next = derive_next(self.aead, epoch, &at, &self.kdf_context);
             }
         }
         if close {

@@ -89,7 +89,6 @@ fn opener_at_the_last_epoch_refuses_beyond_and_keeps_working() {
     s.seal(b"x", 0, &mut r).unwrap();
     if let Some(k) = o.keys.as_mut() {
         k.epoch = u32::MAX;
-        k.next = None;
     }
     // epoch 0 is far behind MAX: stale.
     assert_eq!(o.open(&mut r.clone(), 0), Err(RecordError::StaleEpoch));
