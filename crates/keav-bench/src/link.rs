@@ -13,7 +13,8 @@
 //! client had waited for when it finished its handshake.
 //!
 //! The TCP handshake between the client and the proxy is not delayed (it is the same for
-//! every protocol measured); only the bytes of the protocols are.
+//! every protocol measured); only the bytes of the protocols are. tokio's timer works in whole
+//! milliseconds, so each delayed chunk arrives up to about a millisecond late.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -344,7 +345,10 @@ async fn read_side(
 /// Delivers queued chunks on time; half-closes its side when the reader is done.
 async fn write_side(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Chunk>, conn: &Conn, dir: Dir) {
     while let Some(c) = rx.recv().await {
-        tokio::time::sleep_until(tokio::time::Instant::from_std(c.deliver_at)).await;
+        // tokio's timer rounds up to whole milliseconds: skip it when the chunk is due.
+        if c.deliver_at > Instant::now() {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(c.deliver_at)).await;
+        }
         {
             // Recorded before the write: the receiver cannot act on the chunk before this
             // instant, and a reply read afterwards is sure to count it.

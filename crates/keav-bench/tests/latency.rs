@@ -310,3 +310,53 @@ fn cancel_stops_the_scenario_with_a_partial_report() {
     assert!(why.contains("latency"), "{why}");
     assert!(report.notes.is_empty(), "{:?}", report.notes);
 }
+
+/// A real measurement, printed (not asserted): `KEAV_BENCH_LINK=70ms KEAV_BENCH_REPS=2 cargo
+/// test --release -p keav-bench --test latency -- --ignored --nocapture`.
+#[cfg(feature = "peers")]
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn print_latency_table() {
+    let link: LinkModel = std::env::var("KEAV_BENCH_LINK")
+        .unwrap_or_else(|_| "70ms".into())
+        .parse()
+        .unwrap();
+    let reps: u32 = std::env::var("KEAV_BENCH_REPS").map_or(2, |v| v.parse().unwrap());
+    let mut o = opts(vec![link], 10);
+    o.reps = reps;
+    let cancel = AtomicBool::new(false);
+    let report = keav_bench::run(&o, "test", &Quiet, &cancel).unwrap();
+    assert!(report.partial.is_none(), "{:?}", report.notes);
+    let rtt_ms = link.rtt().as_secs_f64() * 1000.0;
+    println!("link {link} (RTT {rtt_ms} ms), reps {reps}");
+    println!(
+        "subject | verif | session | kinds | latency ms (min..max) | RTTs | flights | c2s | s2c"
+    );
+    for subject in Subject::KEAV.into_iter().chain(Subject::PEERS) {
+        for v in [true, false] {
+            if !subject.is_keav() && !v {
+                continue;
+            }
+            let rows = series(&report.latency, link, subject, v);
+            for session in 1..=10 {
+                let r: Vec<&&LatencySample> =
+                    rows.iter().filter(|r| r.session == session).collect();
+                let mut k: Vec<&str> = r.iter().map(|r| r.kind.as_str()).collect();
+                k.dedup();
+                let lat: Vec<f64> = r.iter().map(|r| r.latency_us as f64 / 1000.0).collect();
+                let min = lat.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = lat.iter().copied().fold(0.0, f64::max);
+                let mut fl: Vec<u32> = r.iter().map(|r| r.flights).collect();
+                fl.dedup();
+                println!(
+                    "{} | {v} | {session} | {} | {min:.1}..{max:.1} | {:.2} | {fl:?} | {} | {}",
+                    subject.name(),
+                    k.join(","),
+                    if rtt_ms > 0.0 { min / rtt_ms } else { 0.0 },
+                    r[0].bytes_c2s,
+                    r[0].bytes_s2c
+                );
+            }
+        }
+    }
+}
