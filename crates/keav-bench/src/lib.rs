@@ -25,6 +25,9 @@
 )]
 
 pub mod keav;
+pub mod link;
+#[cfg(feature = "peers")]
+pub mod net_peers;
 pub mod options;
 #[cfg(feature = "peers")]
 pub mod peers;
