@@ -217,7 +217,9 @@ pub(crate) async fn handshake(
 ) -> Result<Handshaken, Error> {
     let store = device.store();
     let settings = device.settings();
-    let cfg = device.handshake_config();
+    let mut cfg = device.handshake_config();
+    // Byte streams deliver or fail: resending a handshake message would only duplicate it.
+    cfg.retransmit = matches!(link, HsLink::Udp(_));
     let unix = unix_now();
     let clock = Clock::start();
     let mut rng = OsRng;

@@ -440,3 +440,46 @@ fn channel_aead_is_the_initiators_first_common_choice() {
     assert_eq!(oa.channel_aead, Some(Aead::local_preference()[0]));
     assert_eq!(oa.channel_aead, ob.channel_aead);
 }
+
+#[test]
+fn retransmission_can_be_turned_off_for_reliable_transports() {
+    use keav_proto::cache::Zid;
+    use keav_proto::handshake::{Config, Endpoint, PeerLookup};
+    use rand::SeedableRng;
+    for retransmit in [true, false] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut c = Config::new(Zid([1; 12]), Mode::NORMAL);
+        c.retransmit = retransmit;
+        let deadline = c.handshake_timeout_ms;
+        let mut ep = Endpoint::initiator(c, PeerLookup::Given(None), 0, T0, &mut rng).unwrap();
+        assert!(ep.poll_transmit().is_some(), "Hello");
+        let mut resent = 0;
+        let mut now = 0;
+        // Nobody answers: walk the timers up to just before the deadline.
+        while let Some(t) = ep.poll_timeout() {
+            if t >= deadline {
+                break;
+            }
+            now = t;
+            ep.handle_timeout(now).unwrap();
+            resent += std::iter::from_fn(|| ep.poll_transmit()).count();
+        }
+        if retransmit {
+            assert!(
+                resent >= 10,
+                "T1 resends Hello ({resent}, last at {now} ms)"
+            );
+        } else {
+            assert_eq!(resent, 0, "no resend on a reliable transport");
+            assert_eq!(
+                ep.poll_timeout(),
+                Some(deadline),
+                "only the deadline remains"
+            );
+        }
+        assert!(
+            ep.handle_timeout(deadline).is_err(),
+            "the deadline still ends it"
+        );
+    }
+}

@@ -484,14 +484,17 @@ pub(crate) fn goals(r: &Report) -> Vec<Goal> {
         }
     });
 
-    // 6. Memory per idle session: the first keav row whose subject mentions `session`, else
-    //    the first keav row.
+    // 6. Memory per idle session: the keav row measured idle (compacted) if there is one,
+    //    else the first keav row whose subject mentions `session`, else the first keav row.
     const G6: &str = "≤ 1 KiB of memory per idle established session";
-    let keav_mem = r
-        .memory
-        .iter()
-        .filter(|m| lc(&m.subject).starts_with("keav"))
-        .find(|m| lc(&m.subject).contains("session"))
+    let keav_rows = || {
+        r.memory
+            .iter()
+            .filter(|m| lc(&m.subject).starts_with("keav"))
+    };
+    let keav_mem = keav_rows()
+        .find(|m| lc(&m.subject).contains("idle"))
+        .or_else(|| keav_rows().find(|m| lc(&m.subject).contains("session")))
         .or_else(|| r.memory.iter().find(|m| lc(&m.subject).starts_with("keav")));
     out.push(match keav_mem {
         None => not_measured(G6, "no keav memory row"),

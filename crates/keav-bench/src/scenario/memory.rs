@@ -33,14 +33,19 @@ pub const KEAV_SESSION: &str = "keav session";
 pub const KEAV_SESSION_AES: &str = "keav session aes-256-gcm";
 /// keav with ChaCha20-Poly1305.
 pub const KEAV_SESSION_CHACHA: &str = "keav session chacha20-poly1305";
+/// keav with the preferred AEAD, idle: both directions compacted
+/// ([`Sealer::compact`], [`Opener::compact`]), as a server holding many quiet channels keeps
+/// them.
+pub const KEAV_SESSION_IDLE: &str = "keav session, idle (compacted)";
 /// rustls' server side after a full TLS 1.3 handshake.
 pub const RUSTLS_SERVER: &str = "rustls ServerConnection (idle, after handshake)";
 /// snow's responder transport state after Noise XX.
 pub const SNOW_TRANSPORT: &str = "snow TransportState";
 
 /// The subjects [`measure`] knows.
-pub const SUBJECTS: [&str; 5] = [
+pub const SUBJECTS: [&str; 6] = [
     KEAV_SESSION,
+    KEAV_SESSION_IDLE,
     KEAV_SESSION_AES,
     KEAV_SESSION_CHACHA,
     RUSTLS_SERVER,
@@ -159,12 +164,12 @@ struct KeavSession {
     _opener: Opener,
 }
 
-fn keav_session(aead: Aead, kdf_context_len: usize) -> KeavSession {
+fn keav_session(aead: Aead, kdf_context_len: usize, idle: bool) -> KeavSession {
     let mut key = [0u8; 32];
     OsRng.fill_bytes(&mut key);
     let mut ctx = vec![0u8; kdf_context_len];
     OsRng.fill_bytes(&mut ctx);
-    let (sealer, mut opener) = record::channel_from_parts(
+    let (mut sealer, mut opener) = record::channel_from_parts(
         &Secret32::new(key),
         &ctx,
         Role::Responder,
@@ -173,6 +178,10 @@ fn keav_session(aead: Aead, kdf_context_len: usize) -> KeavSession {
         0,
     );
     opener.require_in_order();
+    if idle {
+        sealer.compact();
+        opener.compact();
+    }
     KeavSession {
         _sealer: sealer,
         _opener: opener,
@@ -238,20 +247,26 @@ pub fn measure(subject: &str, count: u32) -> Result<MemoryRow, BenchError> {
     rss_kib()?;
     let n = sessions_for(subject, count);
     let keav_aead = match subject {
-        KEAV_SESSION => Some(Aead::local_preference()[0]),
+        KEAV_SESSION | KEAV_SESSION_IDLE => Some(Aead::local_preference()[0]),
         KEAV_SESSION_AES => Some(Aead::Aes256Gcm),
         KEAV_SESSION_CHACHA => Some(Aead::ChaCha20Poly1305),
         _ => None,
     };
     if let Some(aead) = keav_aead {
         let ctx_len = kdf_context_len()?;
-        let m = hold(n, || Ok(keav_session(aead, ctx_len)))?;
+        let idle = subject == KEAV_SESSION_IDLE;
+        let m = hold(n, || Ok(keav_session(aead, ctx_len, idle)))?;
+        let keys = if idle {
+            "compacted: chain keys only, AEAD state dropped until the next record"
+        } else {
+            "expanded AEAD state of each direction's current epoch"
+        };
         let what = format!(
             "keav-proto record state of both directions as a keav-net channel keeps it \
              (Sealer + in-order Opener from record::channel_from_parts, {} [{}], default \
-             ratchet policy, {ctx_len}-byte KDF_Context, fresh random keys): sealer epoch key, \
-             opener current + precomputed next epoch keys, replay window, two KDF_Context \
-             copies; not included: socket, frame buffers, PeerInfo, tokio tasks",
+             ratchet policy, {ctx_len}-byte KDF_Context shared by both, fresh random keys; \
+             {keys}; replay window); not included: socket, frame buffers, PeerInfo, tokio \
+             tasks",
             aead.name(),
             record::AEAD_BACKEND
         );
@@ -384,7 +399,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> Result<(), BenchError> {
     } else {
         KEAV_SESSION_AES
     };
-    let mut subjects = vec![KEAV_SESSION, other];
+    let mut subjects = vec![KEAV_SESSION, KEAV_SESSION_IDLE, other];
     if cfg!(feature = "peers") {
         subjects.extend([RUSTLS_SERVER, SNOW_TRANSPORT]);
     }

@@ -114,6 +114,10 @@ pub struct Config {
     pub handshake_timeout_ms: u64,
     /// Multiplier applied to the T1/T2 retransmission intervals (high-latency links).
     pub timer_scale: u64,
+    /// Retransmit unanswered messages on the RFC 6189 T1/T2 schedules (default true). Turn
+    /// off on reliable transports (TCP and other byte streams), where a resend can only
+    /// duplicate bytes already in flight; the handshake deadline still applies.
+    pub retransmit: bool,
     /// Attempt limits, used to refuse a locked-out peer before any public-key work.
     pub lockout: crate::cache::LockoutPolicy,
     /// AEADs for the secure channel, in order of preference (advertised in Hello's cipher
@@ -136,6 +140,7 @@ impl Config {
             offer_preshared: true,
             handshake_timeout_ms: 30_000,
             timer_scale: 1,
+            retransmit: true,
             lockout: crate::cache::LockoutPolicy::default(),
             channel_aeads: crate::record::Aead::local_preference().to_vec(),
         }
@@ -726,20 +731,20 @@ impl Endpoint {
         self.hello_sent = true;
         self.kvrq_sent = kvrq;
         self.out.push_back(bytes);
-        self.hello_timer = Some(Retransmit::start(
-            Schedule::T1.scaled(self.cfg.timer_scale),
-            now_ms,
-        ));
+        self.hello_timer = self
+            .cfg
+            .retransmit
+            .then(|| Retransmit::start(Schedule::T1.scaled(self.cfg.timer_scale), now_ms));
         Ok(())
     }
 
     fn send_flight(&mut self, msgs: Vec<Vec<u8>>, now_ms: u64) {
         self.out.extend(msgs.iter().cloned());
         self.flight = msgs;
-        self.retransmit = Some(Retransmit::start(
-            Schedule::T2.scaled(self.cfg.timer_scale),
-            now_ms,
-        ));
+        self.retransmit = self
+            .cfg
+            .retransmit
+            .then(|| Retransmit::start(Schedule::T2.scaled(self.cfg.timer_scale), now_ms));
     }
 
     fn respond(&mut self, msgs: Vec<Vec<u8>>) {
