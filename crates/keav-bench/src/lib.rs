@@ -7,9 +7,16 @@
 //! `results.json` and PNG plots. The criterion benches under `benches/` time the same
 //! in-memory drivers with criterion's statistics.
 //!
-//! Every driver here runs *both* sides of one complete handshake in one thread, passing the
-//! messages between them in memory: no sockets, no clock, no storage. What the benchmarks
-//! time is therefore the CPU both devices spend on one handshake.
+//! Two kinds of drivers:
+//!
+//! - **In memory** (CPU, wire bytes, records, memory): both sides of one handshake run in one
+//!   thread and pass their messages in memory — no sockets, no clock, no storage — so what
+//!   is timed is the CPU the two devices spend.
+//! - **Over loopback sockets** (latency, throughput): [`link::LinkProxy`] delays every byte by
+//!   a [`LinkModel`] and counts bytes and causal flights; keav runs as real `keav-net`
+//!   devices with durable stores, TLS and Noise through [`net_peers`].
+//!
+//! In-memory drivers:
 //!
 //! - [`run_keav_handshake`] pumps two [`keav_proto::handshake::Endpoint`]s against each other;
 //!   [`KeavSetup`] describes the devices (mode, equality test, pairing code, caches).

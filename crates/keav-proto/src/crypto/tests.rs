@@ -573,3 +573,54 @@ mod props {
         }
     }
 }
+
+/// The Edwards-form X25519 in `dh.rs` must be the RFC 7748 function for every input: points
+/// of the curve (with and without small-order components), points of the twist, both values
+/// of the ignored top bit, non-canonical encodings and the low-order list.
+#[test]
+fn x25519_matches_the_montgomery_ladder_on_all_kinds_of_input() {
+    use rand::RngCore;
+    let mut r = rng();
+    let reference = |k: [u8; 32], u: [u8; 32]| x25519_dalek::x25519(k, u);
+    let check = |k: [u8; 32], u: [u8; 32]| {
+        let expected = reference(k, u);
+        match X25519KeyPair::from_private_bytes(k).agree(&u) {
+            Ok(s) => assert_eq!(s.expose(), &expected, "u = {}", hex::encode(u)),
+            Err(Error::BadPublicValue) => assert_eq!(expected, [0; 32], "{}", hex::encode(u)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let order8 = h32("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800");
+    for i in 0..300 {
+        let mut k = [0u8; 32];
+        r.fill_bytes(&mut k);
+        // A point of the curve: someone's public key.
+        let mut other = [0u8; 32];
+        r.fill_bytes(&mut other);
+        let mut on_curve = reference(other, x25519_dalek::X25519_BASEPOINT_BYTES);
+        check(k, on_curve);
+        // The same with the ignored top bit set.
+        on_curve[31] |= 0x80;
+        check(k, on_curve);
+        // Random u: about half are on the twist.
+        let mut u = [0u8; 32];
+        r.fill_bytes(&mut u);
+        check(k, u);
+        // A curve point plus a small-order component (a public key times a small-order
+        // point is not reachable from u alone; use the order-8 point and u + p forms).
+        if i % 50 == 0 {
+            check(k, order8);
+            // u + p for small u is a non-canonical encoding of u.
+            let mut noncanon =
+                h32("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+            noncanon[0] = noncanon[0].wrapping_add(9); // p + 9 ≡ 9, the base point
+            check(k, noncanon);
+            check(k, x25519_dalek::X25519_BASEPOINT_BYTES);
+        }
+    }
+    // u = -1 (p - 1) has no Edwards point: the ladder answers.
+    let minus_one = h32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+    let mut k = [0u8; 32];
+    r.fill_bytes(&mut k);
+    check(k, minus_one);
+}
