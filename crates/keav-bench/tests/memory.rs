@@ -113,7 +113,7 @@ fn scenario_falls_back_to_in_process_in_a_test_binary() {
         cancel: &cancel,
     };
     memory::run(&mut ctx).unwrap();
-    assert_eq!(report.memory.len(), 4);
+    assert_eq!(report.memory.len(), 5);
     assert!(report.memory[0].subject.starts_with(KEAV_SESSION));
     assert!(report
         .memory
