@@ -60,23 +60,10 @@ pub fn run(ctx: &mut Ctx<'_>) -> Result<(), BenchError> {
     r
 }
 
-/// Repetitions actually run (a quick run makes one).
-fn reps(ctx: &Ctx<'_>) -> u32 {
-    if ctx.opts.quick {
-        1
-    } else {
-        ctx.opts.reps
-    }
-}
-
 async fn run_links(ctx: &mut Ctx<'_>) -> Result<(), BenchError> {
-    let reps = reps(ctx);
-    if ctx.opts.quick && ctx.opts.reps > 1 {
-        ctx.report.notes.push(format!(
-            "latency: quick run, 1 repetition instead of {}",
-            ctx.opts.reps
-        ));
-    }
+    // `quick` does not change the repetitions here: the caller chose `reps` (the CLI makes
+    // it 3 for --quick unless --reps is given).
+    let reps = ctx.opts.reps;
     #[cfg(feature = "peers")]
     let peers = peers::Peers::new()?;
     let series_per_link: u64 = if cfg!(feature = "peers") { 9 } else { 6 };
