@@ -205,7 +205,7 @@ fn latency(r: &Report, link: crate::options::LinkModel, path: &Path) -> Result<(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.5f64..x_hi, 0f64..ymax * 1.4)
+        .build_cartesian_2d(0.5f64..x_hi, 0f64..ymax * 1.6)
         .map_err(err)?;
     chart
         .configure_mesh()
