@@ -78,10 +78,12 @@ fn options(a: &BenchArgs) -> Result<Options, String> {
         .collect();
         if !given.is_empty() {
             return Err(format!(
-                "{} only apply to the latency scenario, which is not selected (--scenarios {}); \
-                 add latency to --scenarios or drop the flag",
+                "{} only {} to the latency scenario, which is not selected (--scenarios {}); \
+                 add latency to --scenarios or drop the {}",
                 given.join(", "),
-                selected()
+                if given.len() == 1 { "applies" } else { "apply" },
+                selected(),
+                if given.len() == 1 { "flag" } else { "flags" }
             ));
         }
     }
