@@ -1226,11 +1226,13 @@ pub(crate) mod tests {
         );
         assert_eq!(record_aead("rustls aes-256-gcm"), "aes-256-gcm");
         assert_eq!(record_aead("snow chachapoly"), "chachapoly");
-        let mut r = Report::default();
-        r.records = vec![
-            rec("keav aes-256-gcm [ring]", 64, 170.0),
-            rec("rustls aes-256-gcm", 64, 400.0),
-        ];
+        let r = Report {
+            records: vec![
+                rec("keav aes-256-gcm [ring]", 64, 170.0),
+                rec("rustls aes-256-gcm", 64, 400.0),
+            ],
+            ..Report::default()
+        };
         let g = goals(&r);
         let g5 = g.iter().find(|g| g.goal.starts_with("64-byte")).unwrap();
         assert_eq!(g5.verdict, Verdict::Met, "{}", g5.measured);
