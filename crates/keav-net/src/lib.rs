@@ -25,6 +25,7 @@
 pub mod device;
 pub mod error;
 pub mod frame;
+pub mod mqtt;
 pub mod rendezvous;
 pub mod session;
 pub mod tcp;

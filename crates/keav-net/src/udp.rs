@@ -36,11 +36,11 @@ use crate::session::{
 use crate::Error;
 
 /// First byte of a ZRTP packet.
-const ZRTP_PACKET: u8 = 0x10;
+pub(crate) const ZRTP_PACKET: u8 = 0x10;
 /// First byte of a data record.
-const RECORD_DATA: u8 = 0x17;
+pub(crate) const RECORD_DATA: u8 = 0x17;
 /// First byte of a close record.
-const RECORD_CLOSE: u8 = 0x15;
+pub(crate) const RECORD_CLOSE: u8 = 0x15;
 /// Records that arrive before the initiator's handshake completes, kept to open afterwards.
 const MAX_EARLY: usize = 16;
 /// Datagrams queued per peer of a listener.
@@ -50,24 +50,34 @@ const DATAGRAM_MAX: usize = 65_536;
 
 /// Where a peer's datagrams are sent.
 #[derive(Clone, Debug)]
-pub(crate) struct UdpTx {
-    socket: Arc<UdpSocket>,
-    /// `None`: the socket is connected to the peer.
-    peer: Option<SocketAddr>,
+pub(crate) enum UdpTx {
+    /// A UDP socket.
+    Socket {
+        socket: Arc<UdpSocket>,
+        /// `None`: the socket is connected to the peer.
+        peer: Option<SocketAddr>,
+    },
+    /// The peer's MQTT inbox (datagrams carried as MQTT messages, [`crate::mqtt`]).
+    Mqtt(crate::mqtt::MqttTx),
 }
 
 impl UdpTx {
     pub(crate) async fn send(&self, d: &[u8]) -> Result<(), Error> {
-        match self.peer {
-            Some(p) => self.socket.send_to(d, p).await?,
-            None => self.socket.send(d).await?,
-        };
+        match self {
+            UdpTx::Socket { socket, peer } => {
+                match peer {
+                    Some(p) => socket.send_to(d, *p).await?,
+                    None => socket.send(d).await?,
+                };
+            }
+            UdpTx::Mqtt(m) => m.send(d).await?,
+        }
         Ok(())
     }
 }
 
 /// Where a peer's datagrams come from.
-enum Source {
+pub(crate) enum Source {
     /// A socket connected to the peer.
     Socket(Arc<UdpSocket>, Vec<u8>),
     /// A listener's per-peer queue.
@@ -104,7 +114,7 @@ pub(crate) struct HsUdp {
 }
 
 impl HsUdp {
-    fn new(tx: UdpTx, source: Source) -> Self {
+    pub(crate) fn new(tx: UdpTx, source: Source) -> Self {
         Self {
             tx,
             source,
@@ -225,7 +235,7 @@ impl UdpRx {
     }
 }
 
-fn channel_from(
+pub(crate) fn channel_from<T>(
     device: &Device,
     done: session::Handshaken,
     link: HsUdp,
@@ -233,7 +243,7 @@ fn channel_from(
     label: Option<String>,
     opts: &Options,
     attach: Attach,
-) -> Result<Channel<UdpSocket>, Error> {
+) -> Result<Channel<T>, Error> {
     let (tx, rx) = link.into_rx(keep_endpoint.then(|| Box::new(done.endpoint)));
     Channel::new(
         device,
@@ -272,7 +282,7 @@ pub async fn connect(
     socket.connect(target).await?;
     let socket = Arc::new(socket);
     let mut link = HsUdp::new(
-        UdpTx {
+        UdpTx::Socket {
             socket: socket.clone(),
             peer: None,
         },
@@ -376,7 +386,7 @@ impl Listener {
 
 /// Whether a datagram from a new source may open a table entry: a well-formed ZRTP packet
 /// carrying a Hello. No public-key work, no allocation beyond the parse.
-fn is_hello_packet(d: &[u8]) -> bool {
+pub(crate) fn is_hello_packet(d: &[u8]) -> bool {
     d.first() == Some(&ZRTP_PACKET)
         && decode_packet(d)
             .is_ok_and(|p| matches!(Message::parse(p.message), Ok(Message::Hello(_))))
@@ -441,7 +451,7 @@ async fn demux_loop(
         let _ = qtx.try_send(d.to_vec());
         table.insert(src, qtx);
         let link = HsUdp::new(
-            UdpTx {
+            UdpTx::Socket {
                 socket: socket.clone(),
                 peer: Some(src),
             },
