@@ -40,16 +40,19 @@
 //! incoming message by its sender: to the channel or handshake with that peer, or — a Hello
 //! from a sender with no route — to [`Link::accept`]. Handshake messages from a sender other
 //! than the expected peer therefore never reach a handshake. One route per peer: a new
-//! [`Link::connect_peer`] to a peer replaces the previous route to it (the older channel stops
-//! receiving), and a Hello from a peer that already has a route goes to that route (accept a
-//! peer again only after dropping its previous channel).
+//! [`Link::connect_peer`] to a peer replaces the previous route to it, and so does a Hello
+//! from a peer whose channel is established when that Hello differs from the one that
+//! started the channel's session (the peer started over, e.g. after a restart); a retransmitted
+//! or duplicated Hello of the current session changes nothing. The replaced channel's
+//! receiver ends with [`Error::Shutdown`]. Without broker ACLs, anyone who can publish under a
+//! peer's name can thus cut that peer's channel off (never read or inject data).
 //!
 //! Reconnection: rumqttc reconnects when polled after an error; the event loop polls again
 //! after a backoff (100 ms doubling to 30 s), then subscribes again. The first connection
 //! must succeed within [`LinkOptions::connect_timeout`] or [`Link::connect`] fails.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,9 +64,10 @@ use tracing::{debug, info, warn};
 
 use crate::device::Device;
 use crate::session::{handshake, log_failure, Attach, Channel, HsLink, Options, Side};
-use crate::udp::{
-    channel_from, is_hello_packet, HsUdp, Source, UdpTx, RECORD_CLOSE, RECORD_DATA, ZRTP_PACKET,
-};
+use keav_proto::msg::Message;
+use keav_proto::packet::decode_packet;
+
+use crate::udp::{channel_from, HsUdp, Source, UdpTx, RECORD_CLOSE, RECORD_DATA, ZRTP_PACKET};
 use crate::Error;
 
 /// The topic prefix of this scheme's version.
@@ -204,6 +208,34 @@ impl MqttTx {
 struct Pending {
     from: String,
     queue: mpsc::Receiver<Vec<u8>>,
+    established: Arc<AtomicBool>,
+}
+
+/// Where one peer's messages go.
+struct Route {
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Set once this route's handshake completed.
+    established: Arc<AtomicBool>,
+    /// The peer's Hello message (without the packet header) in this route's session.
+    hello: Option<Vec<u8>>,
+}
+
+impl Route {
+    fn new(tx: mpsc::Sender<Vec<u8>>, hello: Option<Vec<u8>>) -> (Route, Arc<AtomicBool>) {
+        let established = Arc::new(AtomicBool::new(false));
+        let r = Route {
+            tx,
+            established: established.clone(),
+            hello,
+        };
+        (r, established)
+    }
+}
+
+/// The Hello message in `payload`, if it is a well-formed ZRTP packet carrying a Hello.
+fn hello_message(payload: &[u8]) -> Option<Vec<u8>> {
+    let p = decode_packet(payload).ok()?;
+    matches!(Message::parse(p.message), Ok(Message::Hello(_))).then(|| p.message.to_vec())
 }
 
 struct Shared {
@@ -211,12 +243,12 @@ struct Shared {
     inbox_prefix: String,
     max_payload: usize,
     max_peers: usize,
-    routes: Mutex<HashMap<String, mpsc::Sender<Vec<u8>>>>,
+    routes: Mutex<HashMap<String, Route>>,
     counters: Counters,
 }
 
 impl Shared {
-    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Vec<u8>>>> {
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
         // A poisoned map is still a consistent map of senders.
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -251,30 +283,52 @@ impl Shared {
             debug!(from, retained, "unclassifiable MQTT payload dropped");
             return;
         }
+        let hello = match payload.first() {
+            Some(&ZRTP_PACKET) => hello_message(payload),
+            _ => None,
+        };
         let mut routes = self.routes();
-        if let Some(q) = routes.get(from) {
-            match q.try_send(payload.to_vec()) {
-                Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    bump(&c.busy);
-                    debug!(from, "peer queue full: MQTT message dropped");
-                    return;
+        if let Some(r) = routes.get_mut(from) {
+            let new_session = match (&hello, &r.hello) {
+                // A retransmitted or duplicated Hello of this route's session, or a Hello
+                // during its handshake: the route's handshake deals with it.
+                (Some(h), Some(old)) => h != old && r.established.load(Ordering::Acquire),
+                (Some(_), None) if r.established.load(Ordering::Acquire) => true,
+                (Some(h), None) => {
+                    r.hello = Some(h.clone());
+                    false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    routes.remove(from);
+                (None, _) => false,
+            };
+            if new_session {
+                // The peer started over (e.g. it restarted): the new session replaces the
+                // established one, whose receiver ends with `Error::Shutdown`.
+                debug!(from, "a new Hello from an established peer: new session");
+                routes.remove(from);
+            } else {
+                match r.tx.try_send(payload.to_vec()) {
+                    Ok(()) => return,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        bump(&c.busy);
+                        debug!(from, "peer queue full: MQTT message dropped");
+                        return;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        routes.remove(from);
+                    }
                 }
             }
         }
-        if !is_hello_packet(payload) {
+        let Some(hello) = hello else {
             bump(&c.unrouted);
             debug!(
                 from,
                 "MQTT message from a sender with no route is not a Hello: dropped"
             );
             return;
-        }
+        };
         if routes.len() >= self.max_peers {
-            routes.retain(|_, q| !q.is_closed());
+            routes.retain(|_, r| !r.tx.is_closed());
             if routes.len() >= self.max_peers {
                 bump(&c.busy);
                 debug!(from, "peer table full: Hello dropped");
@@ -283,9 +337,11 @@ impl Shared {
         }
         let (qtx, qrx) = mpsc::channel(PEER_QUEUE);
         let _ = qtx.try_send(payload.to_vec());
+        let (route, established) = Route::new(qtx, Some(hello));
         let pending = Pending {
             from: from.to_string(),
             queue: qrx,
+            established,
         };
         if accept.try_send(pending).is_err() {
             bump(&c.busy);
@@ -295,7 +351,7 @@ impl Shared {
             );
             return;
         }
-        routes.insert(from.to_string(), qtx);
+        routes.insert(from.to_string(), route);
     }
 }
 
@@ -432,7 +488,8 @@ impl Link {
         }
         let deadline = Instant::now() + device.settings().handshake_timeout;
         let (qtx, qrx) = mpsc::channel(PEER_QUEUE);
-        self.shared.routes().insert(peer_id.to_string(), qtx);
+        let (route, established) = Route::new(qtx, None);
+        self.shared.routes().insert(peer_id.to_string(), route);
         let mut link = self.hs_link(peer_id, qrx);
         let done = handshake(
             device,
@@ -441,6 +498,7 @@ impl Link {
             deadline,
         )
         .await?;
+        established.store(true, Ordering::Release);
         channel_from(
             device,
             done,
@@ -462,7 +520,11 @@ impl Link {
     ) -> Result<(String, Channel<Link>), Error> {
         let mut pending = self.accept_rx.lock().await;
         loop {
-            let Pending { from, queue } = pending.recv().await.ok_or(Error::Shutdown)?;
+            let Pending {
+                from,
+                queue,
+                established,
+            } = pending.recv().await.ok_or(Error::Shutdown)?;
             let deadline = Instant::now() + device.settings().handshake_timeout;
             let mut link = self.hs_link(&from, queue);
             let done = handshake(
@@ -474,7 +536,10 @@ impl Link {
             .await
             .and_then(|done| channel_from(device, done, link, true, None, opts, Attach::default()));
             match done {
-                Ok(ch) => return Ok((from, ch)),
+                Ok(ch) => {
+                    established.store(true, Ordering::Release);
+                    return Ok((from, ch));
+                }
                 Err(e) => log_failure("incoming MQTT handshake", None, &e),
             }
         }

@@ -386,7 +386,7 @@ impl Listener {
 
 /// Whether a datagram from a new source may open a table entry: a well-formed ZRTP packet
 /// carrying a Hello. No public-key work, no allocation beyond the parse.
-pub(crate) fn is_hello_packet(d: &[u8]) -> bool {
+fn is_hello_packet(d: &[u8]) -> bool {
     d.first() == Some(&ZRTP_PACKET)
         && decode_packet(d)
             .is_ok_and(|p| matches!(Message::parse(p.message), Ok(Message::Hello(_))))

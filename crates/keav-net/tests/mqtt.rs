@@ -13,6 +13,8 @@ use keav_net::session::Options;
 use keav_net::Error;
 use keav_proto::cache::Verification;
 use keav_proto::handshake::KeyAgreement;
+use keav_proto::msg::Message;
+use keav_proto::packet::decode_packet;
 use rand_core::{OsRng, RngCore};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tempfile::TempDir;
@@ -103,15 +105,17 @@ impl Eavesdropper {
     /// Publishes and waits until the broker echoed it back (so it is queued for every
     /// subscriber before anything published afterwards).
     async fn inject(&self, topic: &str, payload: Vec<u8>) {
+        let (t, p) = (topic.to_string(), payload.clone());
+        let count = move |log: &[(String, Vec<u8>)]| {
+            log.iter().filter(|(lt, lp)| *lt == t && *lp == p).count()
+        };
+        let before = count(&self.log.lock().unwrap());
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+            .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
             .unwrap();
-        let t = topic.to_string();
-        self.wait_for("its own message", move |log| {
-            log.iter().any(|(lt, lp)| *lt == t && *lp == payload)
-        })
-        .await;
+        self.wait_for("its own message", move |log| count(log) > before)
+            .await;
     }
 }
 
@@ -287,6 +291,18 @@ async fn forged_and_replayed_records_are_dropped_and_the_channel_keeps_working()
     eve.inject(&victim, captured).await;
     eve.inject(&victim, forged).await;
     eve.inject(&victim, forged2).await;
+    // A's Hello of this session, replayed: it starts nothing and breaks nothing.
+    let hello = eve
+        .snapshot()
+        .into_iter()
+        .find(|(t, p)| {
+            *t == victim
+                && decode_packet(p)
+                    .is_ok_and(|k| matches!(Message::parse(k.message), Ok(Message::Hello(_))))
+        })
+        .expect("a Hello from a to b")
+        .1;
+    eve.inject(&victim, hello).await;
 
     // The replay and the forgeries reach b before a's next record (queued earlier at the
     // broker), are dropped, and the genuine record still opens.
@@ -381,4 +397,45 @@ async fn bad_ids_and_unreachable_broker_fail_clearly() {
     assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
     let r = l.connect_peer(&d, "bad/peer", &Options::default()).await;
     assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_starts_over_replaces_its_live_channel() {
+    if !broker_up() {
+        return;
+    }
+    let sfx = suffix();
+    let (ida, idb) = (format!("a-{sfx}"), format!("b-{sfx}"));
+    let dir = TempDir::new().unwrap();
+    let a = device(&dir, "a", settings(Some("0000")));
+    let b = device(&dir, "b", settings(Some("0000")));
+    let la = Link::connect(BROKER, &ida, LinkOptions::default())
+        .await
+        .unwrap();
+    let lb = Link::connect(BROKER, &idb, LinkOptions::default())
+        .await
+        .unwrap();
+    let opts = Options::default();
+    let (ca, cb) = tokio::join!(la.connect_peer(&a, &idb, &opts), lb.accept(&b, &opts));
+    let (mut old_a, (_, mut old_b)) = (ca.unwrap(), cb.unwrap());
+    old_a.send(b"one").await.unwrap();
+    assert_eq!(old_b.recv().await.unwrap().unwrap(), b"one");
+
+    // a calls again while both old channels are alive (as after a restart of a).
+    let (ca, cb) = tokio::join!(la.connect_peer(&a, &idb, &opts), lb.accept(&b, &opts));
+    let (mut ca, (from, mut cb)) = (ca.unwrap(), cb.unwrap());
+    assert_eq!(from, ida);
+    assert_eq!(ca.peer().session_number, 2);
+    assert_eq!(cb.peer().key_agreement, KeyAgreement::Preshared);
+    ca.send(b"two").await.unwrap();
+    assert_eq!(cb.recv().await.unwrap().unwrap(), b"two");
+    cb.send(b"back").await.unwrap();
+    assert_eq!(ca.recv().await.unwrap().unwrap(), b"back");
+    // The replaced channels stop receiving.
+    for old in [&mut old_a, &mut old_b] {
+        let r = tokio::time::timeout(Duration::from_secs(5), old.recv())
+            .await
+            .unwrap();
+        assert!(matches!(r, Err(Error::Shutdown)), "{r:?}");
+    }
 }
