@@ -23,9 +23,10 @@
 //!
 //! # Payloads
 //!
-//! One MQTT message (QoS 1, never retained) carries one datagram, classified as on UDP
-//! ([`crate::udp`]) by its first byte: `0x10` an RFC 6189 packet with a handshake message,
-//! `0x17` a data record, `0x15` a close record. Messages larger than
+//! One MQTT message (QoS 1, never retained) carries one datagram, classified by its first byte
+//! as on UDP ([`crate::udp`]), except that handshake messages travel bare, as on every
+//! stream or broker transport: `0x50` an RFC 6189 message (its preamble `0x505a`; no UDP
+//! packet header or CRC, MQTT and TCP frame and check it), `0x17` a data record, `0x15` a close record. Messages larger than
 //! [`LinkOptions::max_payload`], empty, unclassifiable, retained, or on a malformed topic are
 //! dropped, logged (at debug level, without content) and counted in [`LinkStats`].
 //!
@@ -65,9 +66,8 @@ use tracing::{debug, info, warn};
 use crate::device::Device;
 use crate::session::{handshake, log_failure, Attach, Channel, HsLink, Options, Side};
 use keav_proto::msg::Message;
-use keav_proto::packet::decode_packet;
 
-use crate::udp::{channel_from, HsUdp, Source, UdpTx, RECORD_CLOSE, RECORD_DATA, ZRTP_PACKET};
+use crate::udp::{channel_from, HsUdp, Source, UdpTx, BARE_MESSAGE, RECORD_CLOSE, RECORD_DATA};
 use crate::Error;
 
 /// The topic prefix of this scheme's version.
@@ -232,10 +232,9 @@ impl Route {
     }
 }
 
-/// The Hello message in `payload`, if it is a well-formed ZRTP packet carrying a Hello.
+/// `payload` if it is a well-formed Hello message.
 fn hello_message(payload: &[u8]) -> Option<Vec<u8>> {
-    let p = decode_packet(payload).ok()?;
-    matches!(Message::parse(p.message), Ok(Message::Hello(_))).then(|| p.message.to_vec())
+    matches!(Message::parse(payload), Ok(Message::Hello(_))).then(|| payload.to_vec())
 }
 
 struct Shared {
@@ -276,7 +275,7 @@ impl Shared {
         if retained
             || !matches!(
                 payload.first(),
-                Some(&(ZRTP_PACKET | RECORD_DATA | RECORD_CLOSE))
+                Some(&(BARE_MESSAGE | RECORD_DATA | RECORD_CLOSE))
             )
         {
             bump(&c.malformed);
@@ -284,7 +283,7 @@ impl Shared {
             return;
         }
         let hello = match payload.first() {
-            Some(&ZRTP_PACKET) => hello_message(payload),
+            Some(&BARE_MESSAGE) => hello_message(payload),
             _ => None,
         };
         let mut routes = self.routes();
@@ -546,7 +545,7 @@ impl Link {
     }
 
     fn hs_link(&self, peer_id: &str, queue: mpsc::Receiver<Vec<u8>>) -> HsUdp {
-        HsUdp::new(
+        HsUdp::new_bare(
             UdpTx::Mqtt(MqttTx {
                 client: self.client.clone(),
                 topic: topic(peer_id, &self.shared.id),

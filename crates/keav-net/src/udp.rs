@@ -37,6 +37,9 @@ use crate::Error;
 
 /// First byte of a ZRTP packet.
 pub(crate) const ZRTP_PACKET: u8 = 0x10;
+/// First byte of a bare RFC 6189 message (its preamble `0x505a`), as broker transports carry
+/// handshake messages: without the UDP packet header and CRC.
+pub(crate) const BARE_MESSAGE: u8 = 0x50;
 /// First byte of a data record.
 pub(crate) const RECORD_DATA: u8 = 0x17;
 /// First byte of a close record.
@@ -111,6 +114,8 @@ pub(crate) struct HsUdp {
     seq: u16,
     ssrc: u32,
     early: VecDeque<Vec<u8>>,
+    /// Broker transports: handshake messages travel bare (no packet header, no CRC).
+    bare: bool,
 }
 
 impl HsUdp {
@@ -121,6 +126,16 @@ impl HsUdp {
             seq: (OsRng.next_u32() & 0x7fff) as u16,
             ssrc: OsRng.next_u32(),
             early: VecDeque::new(),
+            bare: false,
+        }
+    }
+
+    /// Like [`HsUdp::new`], for a broker transport: handshake messages are sent and expected
+    /// as bare RFC 6189 messages.
+    pub(crate) fn new_bare(tx: UdpTx, source: Source) -> Self {
+        Self {
+            bare: true,
+            ..Self::new(tx, source)
         }
     }
 
@@ -132,6 +147,10 @@ impl HsUdp {
     /// Sends each message in its own packet with a fresh sequence number.
     pub(crate) async fn send_messages(&mut self, msgs: &[Vec<u8>]) -> Result<(), Error> {
         for m in msgs {
+            if self.bare {
+                self.tx.send(m).await?;
+                continue;
+            }
             let seq = self.next_seq();
             let p = encode_packet(seq, self.ssrc, m);
             self.tx.send(&p).await?;
@@ -144,7 +163,8 @@ impl HsUdp {
         loop {
             let d = self.source.next().await?;
             match d.first() {
-                Some(&ZRTP_PACKET) => match decode_packet(&d) {
+                Some(&BARE_MESSAGE) if self.bare => return Ok(d),
+                Some(&ZRTP_PACKET) if !self.bare => match decode_packet(&d) {
                     Ok(p) => return Ok(p.message.to_vec()),
                     Err(e) => debug!(error = %e, "dropped a malformed ZRTP packet"),
                 },
