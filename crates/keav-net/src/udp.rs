@@ -36,11 +36,14 @@ use crate::session::{
 use crate::Error;
 
 /// First byte of a ZRTP packet.
-const ZRTP_PACKET: u8 = 0x10;
+pub(crate) const ZRTP_PACKET: u8 = 0x10;
+/// First byte of a bare RFC 6189 message (its preamble `0x505a`), as broker transports carry
+/// handshake messages: without the UDP packet header and CRC.
+pub(crate) const BARE_MESSAGE: u8 = 0x50;
 /// First byte of a data record.
-const RECORD_DATA: u8 = 0x17;
+pub(crate) const RECORD_DATA: u8 = 0x17;
 /// First byte of a close record.
-const RECORD_CLOSE: u8 = 0x15;
+pub(crate) const RECORD_CLOSE: u8 = 0x15;
 /// Records that arrive before the initiator's handshake completes, kept to open afterwards.
 const MAX_EARLY: usize = 16;
 /// Datagrams queued per peer of a listener.
@@ -50,24 +53,34 @@ const DATAGRAM_MAX: usize = 65_536;
 
 /// Where a peer's datagrams are sent.
 #[derive(Clone, Debug)]
-pub(crate) struct UdpTx {
-    socket: Arc<UdpSocket>,
-    /// `None`: the socket is connected to the peer.
-    peer: Option<SocketAddr>,
+pub(crate) enum UdpTx {
+    /// A UDP socket.
+    Socket {
+        socket: Arc<UdpSocket>,
+        /// `None`: the socket is connected to the peer.
+        peer: Option<SocketAddr>,
+    },
+    /// The peer's MQTT inbox (datagrams carried as MQTT messages, [`crate::mqtt`]).
+    Mqtt(crate::mqtt::MqttTx),
 }
 
 impl UdpTx {
     pub(crate) async fn send(&self, d: &[u8]) -> Result<(), Error> {
-        match self.peer {
-            Some(p) => self.socket.send_to(d, p).await?,
-            None => self.socket.send(d).await?,
-        };
+        match self {
+            UdpTx::Socket { socket, peer } => {
+                match peer {
+                    Some(p) => socket.send_to(d, *p).await?,
+                    None => socket.send(d).await?,
+                };
+            }
+            UdpTx::Mqtt(m) => m.send(d).await?,
+        }
         Ok(())
     }
 }
 
 /// Where a peer's datagrams come from.
-enum Source {
+pub(crate) enum Source {
     /// A socket connected to the peer.
     Socket(Arc<UdpSocket>, Vec<u8>),
     /// A listener's per-peer queue.
@@ -101,16 +114,28 @@ pub(crate) struct HsUdp {
     seq: u16,
     ssrc: u32,
     early: VecDeque<Vec<u8>>,
+    /// Broker transports: handshake messages travel bare (no packet header, no CRC).
+    bare: bool,
 }
 
 impl HsUdp {
-    fn new(tx: UdpTx, source: Source) -> Self {
+    pub(crate) fn new(tx: UdpTx, source: Source) -> Self {
         Self {
             tx,
             source,
             seq: (OsRng.next_u32() & 0x7fff) as u16,
             ssrc: OsRng.next_u32(),
             early: VecDeque::new(),
+            bare: false,
+        }
+    }
+
+    /// Like [`HsUdp::new`], for a broker transport: handshake messages are sent and expected
+    /// as bare RFC 6189 messages.
+    pub(crate) fn new_bare(tx: UdpTx, source: Source) -> Self {
+        Self {
+            bare: true,
+            ..Self::new(tx, source)
         }
     }
 
@@ -122,6 +147,10 @@ impl HsUdp {
     /// Sends each message in its own packet with a fresh sequence number.
     pub(crate) async fn send_messages(&mut self, msgs: &[Vec<u8>]) -> Result<(), Error> {
         for m in msgs {
+            if self.bare {
+                self.tx.send(m).await?;
+                continue;
+            }
             let seq = self.next_seq();
             let p = encode_packet(seq, self.ssrc, m);
             self.tx.send(&p).await?;
@@ -134,7 +163,8 @@ impl HsUdp {
         loop {
             let d = self.source.next().await?;
             match d.first() {
-                Some(&ZRTP_PACKET) => match decode_packet(&d) {
+                Some(&BARE_MESSAGE) if self.bare => return Ok(d),
+                Some(&ZRTP_PACKET) if !self.bare => match decode_packet(&d) {
                     Ok(p) => return Ok(p.message.to_vec()),
                     Err(e) => debug!(error = %e, "dropped a malformed ZRTP packet"),
                 },
@@ -225,7 +255,7 @@ impl UdpRx {
     }
 }
 
-fn channel_from(
+pub(crate) fn channel_from<T>(
     device: &Device,
     done: session::Handshaken,
     link: HsUdp,
@@ -233,7 +263,7 @@ fn channel_from(
     label: Option<String>,
     opts: &Options,
     attach: Attach,
-) -> Result<Channel<UdpSocket>, Error> {
+) -> Result<Channel<T>, Error> {
     let (tx, rx) = link.into_rx(keep_endpoint.then(|| Box::new(done.endpoint)));
     Channel::new(
         device,
@@ -272,7 +302,7 @@ pub async fn connect(
     socket.connect(target).await?;
     let socket = Arc::new(socket);
     let mut link = HsUdp::new(
-        UdpTx {
+        UdpTx::Socket {
             socket: socket.clone(),
             peer: None,
         },
@@ -441,7 +471,7 @@ async fn demux_loop(
         let _ = qtx.try_send(d.to_vec());
         table.insert(src, qtx);
         let link = HsUdp::new(
-            UdpTx {
+            UdpTx::Socket {
                 socket: socket.clone(),
                 peer: Some(src),
             },
