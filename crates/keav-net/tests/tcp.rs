@@ -252,3 +252,29 @@ async fn connection_refused_is_an_io_error() {
     let r = tcp::connect(&a, port, "nobody", &Options::default()).await;
     assert!(matches!(r, Err(Error::Io(_))), "{r:?}");
 }
+
+#[tokio::test]
+async fn compacted_channels_keep_working() {
+    let dir = TempDir::new().unwrap();
+    let a = device(&dir, "a", settings(None));
+    let b = device(&dir, "b", settings(None));
+    let mut listener = Listener::bind(&b, "127.0.0.1:0", Options::default())
+        .await
+        .unwrap();
+    let opts = Options::default();
+    let (ca, cb) = tokio::join!(
+        tcp::connect(&a, listener.local_addr(), "b", &opts),
+        listener.accept()
+    );
+    let (mut ca, mut cb) = (ca.unwrap(), cb.unwrap());
+    for i in 0..5u8 {
+        ca.compact();
+        cb.compact();
+        ca.send(&[i; 100]).await.unwrap();
+        assert_eq!(cb.recv().await.unwrap().unwrap(), vec![i; 100]);
+        cb.send(&[i + 100; 10]).await.unwrap();
+        assert_eq!(ca.recv().await.unwrap().unwrap(), vec![i + 100; 10]);
+    }
+    ca.close().await.unwrap();
+    assert_eq!(cb.recv().await.unwrap(), None);
+}
