@@ -24,6 +24,8 @@
 )]
 
 pub mod device;
+#[cfg(feature = "embedded-broker")]
+pub mod embedded_broker;
 pub mod error;
 pub mod frame;
 pub mod mqtt;
