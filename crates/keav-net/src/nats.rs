@@ -1,0 +1,247 @@
+//! KEAV over a NATS server (core NATS publish/subscribe, no JetStream): handshakes and records
+//! carried end to end as NATS messages, so the server (and anyone who can subscribe to its
+//! subjects) sees only RFC 6189 handshake packets and AEAD records.
+//!
+//! This carrier behaves exactly like the MQTT one ([`crate::mqtt`]: device ids, payload
+//! classification and bounds, routing by sender, datagram channels, counters; the code is
+//! shared), with NATS subjects instead of MQTT topics:
+//!
+//! - device `D` subscribes to its inbox `keav.v1.D.from.>` and accepts only subjects
+//!   `keav.v1.D.from.S` where `S` is a valid device id (the sender);
+//! - it sends to peer `P` on `keav.v1.P.from.D`.
+//!
+//! A NATS server can confine each device to its inbox and its own name with per-user
+//! permissions (subscribe `keav.v1.D.from.>`, publish `keav.v1.*.from.D`, plus `_INBOX.>` for
+//! the connection probe below). Without them the sender name in a subject is only a routing
+//! hint: the KEAV handshake authenticates the peer, never the subject.
+//!
+//! Core NATS delivers at most once: a message published while a subscriber is disconnected is
+//! lost. The handshake retransmits on the core's timers; records lost on the way are lost to
+//! the application (end-to-end delivery is planned, docs/MESSAGING.md). Messages are never
+//! retained. The client reconnects by itself and subscribes again; [`Link::connect`] returns
+//! only once the server has the inbox subscription (a round trip through a private
+//! `_INBOX` subject proves it).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
+
+use crate::broker::{self, Feed, Hub, Publisher, NATS};
+use crate::device::Device;
+use crate::session::{Channel, Options};
+use crate::Error;
+
+pub use crate::broker::{valid_device_id, LinkStats};
+
+/// Options of one NATS [`Link`].
+#[derive(Clone)]
+pub struct LinkOptions {
+    /// The connection name the server shows (default: the device id).
+    pub client_name: Option<String>,
+    /// NATS user name and password, if the server wants them (never logged).
+    pub credentials: Option<(String, String)>,
+    /// Interval of the client's pings to the server (default 30 s).
+    pub ping_interval: Duration,
+    /// How long [`Link::connect`] waits for the server to accept the connection and the
+    /// subscription (default 5 s).
+    pub connect_timeout: Duration,
+    /// Larger incoming payloads are dropped and counted (default 64 KiB; a record is at most
+    /// 16 KiB plus overhead). The server refuses payloads beyond its own `max_payload`
+    /// (1 MiB by default) before they reach anyone.
+    pub max_payload: usize,
+    /// Peers routed at once (handshaking or with a live channel; default 1024).
+    pub max_peers: usize,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        Self {
+            client_name: None,
+            credentials: None,
+            ping_interval: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_payload: 64 * 1024,
+            max_peers: 1024,
+        }
+    }
+}
+
+impl core::fmt::Debug for LinkOptions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("LinkOptions")
+            .field("client_name", &self.client_name)
+            .field("credentials", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("ping_interval", &self.ping_interval)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_payload", &self.max_payload)
+            .field("max_peers", &self.max_peers)
+            .finish()
+    }
+}
+
+/// The subject on which `from` sends to `to`.
+pub fn subject(to: &str, from: &str) -> String {
+    NATS.subject(to, from)
+}
+
+fn nats_error(what: &str, e: impl core::fmt::Display) -> Error {
+    Error::Io(std::io::Error::other(format!("NATS {what}: {e}")))
+}
+
+/// Publishes `d` on `subject` (at most once).
+pub(crate) async fn publish(
+    client: &async_nats::Client,
+    subject: &str,
+    d: &[u8],
+) -> Result<(), Error> {
+    client
+        .publish(subject.to_string(), Bytes::copy_from_slice(d))
+        .await
+        .map_err(|e| nats_error("publish", e))
+}
+
+/// One device's connection to a NATS server, carrying KEAV channels to peers addressed by
+/// device id. Dropping it ends the inbox subscription (its channels stop receiving).
+pub struct Link {
+    hub: Hub,
+    task: JoinHandle<()>,
+}
+
+impl core::fmt::Debug for Link {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("nats::Link")
+            .field("device_id", &self.hub.device_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Link {
+    /// Connects to the NATS server at `server` (`host:port`, plain TCP) as device
+    /// `device_id`, subscribes to its inbox and starts receiving. Fails if the server does
+    /// not accept the connection and the subscription within [`LinkOptions::connect_timeout`].
+    pub async fn connect(
+        server: &str,
+        device_id: &str,
+        options: LinkOptions,
+    ) -> Result<Link, Error> {
+        broker::check_config(device_id, options.max_payload, options.max_peers)?;
+        broker::host_port(server)?;
+        let timeout = options.connect_timeout;
+        let ready =
+            tokio::time::timeout(timeout, connect_and_subscribe(server, device_id, &options));
+        let (client, inbox) = match ready.await {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::Timeout("NATS server connection")),
+        };
+        let (hub, feed) = Hub::new(
+            &NATS,
+            device_id,
+            options.max_payload,
+            options.max_peers,
+            Publisher::Nats(client),
+        );
+        let task = tokio::spawn(receive(inbox, feed));
+        info!(device_id, server, "connected to the NATS server");
+        Ok(Link { hub, task })
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> &str {
+        self.hub.device_id()
+    }
+
+    /// The incoming-message counters.
+    pub fn stats(&self) -> LinkStats {
+        self.hub.stats()
+    }
+
+    /// Runs the handshake as initiator with device `peer_id` (also the label under which the
+    /// device's store knows the peer) and returns the channel. Replaces any previous route to
+    /// this peer.
+    pub async fn connect_peer(
+        &self,
+        device: &Device,
+        peer_id: &str,
+        opts: &Options,
+    ) -> Result<Channel<Link>, Error> {
+        self.hub.connect_peer(device, peer_id, opts).await
+    }
+
+    /// Waits for a peer's Hello, runs the handshake as responder, and returns the caller's
+    /// device id and the channel. Failed handshakes are logged and skipped; handshakes run one
+    /// at a time.
+    pub async fn accept(
+        &self,
+        device: &Device,
+        opts: &Options,
+    ) -> Result<(String, Channel<Link>), Error> {
+        self.hub.accept(device, opts).await
+    }
+}
+
+/// Connects, subscribes to the inbox, and waits until the server has the subscription.
+async fn connect_and_subscribe(
+    server: &str,
+    device_id: &str,
+    options: &LinkOptions,
+) -> Result<(async_nats::Client, async_nats::Subscriber), Error> {
+    let name = options
+        .client_name
+        .clone()
+        .unwrap_or_else(|| device_id.to_string());
+    let mut co = async_nats::ConnectOptions::new()
+        .name(name)
+        .ping_interval(options.ping_interval.max(Duration::from_secs(1)))
+        .connection_timeout(options.connect_timeout)
+        .event_callback(|e| async move { debug!(event = %e, "NATS connection event") });
+    if let Some((u, p)) = &options.credentials {
+        co = co.user_and_password(u.clone(), p.clone());
+    }
+    let client = co
+        .connect(format!("nats://{server}"))
+        .await
+        .map_err(|e| nats_error("connect", e))?;
+    let inbox = client
+        .subscribe(NATS.inbox_filter(device_id))
+        .await
+        .map_err(|e| nats_error("subscribe", e))?;
+    // The server handles a connection's commands in order: once a message published after
+    // the inbox subscription comes back, the inbox subscription is in place.
+    let probe = client.new_inbox();
+    let mut echo = client
+        .subscribe(probe.clone())
+        .await
+        .map_err(|e| nats_error("subscribe", e))?;
+    publish(&client, &probe, b"").await?;
+    echo.next()
+        .await
+        .ok_or_else(|| nats_error("subscribe", "the probe subscription ended"))?;
+    Ok((client, inbox))
+}
+
+async fn receive(mut inbox: async_nats::Subscriber, feed: Feed) {
+    while let Some(m) = inbox.next().await {
+        feed.deliver(m.subject.as_str(), &m.payload, false);
+    }
+    debug!("NATS inbox subscription ended");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects() {
+        assert_eq!(subject("p", "d"), "keav.v1.p.from.d");
+        assert!(!valid_device_id("a.b"));
+    }
+}
