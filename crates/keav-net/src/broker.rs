@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -69,6 +70,52 @@ impl Scheme {
     /// The subscription filter of `id`'s inbox.
     pub(crate) fn inbox_filter(&self, id: &str) -> String {
         format!("{}{}", self.inbox_prefix(id), self.wildcard)
+    }
+}
+
+/// Options of one broker link ([`crate::mqtt::Link`], [`crate::nats::Link`]).
+#[derive(Clone)]
+pub struct LinkOptions {
+    /// The client id: MQTT client id, NATS connection name (default: the device id). Two MQTT
+    /// connections with the same client id push each other off the broker.
+    pub client_id: Option<String>,
+    /// User name and password, if the broker wants them (never logged).
+    pub credentials: Option<(String, String)>,
+    /// MQTT keep-alive, NATS ping interval (default 30 s).
+    pub keep_alive: Duration,
+    /// How long `Link::connect` waits for the broker to accept the connection and the
+    /// subscription (default 5 s).
+    pub connect_timeout: Duration,
+    /// Larger incoming payloads are dropped and counted (default 64 KiB; a record is at most
+    /// 16 KiB plus overhead).
+    pub max_payload: usize,
+    /// Peers routed at once (handshaking or with a live channel; default 1024).
+    pub max_peers: usize,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        Self {
+            client_id: None,
+            credentials: None,
+            keep_alive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_payload: 64 * 1024,
+            max_peers: 1024,
+        }
+    }
+}
+
+impl core::fmt::Debug for LinkOptions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("LinkOptions")
+            .field("client_id", &self.client_id)
+            .field("credentials", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("keep_alive", &self.keep_alive)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_payload", &self.max_payload)
+            .field("max_peers", &self.max_peers)
+            .finish()
     }
 }
 
@@ -154,7 +201,7 @@ pub(crate) enum Publisher {
 /// Sends datagrams to one peer's inbox.
 #[derive(Clone)]
 pub(crate) struct BrokerTx {
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     subject: String,
 }
 
@@ -169,12 +216,52 @@ impl core::fmt::Debug for BrokerTx {
 impl BrokerTx {
     /// Publishes `d`; waits while the client's queue is full.
     pub(crate) async fn send(&self, d: &[u8]) -> Result<(), Error> {
-        match &self.publisher {
+        match &*self.publisher {
             Publisher::Mqtt(c) => crate::mqtt::publish(c, &self.subject, d).await,
             Publisher::Nats(c) => crate::nats::publish(c, &self.subject, d).await,
         }
     }
 }
+
+/// The public methods every broker `Link` has besides `connect`, delegated to its `hub`
+/// field (a [`Hub`]), so both carriers document and behave alike.
+macro_rules! link_api {
+    () => {
+        /// This device's id.
+        pub fn device_id(&self) -> &str {
+            self.hub.device_id()
+        }
+
+        /// The incoming-message counters.
+        pub fn stats(&self) -> $crate::broker::LinkStats {
+            self.hub.stats()
+        }
+
+        /// Runs the handshake as initiator with device `peer_id` (also the label under which
+        /// the device's store knows the peer) and returns the channel. Replaces any previous
+        /// route to this peer.
+        pub async fn connect_peer(
+            &self,
+            device: &$crate::device::Device,
+            peer_id: &str,
+            opts: &$crate::session::Options,
+        ) -> Result<$crate::session::Channel<Self>, $crate::Error> {
+            self.hub.connect_peer(device, peer_id, opts).await
+        }
+
+        /// Waits for a peer's Hello, runs the handshake as responder, and returns the
+        /// caller's device id and the channel. Failed handshakes are logged and skipped;
+        /// handshakes run one at a time.
+        pub async fn accept(
+            &self,
+            device: &$crate::device::Device,
+            opts: &$crate::session::Options,
+        ) -> Result<(String, $crate::session::Channel<Self>), $crate::Error> {
+            self.hub.accept(device, opts).await
+        }
+    };
+}
+pub(crate) use link_api;
 
 /// A Hello from a new sender, with the queue of its further messages.
 struct Pending {
@@ -353,7 +440,7 @@ impl Feed {
 /// The broker-independent state of one device's broker link.
 pub(crate) struct Hub {
     router: Arc<Router>,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     accept_rx: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
 }
 
@@ -383,7 +470,7 @@ impl Hub {
         };
         let hub = Hub {
             router,
-            publisher,
+            publisher: Arc::new(publisher),
             accept_rx: tokio::sync::Mutex::new(accept_rx),
         };
         (hub, feed)

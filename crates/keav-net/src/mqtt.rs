@@ -61,58 +61,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::broker::{self, Feed, Hub, Publisher, MQTT};
-use crate::device::Device;
-use crate::session::{Channel, Options};
 use crate::Error;
 
-pub use crate::broker::{valid_device_id, LinkStats};
-
-/// Options of one MQTT [`Link`].
-#[derive(Clone)]
-pub struct LinkOptions {
-    /// The MQTT client id (default: the device id). Two connections with the same client id
-    /// push each other off the broker.
-    pub client_id: Option<String>,
-    /// MQTT user name and password, if the broker wants them (never logged).
-    pub credentials: Option<(String, String)>,
-    /// MQTT keep-alive (default 30 s).
-    pub keep_alive: Duration,
-    /// How long [`Link::connect`] waits for the broker to accept the connection and the
-    /// subscription (default 5 s).
-    pub connect_timeout: Duration,
-    /// Larger incoming payloads are dropped and counted (default 64 KiB; a record is at most
-    /// 16 KiB plus overhead). Payloads beyond four times this bound exceed the MQTT client's
-    /// packet limit: rumqttc drops the connection and the event loop reconnects.
-    pub max_payload: usize,
-    /// Peers routed at once (handshaking or with a live channel; default 1024).
-    pub max_peers: usize,
-}
-
-impl Default for LinkOptions {
-    fn default() -> Self {
-        Self {
-            client_id: None,
-            credentials: None,
-            keep_alive: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(5),
-            max_payload: 64 * 1024,
-            max_peers: 1024,
-        }
-    }
-}
-
-impl core::fmt::Debug for LinkOptions {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("LinkOptions")
-            .field("client_id", &self.client_id)
-            .field("credentials", &self.credentials.as_ref().map(|(u, _)| u))
-            .field("keep_alive", &self.keep_alive)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("max_payload", &self.max_payload)
-            .field("max_peers", &self.max_peers)
-            .finish()
-    }
-}
+pub use crate::broker::{valid_device_id, LinkOptions, LinkStats};
 
 /// The topic on which `from` sends to `to`.
 pub fn topic(to: &str, from: &str) -> String {
@@ -158,7 +109,9 @@ impl Drop for Link {
 impl Link {
     /// Connects to the broker at `broker` (`host:port`, plain TCP) as device `device_id`,
     /// subscribes to its inbox and starts the event loop. Fails if the broker does not accept
-    /// the connection and the subscription within [`LinkOptions::connect_timeout`].
+    /// the connection and the subscription within [`LinkOptions::connect_timeout`]. Payloads
+    /// beyond four times [`LinkOptions::max_payload`] exceed the MQTT client's packet limit:
+    /// rumqttc drops the connection and the event loop reconnects.
     pub async fn connect(
         broker: &str,
         device_id: &str,
@@ -211,38 +164,7 @@ impl Link {
         }
     }
 
-    /// This device's id.
-    pub fn device_id(&self) -> &str {
-        self.hub.device_id()
-    }
-
-    /// The incoming-message counters.
-    pub fn stats(&self) -> LinkStats {
-        self.hub.stats()
-    }
-
-    /// Runs the handshake as initiator with device `peer_id` (also the label under which the
-    /// device's store knows the peer) and returns the channel. Replaces any previous route to
-    /// this peer.
-    pub async fn connect_peer(
-        &self,
-        device: &Device,
-        peer_id: &str,
-        opts: &Options,
-    ) -> Result<Channel<Link>, Error> {
-        self.hub.connect_peer(device, peer_id, opts).await
-    }
-
-    /// Waits for a peer's Hello, runs the handshake as responder, and returns the caller's
-    /// device id and the channel. Failed handshakes are logged and skipped; handshakes run one
-    /// at a time.
-    pub async fn accept(
-        &self,
-        device: &Device,
-        opts: &Options,
-    ) -> Result<(String, Channel<Link>), Error> {
-        self.hub.accept(device, opts).await
-    }
+    broker::link_api!();
 }
 
 async fn event_loop(

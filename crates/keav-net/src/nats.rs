@@ -30,57 +30,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use crate::broker::{self, Feed, Hub, Publisher, NATS};
-use crate::device::Device;
-use crate::session::{Channel, Options};
 use crate::Error;
 
-pub use crate::broker::{valid_device_id, LinkStats};
-
-/// Options of one NATS [`Link`].
-#[derive(Clone)]
-pub struct LinkOptions {
-    /// The connection name the server shows (default: the device id).
-    pub client_name: Option<String>,
-    /// NATS user name and password, if the server wants them (never logged).
-    pub credentials: Option<(String, String)>,
-    /// Interval of the client's pings to the server (default 30 s).
-    pub ping_interval: Duration,
-    /// How long [`Link::connect`] waits for the server to accept the connection and the
-    /// subscription (default 5 s).
-    pub connect_timeout: Duration,
-    /// Larger incoming payloads are dropped and counted (default 64 KiB; a record is at most
-    /// 16 KiB plus overhead). The server refuses payloads beyond its own `max_payload`
-    /// (1 MiB by default) before they reach anyone.
-    pub max_payload: usize,
-    /// Peers routed at once (handshaking or with a live channel; default 1024).
-    pub max_peers: usize,
-}
-
-impl Default for LinkOptions {
-    fn default() -> Self {
-        Self {
-            client_name: None,
-            credentials: None,
-            ping_interval: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(5),
-            max_payload: 64 * 1024,
-            max_peers: 1024,
-        }
-    }
-}
-
-impl core::fmt::Debug for LinkOptions {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("LinkOptions")
-            .field("client_name", &self.client_name)
-            .field("credentials", &self.credentials.as_ref().map(|(u, _)| u))
-            .field("ping_interval", &self.ping_interval)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("max_payload", &self.max_payload)
-            .field("max_peers", &self.max_peers)
-            .finish()
-    }
-}
+pub use crate::broker::{valid_device_id, LinkOptions, LinkStats};
 
 /// The subject on which `from` sends to `to`.
 pub fn subject(to: &str, from: &str) -> String {
@@ -128,6 +80,9 @@ impl Link {
     /// Connects to the NATS server at `server` (`host:port`, plain TCP) as device
     /// `device_id`, subscribes to its inbox and starts receiving. Fails if the server does
     /// not accept the connection and the subscription within [`LinkOptions::connect_timeout`].
+    /// The client id is the NATS connection name, the keep-alive its ping interval; the server
+    /// refuses payloads beyond its own `max_payload` (1 MiB by default) before they reach
+    /// anyone.
     pub async fn connect(
         server: &str,
         device_id: &str,
@@ -154,38 +109,7 @@ impl Link {
         Ok(Link { hub, task })
     }
 
-    /// This device's id.
-    pub fn device_id(&self) -> &str {
-        self.hub.device_id()
-    }
-
-    /// The incoming-message counters.
-    pub fn stats(&self) -> LinkStats {
-        self.hub.stats()
-    }
-
-    /// Runs the handshake as initiator with device `peer_id` (also the label under which the
-    /// device's store knows the peer) and returns the channel. Replaces any previous route to
-    /// this peer.
-    pub async fn connect_peer(
-        &self,
-        device: &Device,
-        peer_id: &str,
-        opts: &Options,
-    ) -> Result<Channel<Link>, Error> {
-        self.hub.connect_peer(device, peer_id, opts).await
-    }
-
-    /// Waits for a peer's Hello, runs the handshake as responder, and returns the caller's
-    /// device id and the channel. Failed handshakes are logged and skipped; handshakes run one
-    /// at a time.
-    pub async fn accept(
-        &self,
-        device: &Device,
-        opts: &Options,
-    ) -> Result<(String, Channel<Link>), Error> {
-        self.hub.accept(device, opts).await
-    }
+    broker::link_api!();
 }
 
 /// Connects, subscribes to the inbox, and waits until the server has the subscription.
@@ -195,12 +119,12 @@ async fn connect_and_subscribe(
     options: &LinkOptions,
 ) -> Result<(async_nats::Client, async_nats::Subscriber), Error> {
     let name = options
-        .client_name
+        .client_id
         .clone()
         .unwrap_or_else(|| device_id.to_string());
     let mut co = async_nats::ConnectOptions::new()
         .name(name)
-        .ping_interval(options.ping_interval.max(Duration::from_secs(1)))
+        .ping_interval(options.keep_alive.max(Duration::from_secs(1)))
         .connection_timeout(options.connect_timeout)
         .event_callback(|e| async move { debug!(event = %e, "NATS connection event") });
     if let Some((u, p)) = &options.credentials {

@@ -193,8 +193,13 @@ async fn pairing_bulk_exchange_and_a_subscriber_sees_no_plaintext() {
         format!("keav.v1.{}.from.{}", ids[1], ids[0]),
         format!("keav.v1.{}.from.{}", ids[0], ids[1]),
     );
+    let kinds = |log: &[(String, Vec<u8>)], kind: u8| {
+        log.iter()
+            .filter(|(s, p)| s.contains(&sfx) && p.first() == Some(&kind))
+            .count()
+    };
     eve.wait_for("all records", |log| {
-        log.iter().filter(|(_, p)| p.first() == Some(&0x17)).count() >= 2 * N
+        kinds(log, 0x17) >= 2 * N && kinds(log, 0x15) == 1
     })
     .await;
     let log = eve.snapshot();
