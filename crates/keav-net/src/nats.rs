@@ -11,8 +11,8 @@
 //! - it sends to peer `P` on `keav.v1.P.from.D`.
 //!
 //! A NATS server can confine each device to its inbox and its own name with per-user
-//! permissions (subscribe `keav.v1.D.from.>`, publish `keav.v1.*.from.D`, plus `_INBOX.>` for
-//! the connection probe below). Without them the sender name in a subject is only a routing
+//! permissions (subscribe `keav.v1.D.from.>`, publish `keav.v1.*.from.D`, plus publish and
+//! subscribe `_INBOX.>` for the connection probe below). Without them the sender name in a subject is only a routing
 //! hint: the KEAV handshake authenticates the peer, never the subject.
 //!
 //! Core NATS delivers at most once: a message published while a subscriber is disconnected is
@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::broker::{self, Feed, Hub, Publisher, NATS};
 use crate::Error;
@@ -56,7 +56,8 @@ pub(crate) async fn publish(
 }
 
 /// One device's connection to a NATS server, carrying KEAV channels to peers addressed by
-/// device id. Dropping it ends the inbox subscription (its channels stop receiving).
+/// device id. Dropping it ends the inbox subscription (its channels stop receiving); the
+/// connection itself closes once its channels are gone too.
 pub struct Link {
     hub: Hub,
     task: JoinHandle<()>,
@@ -126,7 +127,16 @@ async fn connect_and_subscribe(
         .name(name)
         .ping_interval(options.keep_alive.max(Duration::from_secs(1)))
         .connection_timeout(options.connect_timeout)
-        .event_callback(|e| async move { debug!(event = %e, "NATS connection event") });
+        .event_callback(|e| async move {
+            match e {
+                async_nats::Event::Connected => info!("NATS connection (re)established"),
+                async_nats::Event::Disconnected => warn!("NATS connection lost, reconnecting"),
+                // The client's subscription buffer overflowed: messages were lost uncounted
+                // (the receive loop only queues, so this takes a flood).
+                e @ async_nats::Event::SlowConsumer(_) => warn!(event = %e, "NATS messages lost"),
+                e => debug!(event = %e, "NATS connection event"),
+            }
+        });
     if let Some((u, p)) = &options.credentials {
         co = co.user_and_password(u.clone(), p.clone());
     }

@@ -344,3 +344,28 @@ async fn bad_ids_and_unreachable_server_fail_clearly() {
     let r = l.connect_peer(&d, "bad.peer", &Options::default()).await;
     assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_calls_again_replaces_its_live_channel() {
+    if !server_up() {
+        return;
+    }
+    let (_, ids) = ids(&["a", "b"]);
+    let dir = TempDir::new().unwrap();
+    let a = device(&dir, "a", settings(Some("1357")));
+    let b = device(&dir, "b", settings(Some("1357")));
+    let (la, lb) = (link(&ids[0]).await, link(&ids[1]).await);
+    let (mut old_a, mut old_b) = pair((&la, &a), (&lb, &b)).await;
+    old_a.send(b"one").await.unwrap();
+    assert_eq!(old_b.recv().await.unwrap().unwrap(), b"one");
+
+    let (mut ca, mut cb) = pair((&la, &a), (&lb, &b)).await;
+    assert_eq!(cb.peer().session_number, 2);
+    ca.send(b"two").await.unwrap();
+    assert_eq!(cb.recv().await.unwrap().unwrap(), b"two");
+    for old in [&mut old_a, &mut old_b] {
+        let r = tokio::time::timeout(Duration::from_secs(5), old.recv()).await;
+        assert!(matches!(r, Ok(Err(Error::Shutdown))), "{r:?}");
+    }
+    assert_eq!(lb.stats().dropped_busy, 0);
+}
