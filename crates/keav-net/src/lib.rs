@@ -1,6 +1,6 @@
-//! tokio drivers for KEAV: a device with its durable store pairs with peers over TCP, UDP or
-//! an MQTT broker ([`mqtt`]) and gets an end-to-end secure channel; a rendezvous server helps
-//! devices find each other.
+//! tokio drivers for KEAV: a device with its durable store pairs with peers over TCP, UDP, an
+//! MQTT broker ([`mqtt`]) or a NATS server ([`nats`]) and gets an end-to-end secure channel;
+//! a rendezvous server helps devices find each other.
 //!
 //! The protocol work happens in the sans-IO core (`keav-proto`); this crate moves its bytes,
 //! runs its timers, keeps the store up to date through `keav_store::ledger`, and turns the
@@ -23,12 +23,14 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod broker;
 pub mod device;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded_broker;
 pub mod error;
 pub mod frame;
 pub mod mqtt;
+pub mod nats;
 pub mod rendezvous;
 pub mod session;
 pub mod tcp;

@@ -60,8 +60,9 @@ pub(crate) enum UdpTx {
         /// `None`: the socket is connected to the peer.
         peer: Option<SocketAddr>,
     },
-    /// The peer's MQTT inbox (datagrams carried as MQTT messages, [`crate::mqtt`]).
-    Mqtt(crate::mqtt::MqttTx),
+    /// The peer's inbox on a broker (datagrams carried as MQTT or NATS messages,
+    /// [`crate::broker`]).
+    Broker(crate::broker::BrokerTx),
 }
 
 impl UdpTx {
@@ -73,7 +74,7 @@ impl UdpTx {
                     None => socket.send(d).await?,
                 };
             }
-            UdpTx::Mqtt(m) => m.send(d).await?,
+            UdpTx::Broker(b) => b.send(d).await?,
         }
         Ok(())
     }
