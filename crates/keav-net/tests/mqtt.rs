@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::spy::{contains, listening, SpyLog};
 use common::{device, settings};
 use keav_net::mqtt::{Link, LinkOptions};
 use keav_net::session::Options;
@@ -21,13 +21,7 @@ use tempfile::TempDir;
 const BROKER: &str = "127.0.0.1:1883";
 
 fn broker_up() -> bool {
-    let up =
-        std::net::TcpStream::connect_timeout(&BROKER.parse().unwrap(), Duration::from_millis(500))
-            .is_ok();
-    if !up {
-        eprintln!("NOTICE: no MQTT broker on {BROKER}: MQTT test skipped");
-    }
-    up
+    listening(BROKER, "MQTT broker")
 }
 
 /// A fresh suffix so parallel runs and leftover broker state never collide.
@@ -35,13 +29,11 @@ fn suffix() -> String {
     format!("{:016x}", OsRng.next_u64())
 }
 
-type Log = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
 /// A plain MQTT client subscribed to `keav/#`: records every message, and can publish
 /// anything anywhere (the broker has no ACLs here).
 struct Eavesdropper {
     client: AsyncClient,
-    log: Log,
+    log: SpyLog,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -57,7 +49,7 @@ impl Eavesdropper {
         mo.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut ev) = AsyncClient::new(mo, 64);
         client.subscribe("keav/#", QoS::AtLeastOnce).await.unwrap();
-        let log: Log = Arc::default();
+        let log = SpyLog::default();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
         let l = log.clone();
@@ -70,9 +62,7 @@ impl Eavesdropper {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        l.lock()
-                            .unwrap()
-                            .push((p.topic.clone(), p.payload.to_vec()));
+                        l.push(p.topic.clone(), p.payload.to_vec());
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -87,39 +77,30 @@ impl Eavesdropper {
     }
 
     fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
-        self.log.lock().unwrap().clone()
+        self.log.snapshot()
     }
 
-    /// Waits (bounded) until `pred` holds for the log.
     async fn wait_for(&self, what: &str, pred: impl Fn(&[(String, Vec<u8>)]) -> bool) {
-        for _ in 0..200 {
-            if pred(&self.log.lock().unwrap()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the eavesdropper never saw {what}");
+        self.log.wait_for(what, pred).await;
     }
 
     /// Publishes and waits until the broker echoed it back (so it is queued for every
     /// subscriber before anything published afterwards).
     async fn inject(&self, topic: &str, payload: Vec<u8>) {
-        let (t, p) = (topic.to_string(), payload.clone());
-        let count = move |log: &[(String, Vec<u8>)]| {
-            log.iter().filter(|(lt, lp)| *lt == t && *lp == p).count()
-        };
-        let before = count(&self.log.lock().unwrap());
+        let before = self.log.count(topic, &payload);
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
             .await
             .unwrap();
-        self.wait_for("its own message", move |log| count(log) > before)
-            .await;
+        let t = topic.to_string();
+        self.wait_for("its own message", move |log| {
+            log.iter()
+                .filter(|(lt, lp)| *lt == t && *lp == payload)
+                .count()
+                > before
+        })
+        .await;
     }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 fn body(from: &str, i: usize, sfx: &str) -> Vec<u8> {

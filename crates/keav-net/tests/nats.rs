@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::spy::{contains, listening, SpyLog};
 use common::{device, settings};
 use futures_util::StreamExt;
 use keav_net::nats::{Link, LinkOptions};
@@ -21,12 +21,7 @@ use tempfile::TempDir;
 const SERVER: &str = "127.0.0.1:4222";
 
 fn server_up() -> bool {
-    let addr = SERVER.parse().unwrap();
-    let up = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok();
-    if !up {
-        eprintln!("NOTICE: no NATS server on {SERVER}: NATS test skipped");
-    }
-    up
+    listening(SERVER, "NATS server")
 }
 
 /// Fresh device ids (random suffix) so parallel runs never collide.
@@ -36,13 +31,11 @@ fn ids(names: &[&str]) -> (String, Vec<String>) {
     (sfx, ids)
 }
 
-type Log = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
 /// A plain NATS client subscribed to `keav.>`: records every message and can publish anywhere
 /// (the server has no permissions set here).
 struct Eve {
     client: async_nats::Client,
-    log: Log,
+    log: SpyLog,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -56,49 +49,41 @@ impl Eve {
     async fn start() -> Eve {
         let client = async_nats::connect(SERVER).await.unwrap();
         let mut sub = client.subscribe("keav.>").await.unwrap();
-        let log: Log = Arc::default();
+        let log = SpyLog::default();
         let l = log.clone();
         let task = tokio::spawn(async move {
             while let Some(m) = sub.next().await {
-                let entry = (m.subject.to_string(), m.payload.to_vec());
-                l.lock().unwrap().push(entry);
+                l.push(m.subject.to_string(), m.payload.to_vec());
             }
         });
         Eve { client, log, task }
     }
 
     fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
-        self.log.lock().unwrap().clone()
+        self.log.snapshot()
     }
 
-    /// Waits (bounded) until `pred` holds for the log.
     async fn wait_for(&self, what: &str, pred: impl Fn(&[(String, Vec<u8>)]) -> bool) {
-        for _ in 0..200 {
-            if pred(&self.log.lock().unwrap()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the eavesdropper never saw {what}");
+        self.log.wait_for(what, pred).await;
     }
 
     /// Publishes and waits until the server echoed it back to us (the server then handled it
     /// before anything published afterwards).
     async fn inject(&self, subject: &str, payload: Vec<u8>) {
-        let entry = (subject.to_string(), payload.clone());
-        let count = move |log: &[(String, Vec<u8>)]| log.iter().filter(|e| **e == entry).count();
-        let before = count(&self.log.lock().unwrap());
+        let before = self.log.count(subject, &payload);
         self.client
-            .publish(subject.to_string(), payload.into())
+            .publish(subject.to_string(), payload.clone().into())
             .await
             .unwrap();
-        self.wait_for("its own message", move |log| count(log) > before)
-            .await;
+        let s = subject.to_string();
+        self.wait_for("its own message", move |log| {
+            log.iter()
+                .filter(|(lt, lp)| *lt == s && *lp == payload)
+                .count()
+                > before
+        })
+        .await;
     }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 fn body(from: &str, i: usize, sfx: &str) -> Vec<u8> {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod spy;
+
 use std::time::Duration;
 
 use keav_net::device::{Device, DeviceSettings};
