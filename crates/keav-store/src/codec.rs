@@ -49,14 +49,14 @@ fn check(key: &[u8], sealed_part: &[u8]) -> [u8; CHECK_LEN] {
 }
 
 /// Appends the checksum to `buf` (which holds tag, version and body).
-fn seal(key: &[u8], mut buf: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
+pub(crate) fn seal(key: &[u8], mut buf: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
     let c = check(key, &buf);
     buf.extend_from_slice(&c);
     buf
 }
 
 /// Verifies the checksum and returns the sealed part (tag, version, body).
-fn unseal<'a>(key: &[u8], bytes: &'a [u8]) -> Option<&'a [u8]> {
+pub(crate) fn unseal<'a>(key: &[u8], bytes: &'a [u8]) -> Option<&'a [u8]> {
     let split = bytes.len().checked_sub(CHECK_LEN)?;
     let (sealed, c) = bytes.split_at(split);
     let expected = check(key, sealed);

@@ -9,6 +9,8 @@
 //!   outcome of the last verification;
 //! - three **indexes** (by ZID, by label, and by the initiator retained-secret ID
 //!   `rs1IDi`/`rs2IDi` of RFC 6189 §4.3.1, which paranoid mode looks peers up by).
+//! - the **channel states** of durable channels, per (peer, channel id): the record layer's
+//!   sealer and opener states ([`Store::put_channel_state`], [`ChannelState`]).
 //!
 //! Every change is one redb write transaction committed with `Durability::Immediate` (fsync
 //! before [`Store::commit_session`] returns): the record, its index entries and the counters
@@ -51,10 +53,10 @@
 //!   stranger) and, per PROTOCOL.md §4, accept it only if the equality test passes with a
 //!   verification secret (or their policy allows re-pairing).
 //!
-//! Erasure: [`Store::forget`] removes the record and its index entries in one transaction, and
-//! every in-memory copy of a secret made by this crate is zeroized. redb is copy-on-write, so
-//! the bytes of freed pages stay in the file until the pages are reused; protect the file
-//! itself (permissions, disk encryption) accordingly.
+//! Erasure: [`Store::forget`] removes the record, its index entries and its channel states in
+//! one transaction, and every in-memory copy of a secret made by this crate is zeroized. redb
+//! is copy-on-write, so the bytes of freed pages stay in the file until the pages are reused;
+//! protect the file itself (permissions, disk encryption) accordingly.
 //!
 //! [redb]: https://docs.rs/redb/2
 #![cfg_attr(
@@ -67,11 +69,13 @@
     )
 )]
 
+mod channels;
 mod codec;
 pub mod ledger;
 #[cfg(test)]
 mod tests;
 
+pub use channels::ChannelState;
 use hmac::{Hmac, Mac};
 use keav_proto::cache::{CacheUpdate, LockoutPolicy, Mode, PeerCache, Verification, Zid};
 use keav_proto::secret::Secret32;
@@ -180,6 +184,18 @@ pub enum Error {
     CorruptRecord {
         /// Handle of the damaged record.
         peer: PeerId,
+    },
+    /// One channel-state record failed its integrity check.
+    #[error(
+        "stored state of channel {channel} with peer {} failed its integrity check; delete it \
+         with delete_channel_state (the channel then has to be established again)",
+        hex(.peer)
+    )]
+    CorruptChannel {
+        /// The peer of the damaged channel.
+        peer: PeerId,
+        /// The channel id.
+        channel: u32,
     },
     /// No record with this handle.
     #[error("no such peer")]
@@ -917,11 +933,13 @@ impl Store {
         })
     }
 
-    /// Removes the record and all its index entries; returns whether it existed.
+    /// Removes the record, all its index entries and its channel states; returns whether the
+    /// record existed.
     pub fn forget(&self, id: &PeerId) -> Result<bool, Error> {
         self.write(|txn| {
             let existed = txn.open_table(PEERS)?.remove(id.as_slice())?.is_some();
             scrub_indexes(txn, id)?;
+            channels::remove_peer(txn, id)?;
             Ok(existed)
         })
     }

@@ -88,8 +88,54 @@
 //! distance. The window is updated only after the record authenticated, so a forged or
 //! damaged record never moves it. Any failure leaves the opener usable; drop the record and
 //! carry on. The record is decrypted in place and the plaintext returned as a sub-slice.
+//!
+//! # Persisted state
+//!
+//! For durable channels (docs/MESSAGING.md) [`Sealer::export_state`] / [`Sealer::from_state`]
+//! and [`Opener::export_state`] / [`Opener::from_state`] convert between the live objects and
+//! [`SealerState`] / [`OpenerState`], which `encode` to and `decode` from bytes. The AEAD
+//! state is never stored: the first record after a restore rebuilds it from the chain key, as
+//! after [`Sealer::compact`].
+//!
+//! ## What is kept, what is lost
+//!
+//! - Sealer: AEAD, ratchet policy, KDF context, epoch, chain key of that epoch, next sequence
+//!   number and records sealed in the epoch. The *time* of the epoch restarts at the
+//!   `now_ms` given to [`Sealer::from_state`] (durable channels ratchet by count only).
+//! - Opener: AEAD, the grace period of the previous epoch, KDF context, epoch, chain key,
+//!   replay window (highest accepted sequence number and bitmap), records received and the
+//!   in-order flag. The previous epoch's grace copy is **not** kept: a restored opener
+//!   refuses records of the epoch before its current one ([`RecordError::StaleEpoch`]).
+//!   Only the chain key of the current epoch is stored, from which earlier epochs cannot be
+//!   derived.
+//! - A closed sealer or opener exports nothing (`None`).
+//!
+//! Safety of a restore depends on the caller storing the sealer state **before** any record
+//! sealed after the export leaves the process; a sealer restored from an older state would
+//! seal sequence numbers again (nonce reuse). keav-store's outbox does this in one
+//! transaction.
+//!
+//! ## Encoding (version 1)
+//!
+//! All integers big-endian. No checksum: keav-store checksums its records.
+//!
+//! ```text
+//! SealerState:  "KVSS" | version 1 | AEAD wire id (4) | every_records_log2 u8 | every_ms u64
+//!               | ctx_len u16 | ctx | epoch u32 | chain key (32) | next_seq u64
+//!               | epoch_records u64
+//! OpenerState:  "KVOS" | version 1 | AEAD wire id (4) | grace_ms u64 | ctx_len u16 | ctx
+//!               | epoch u32 | chain key (32) | flags u8 (bit 0 in-order, bit 1 window
+//!               non-empty) | highest u64 | bitmap 16 x u64 | received u64
+//! ```
+//!
+//! Decoding refuses: another magic or version, an unknown AEAD, a KDF context longer than
+//! [`MAX_STATE_KDF_CONTEXT`], unknown flag bits, trailing bytes, and states no sealer or
+//! opener can reach (for example `next_seq == u64::MAX`, more records in the epoch than
+//! sealed in all, an epoch ahead of the sequence numbers, a window bit set for a number above
+//! the highest one, more bits set than records received).
 
 mod keys;
+mod state;
 mod window;
 
 #[cfg(test)]
@@ -102,6 +148,7 @@ use crate::handshake::{Role, SessionOutcome};
 use crate::secret::Secret32;
 
 use keys::Cipher;
+pub use state::{OpenerState, SealerState, MAX_STATE_KDF_CONTEXT};
 use window::ReplayWindow;
 pub use window::REPLAY_WINDOW;
 
@@ -195,6 +242,10 @@ pub enum RecordError {
     /// The channel was closed (sealer: close sent or exhausted; opener: close received).
     #[error("channel closed")]
     Closed,
+    /// A persisted sealer or opener state is malformed or inconsistent
+    /// ([`SealerState::decode`], [`OpenerState::decode`]); the reason names the field.
+    #[error("bad channel state: {0}")]
+    BadState(&'static str),
 }
 
 /// What an opened record carried.

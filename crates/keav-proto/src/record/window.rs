@@ -6,7 +6,7 @@ use super::RecordError;
 /// `REPLAY_WINDOW - 1` below it.
 pub const REPLAY_WINDOW: u64 = 1024;
 
-const WORDS: usize = (REPLAY_WINDOW / 64) as usize;
+pub(super) const WORDS: usize = (REPLAY_WINDOW / 64) as usize;
 
 /// A bitmap ring indexed by `seq mod REPLAY_WINDOW`; a bit is set when that sequence number
 /// was accepted. Bits of sequence numbers below the window are meaningless (those are refused
@@ -19,7 +19,7 @@ pub(super) struct ReplayWindow {
 
 /// Word index and bit mask of `seq` in the ring. The mask on the index keeps it in bounds.
 #[inline]
-fn position(seq: u64) -> (usize, u64) {
+pub(super) fn position(seq: u64) -> (usize, u64) {
     let i = seq % REPLAY_WINDOW;
     (((i / 64) as usize) & (WORDS - 1), 1u64 << (i % 64))
 }
@@ -93,6 +93,16 @@ impl ReplayWindow {
         }
         let (w, m) = position(seq);
         self.bits[w] |= m;
+    }
+
+    /// The window's content (highest accepted number, bitmap), for persisting it.
+    pub(super) fn parts(&self) -> (Option<u64>, [u64; WORDS]) {
+        (self.highest, self.bits)
+    }
+
+    /// Rebuilds a window from [`ReplayWindow::parts`]. The caller validates the parts.
+    pub(super) fn from_parts(highest: Option<u64>, bits: [u64; WORDS]) -> Self {
+        ReplayWindow { highest, bits }
     }
 
     /// The highest sequence number accepted so far.
