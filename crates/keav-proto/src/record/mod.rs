@@ -112,8 +112,8 @@
 //!
 //! Safety of a restore depends on the caller storing the sealer state **before** any record
 //! sealed after the export leaves the process; a sealer restored from an older state would
-//! seal sequence numbers again (nonce reuse). keav-store's outbox does this in one
-//! transaction.
+//! seal sequence numbers again (nonce reuse). The planned outbox (docs/MESSAGING.md) stores
+//! each sealed record with the sealer state that produced it in one transaction.
 //!
 //! ## Encoding (version 1)
 //!
