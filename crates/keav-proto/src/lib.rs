@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod codec;
 pub mod crypto;
+pub mod delivery;
 pub mod error;
 pub mod handshake;
 pub mod msg;

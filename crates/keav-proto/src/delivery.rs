@@ -1,0 +1,747 @@
+//! Exactly-once, in-order delivery over a lossy carrier (docs/MESSAGING.md, "Delivery").
+//!
+//! Pure logic, sans-IO: no clock (`now_ms` is passed in), no persistence (the caller stores
+//! the state; every field it needs is readable through a getter).
+//!
+//! * [`Inbox`] (receiver): a bounded reorder buffer. [`Inbox::admit`] is the *cheap check*
+//!   made before a record is opened (a record the opener authenticates is marked as seen, so
+//!   the inbox must never refuse it afterwards); [`Inbox::insert`] stores an authenticated
+//!   payload, [`Inbox::pop`] releases messages in sequence order, [`Inbox::ack`] is the
+//!   cumulative end-to-end ack to send back.
+//! * [`Outbox`] (sender): a bounded store of sealed records kept until an end-to-end ack
+//!   covers them, resent with exponential backoff. When full it rejects new records and never
+//!   drops old ones.
+//!
+//! Both are bounded in records and bytes, and refuse bad input with a [`DeliveryError`]
+//! rather than panicking.
+
+use std::collections::{BTreeMap, VecDeque};
+
+/// Why a delivery operation was refused. Nothing is changed when one is returned.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// The limits cannot work (the reason names the field).
+    #[error("bad delivery limits: {0}")]
+    BadLimits(&'static str),
+    /// Inbox: the sequence number was already released or is already buffered.
+    #[error("duplicate message")]
+    Duplicate,
+    /// Inbox: the sequence number is beyond the reorder window (the sender will resend).
+    #[error("message too far ahead of the reorder window")]
+    TooFarAhead,
+    /// Inbox: the reorder buffer's byte bound has no room (the sender will resend).
+    #[error("inbox byte bound reached")]
+    NoRoom,
+    /// Inbox: the payload is longer than [`InboxLimits::max_payload`].
+    #[error("payload longer than the inbox allows")]
+    PayloadTooLong,
+    /// Outbox: the record or byte bound is reached (new records are rejected, old ones kept).
+    #[error("outbox full")]
+    Full,
+    /// Outbox: sequence numbers must be strictly increasing.
+    #[error("sequence number not above the last one pushed")]
+    NotIncreasing,
+    /// Outbox: the ack is older than one already applied (reordered or replayed).
+    #[error("stale ack")]
+    StaleAck,
+    /// Outbox: the ack covers sequence numbers that were never pushed (forged or confused).
+    #[error("ack beyond the records pushed")]
+    AckBeyondPushed,
+}
+
+/// Bounds of an [`Inbox`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboxLimits {
+    /// Reorder window: sequence numbers from the next one to release up to (excluded)
+    /// `next_expected + max_pending` are accepted; so at most this many messages are held.
+    pub max_pending: usize,
+    /// Bound on the payload bytes held (released messages no longer count).
+    pub max_pending_bytes: usize,
+    /// Longest payload accepted (for example [`crate::record::MAX_PLAINTEXT`]). The inbox
+    /// keeps room for one such payload for the next missing message, so a buffer filled by
+    /// early messages can never block the one the application is waiting for.
+    pub max_payload: usize,
+}
+
+impl InboxLimits {
+    /// Limits with `max_payload` = [`crate::record::MAX_PLAINTEXT`].
+    pub fn new(max_pending: usize, max_pending_bytes: usize) -> Self {
+        Self {
+            max_pending,
+            max_pending_bytes,
+            max_payload: crate::record::MAX_PLAINTEXT,
+        }
+    }
+}
+
+/// Answer of the cheap check [`Inbox::admit`], made before a record is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Open the record; [`Inbox::insert`] will take its payload (up to `max_payload` bytes).
+    Accept,
+    /// Already released or buffered: drop without opening.
+    Duplicate,
+    /// Beyond the reorder window: drop uncommitted, the sender will resend.
+    TooFarAhead,
+    /// Within the window but the byte bound has no room now: drop uncommitted, the sender
+    /// will resend (room comes back as the application pops messages).
+    NoRoom,
+}
+
+/// Receiver side: a bounded reorder buffer releasing messages exactly once, in order.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    limits: InboxLimits,
+    /// Next sequence number [`Inbox::pop`] will release; everything below was released.
+    next_expected: u64,
+    /// Lowest sequence number at or above `next_expected` that is not buffered.
+    contiguous: u64,
+    pending: BTreeMap<u64, Vec<u8>>,
+    pending_bytes: usize,
+}
+
+impl Inbox {
+    /// An empty inbox whose next message to release is `next_expected`.
+    ///
+    /// Refuses limits with `max_pending == 0`, `max_payload == 0` or
+    /// `max_pending_bytes < max_payload` (no message could ever be taken).
+    pub fn new(next_expected: u64, limits: InboxLimits) -> Result<Self, DeliveryError> {
+        if limits.max_pending == 0 {
+            return Err(DeliveryError::BadLimits("max_pending"));
+        }
+        if limits.max_payload == 0 {
+            return Err(DeliveryError::BadLimits("max_payload"));
+        }
+        if limits.max_pending_bytes < limits.max_payload {
+            return Err(DeliveryError::BadLimits("max_pending_bytes"));
+        }
+        Ok(Self {
+            limits,
+            next_expected,
+            contiguous: next_expected,
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+        })
+    }
+
+    /// The limits this inbox enforces.
+    pub fn limits(&self) -> InboxLimits {
+        self.limits
+    }
+
+    /// Next sequence number to release; every number below it was released by [`Inbox::pop`].
+    pub fn next_expected(&self) -> u64 {
+        self.next_expected
+    }
+
+    /// The cumulative end-to-end ack: every sequence number below it is held by the inbox
+    /// or was released (docs/MESSAGING.md: "the highest contiguous sequence number committed
+    /// to the inbox"). Only send it once the caller has persisted the inbox.
+    pub fn ack(&self) -> u64 {
+        self.contiguous
+    }
+
+    /// Number of messages held (buffered or ready, not yet popped).
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Payload bytes held.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
+    /// The held messages in sequence order (for persisting them).
+    pub fn pending_messages(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.pending.iter().map(|(s, p)| (*s, p.as_slice()))
+    }
+
+    /// Exclusive end of the reorder window.
+    fn window_end(&self) -> u64 {
+        let max = u64::try_from(self.limits.max_pending).unwrap_or(u64::MAX);
+        self.next_expected.saturating_add(max)
+    }
+
+    /// Bytes that must stay free after taking `seq`: room for one payload of the next
+    /// missing message, unless `seq` is that message.
+    fn reserve_for(&self, seq: u64) -> usize {
+        if seq == self.contiguous {
+            0
+        } else {
+            self.limits.max_payload
+        }
+    }
+
+    /// Whether `len` more payload bytes for `seq` fit in the byte bound.
+    fn fits(&self, seq: u64, len: usize) -> bool {
+        self.pending_bytes
+            .checked_add(len)
+            .and_then(|n| n.checked_add(self.reserve_for(seq)))
+            .is_some_and(|n| n <= self.limits.max_pending_bytes)
+    }
+
+    /// The cheap check made before opening the record numbered `seq`. If it says
+    /// [`Admission::Accept`], an [`Inbox::insert`] of `seq` with a payload of at most
+    /// `max_payload` bytes made before any other change succeeds.
+    pub fn admit(&self, seq: u64) -> Admission {
+        if seq < self.next_expected || self.pending.contains_key(&seq) {
+            Admission::Duplicate
+        } else if seq >= self.window_end() {
+            Admission::TooFarAhead
+        } else if !self.fits(seq, self.limits.max_payload) {
+            Admission::NoRoom
+        } else {
+            Admission::Accept
+        }
+    }
+
+    /// Stores the authenticated payload of message `seq`. Refuses what [`Inbox::admit`]
+    /// would refuse (checking the actual payload length), and changes nothing then.
+    pub fn insert(&mut self, seq: u64, payload: Vec<u8>) -> Result<(), DeliveryError> {
+        if payload.len() > self.limits.max_payload {
+            return Err(DeliveryError::PayloadTooLong);
+        }
+        if seq < self.next_expected || self.pending.contains_key(&seq) {
+            return Err(DeliveryError::Duplicate);
+        }
+        if seq >= self.window_end() {
+            return Err(DeliveryError::TooFarAhead);
+        }
+        if !self.fits(seq, payload.len()) {
+            return Err(DeliveryError::NoRoom);
+        }
+        self.pending_bytes += payload.len();
+        self.pending.insert(seq, payload);
+        while self.pending.contains_key(&self.contiguous) {
+            // `contiguous` < window end <= u64::MAX, so this cannot overflow.
+            self.contiguous = self.contiguous.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// Releases the next message in sequence order, if it has arrived.
+    pub fn pop(&mut self) -> Option<(u64, Vec<u8>)> {
+        let seq = self.next_expected;
+        let payload = self.pending.remove(&seq)?;
+        self.pending_bytes -= payload.len();
+        self.next_expected = seq.saturating_add(1);
+        Some((seq, payload))
+    }
+}
+
+/// Bounds and resend timing of an [`Outbox`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutboxLimits {
+    /// Most records held.
+    pub max_records: usize,
+    /// Most record bytes held.
+    pub max_bytes: usize,
+    /// Delay before the first resend of a record, in milliseconds.
+    pub rto_initial_ms: u64,
+    /// Cap of the resend delay, which doubles after each resend.
+    pub rto_max_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    seq: u64,
+    record: Vec<u8>,
+    /// When the record is due (first send: the push time; then the resend time).
+    due_ms: u64,
+    /// Delay used for the next resend.
+    rto_ms: u64,
+}
+
+/// Sender side: keeps sealed records until an end-to-end ack covers them, resending with
+/// exponential backoff.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    limits: OutboxLimits,
+    /// In sequence order; the first `sent` entries were transmitted at least once.
+    entries: VecDeque<Entry>,
+    sent: usize,
+    bytes: usize,
+    /// Highest cumulative ack applied.
+    acked: u64,
+    /// One above the last sequence number pushed (0 before any push).
+    end: u64,
+}
+
+impl Outbox {
+    /// An empty outbox. Refuses zero bounds, `rto_initial_ms == 0` and
+    /// `rto_max_ms < rto_initial_ms`.
+    pub fn new(limits: OutboxLimits) -> Result<Self, DeliveryError> {
+        if limits.max_records == 0 {
+            return Err(DeliveryError::BadLimits("max_records"));
+        }
+        if limits.max_bytes == 0 {
+            return Err(DeliveryError::BadLimits("max_bytes"));
+        }
+        if limits.rto_initial_ms == 0 {
+            return Err(DeliveryError::BadLimits("rto_initial_ms"));
+        }
+        if limits.rto_max_ms < limits.rto_initial_ms {
+            return Err(DeliveryError::BadLimits("rto_max_ms"));
+        }
+        Ok(Self {
+            limits,
+            entries: VecDeque::new(),
+            sent: 0,
+            bytes: 0,
+            acked: 0,
+            end: 0,
+        })
+    }
+
+    /// The limits this outbox enforces.
+    pub fn limits(&self) -> OutboxLimits {
+        self.limits
+    }
+
+    /// Number of records held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Record bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Highest cumulative ack applied so far.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// One above the last sequence number pushed (0 before any push).
+    pub fn next_seq_floor(&self) -> u64 {
+        self.end
+    }
+
+    /// The held records in sequence order (for persisting them).
+    pub fn records(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.entries.iter().map(|e| (e.seq, e.record.as_slice()))
+    }
+
+    /// Stores `record` (sequence number `seq`, strictly above the previous one) to be sent
+    /// from `now_ms` on. A full outbox returns [`DeliveryError::Full`] and keeps what it has.
+    pub fn push(&mut self, seq: u64, record: Vec<u8>, now_ms: u64) -> Result<(), DeliveryError> {
+        if seq < self.end || seq < self.acked {
+            return Err(DeliveryError::NotIncreasing);
+        }
+        let bytes = self.bytes.checked_add(record.len());
+        if self.entries.len() >= self.limits.max_records
+            || bytes.is_none_or(|b| b > self.limits.max_bytes)
+        {
+            return Err(DeliveryError::Full);
+        }
+        self.bytes += record.len();
+        self.entries.push_back(Entry {
+            seq,
+            record,
+            due_ms: now_ms,
+            rto_ms: self.limits.rto_initial_ms,
+        });
+        self.end = seq.saturating_add(1);
+        Ok(())
+    }
+
+    /// The next record to put on the carrier at `now_ms`: never-sent records first (in
+    /// order), then the record whose resend time passed earliest. Each resend doubles the
+    /// record's delay, up to `rto_max_ms`.
+    pub fn poll_transmit(&mut self, now_ms: u64) -> Option<(u64, &[u8])> {
+        let idx = if self.sent < self.entries.len() {
+            self.sent += 1;
+            self.sent - 1
+        } else {
+            let (idx, e) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.due_ms)?;
+            if e.due_ms > now_ms {
+                return None;
+            }
+            idx
+        };
+        let max = self.limits.rto_max_ms;
+        let e = self.entries.get_mut(idx)?;
+        e.due_ms = now_ms.saturating_add(e.rto_ms);
+        e.rto_ms = e.rto_ms.saturating_mul(2).min(max);
+        Some((e.seq, e.record.as_slice()))
+    }
+
+    /// Earliest time at which [`Outbox::poll_transmit`] has something to send (a never-sent
+    /// record is due from its push time), or `None` when the outbox is empty.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.entries.iter().map(|e| e.due_ms).min()
+    }
+
+    /// Applies a cumulative ack: every record numbered below `cumulative` is dropped; returns
+    /// how many. An ack below one already applied ([`DeliveryError::StaleAck`]) or above
+    /// everything pushed ([`DeliveryError::AckBeyondPushed`]) changes nothing.
+    pub fn on_ack(&mut self, cumulative: u64) -> Result<usize, DeliveryError> {
+        if cumulative < self.acked {
+            return Err(DeliveryError::StaleAck);
+        }
+        if cumulative > self.end {
+            return Err(DeliveryError::AckBeyondPushed);
+        }
+        self.acked = cumulative;
+        let mut dropped = 0;
+        while let Some(e) = self.entries.front() {
+            if e.seq >= cumulative {
+                break;
+            }
+            self.bytes -= e.record.len();
+            self.entries.pop_front();
+            dropped += 1;
+        }
+        self.sent = self.sent.saturating_sub(dropped);
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn small_inbox(next: u64, max_pending: usize, max_bytes: usize) -> Inbox {
+        Inbox::new(
+            next,
+            InboxLimits {
+                max_pending,
+                max_pending_bytes: max_bytes,
+                max_payload: 8,
+            },
+        )
+        .unwrap()
+    }
+
+    fn outbox(max_records: usize, max_bytes: usize) -> Outbox {
+        Outbox::new(OutboxLimits {
+            max_records,
+            max_bytes,
+            rto_initial_ms: 100,
+            rto_max_ms: 1000,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn inbox_bad_limits_refused() {
+        let l = InboxLimits::new(0, 1 << 20);
+        assert_eq!(
+            Inbox::new(0, l).unwrap_err(),
+            DeliveryError::BadLimits("max_pending")
+        );
+        let l = InboxLimits::new(4, 100);
+        assert_eq!(
+            Inbox::new(0, l).unwrap_err(),
+            DeliveryError::BadLimits("max_pending_bytes")
+        );
+        assert_eq!(
+            InboxLimits::new(4, 1).max_payload,
+            crate::record::MAX_PLAINTEXT
+        );
+    }
+
+    #[test]
+    fn inbox_admission_and_order() {
+        let mut ib = small_inbox(10, 4, 64);
+        assert_eq!(ib.admit(9), Admission::Duplicate);
+        assert_eq!(ib.admit(14), Admission::TooFarAhead);
+        assert_eq!(ib.admit(13), Admission::Accept);
+        ib.insert(12, b"c".to_vec()).unwrap();
+        assert_eq!(ib.admit(12), Admission::Duplicate);
+        assert_eq!(ib.insert(12, b"x".to_vec()), Err(DeliveryError::Duplicate));
+        assert_eq!(
+            ib.insert(14, b"x".to_vec()),
+            Err(DeliveryError::TooFarAhead)
+        );
+        assert_eq!(ib.pop(), None);
+        assert_eq!(ib.ack(), 10);
+        ib.insert(10, b"a".to_vec()).unwrap();
+        assert_eq!(ib.ack(), 11);
+        ib.insert(11, b"b".to_vec()).unwrap();
+        assert_eq!(ib.ack(), 13);
+        assert_eq!((ib.pending(), ib.pending_bytes()), (3, 3));
+        assert_eq!(ib.pop(), Some((10, b"a".to_vec())));
+        assert_eq!(ib.pop(), Some((11, b"b".to_vec())));
+        assert_eq!(ib.pop(), Some((12, b"c".to_vec())));
+        assert_eq!(ib.pop(), None);
+        assert_eq!((ib.next_expected(), ib.ack()), (13, 13));
+        assert_eq!((ib.pending(), ib.pending_bytes()), (0, 0));
+        assert_eq!(ib.admit(12), Admission::Duplicate);
+        assert_eq!(ib.admit(16), Admission::Accept);
+    }
+
+    #[test]
+    fn inbox_byte_bound_keeps_room_for_the_missing_message() {
+        // 24 bytes, payloads up to 8: early messages may use 16, the missing one the rest.
+        let mut ib = small_inbox(0, 100, 24);
+        ib.insert(1, vec![0; 8]).unwrap();
+        ib.insert(2, vec![0; 8]).unwrap();
+        assert_eq!(ib.admit(3), Admission::NoRoom);
+        assert_eq!(ib.insert(3, vec![0; 1]), Err(DeliveryError::NoRoom));
+        assert_eq!(ib.admit(0), Admission::Accept);
+        assert_eq!(ib.insert(0, vec![0; 9]), Err(DeliveryError::PayloadTooLong));
+        ib.insert(0, vec![0; 8]).unwrap();
+        assert_eq!(ib.pending_bytes(), 24);
+        assert_eq!(ib.ack(), 3);
+        // Full: even the next missing message waits for the application to pop.
+        assert_eq!(ib.admit(3), Admission::NoRoom);
+        assert_eq!(ib.pop().map(|m| m.0), Some(0));
+        assert_eq!(ib.admit(3), Admission::Accept);
+        assert_eq!(ib.admit(4), Admission::NoRoom);
+    }
+
+    #[test]
+    fn inbox_window_at_the_top_of_the_sequence_space() {
+        // The record layer never sends u64::MAX; the window ends below it.
+        let mut ib = small_inbox(u64::MAX - 2, 4, 64);
+        assert_eq!(ib.admit(u64::MAX), Admission::TooFarAhead);
+        ib.insert(u64::MAX - 1, vec![1]).unwrap();
+        ib.insert(u64::MAX - 2, vec![2]).unwrap();
+        assert_eq!(ib.ack(), u64::MAX);
+        assert_eq!(ib.pop(), Some((u64::MAX - 2, vec![2])));
+        assert_eq!(ib.pop(), Some((u64::MAX - 1, vec![1])));
+        assert_eq!(ib.pop(), None);
+        assert_eq!(ib.admit(0), Admission::Duplicate);
+        assert_eq!(ib.admit(u64::MAX), Admission::TooFarAhead);
+    }
+
+    proptest! {
+        /// Any permutation with duplicates of 0..n, dropped-and-resent when refused, comes
+        /// out as 0..n exactly once, in order, without exceeding the bounds.
+        #[test]
+        fn inbox_permutations_deliver_exactly_once_in_order(
+            n in 1usize..80,
+            max_pending in 1usize..12,
+            extra_bytes in 0usize..40,
+            seed in any::<u64>(),
+        ) {
+            use rand::{seq::SliceRandom, Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let max_bytes = 8 + extra_bytes;
+            let mut ib = small_inbox(0, max_pending, max_bytes);
+            let len = |s: u64| (s % 9) as usize; // 0..=8 bytes
+            let mut net: Vec<u64> = (0..n as u64).collect();
+            for _ in 0..rng.gen_range(0..=n) {
+                net.push(rng.gen_range(0..n as u64));
+            }
+            net.shuffle(&mut rng);
+            let mut net: VecDeque<u64> = net.into();
+            let mut out = Vec::new();
+            let mut steps = 0;
+            while out.len() < n {
+                steps += 1;
+                prop_assert!(steps < 100 * n * (n + 1), "no progress");
+                if let Some(seq) = net.pop_front() {
+                    match ib.admit(seq) {
+                        Admission::Accept => ib.insert(seq, vec![seq as u8; len(seq)]).unwrap(),
+                        Admission::Duplicate => {
+                            prop_assert!(seq < ib.next_expected() || ib.pending_messages().any(|m| m.0 == seq));
+                            prop_assert_eq!(ib.insert(seq, vec![0; 1]), Err(DeliveryError::Duplicate));
+                        }
+                        Admission::TooFarAhead | Admission::NoRoom => {
+                            prop_assert!(ib.insert(seq, vec![0; 8]).is_err());
+                            net.push_back(seq); // the sender resends
+                        }
+                    }
+                }
+                prop_assert!(ib.pending() <= max_pending);
+                prop_assert!(ib.pending_bytes() <= max_bytes);
+                // A slow application: pops only sometimes.
+                if rng.gen_bool(0.5) || net.is_empty() {
+                    while let Some((seq, p)) = ib.pop() {
+                        prop_assert_eq!(p, vec![seq as u8; len(seq)]);
+                        out.push(seq);
+                    }
+                }
+                prop_assert!(ib.ack() >= ib.next_expected());
+            }
+            prop_assert_eq!(out, (0..n as u64).collect::<Vec<_>>());
+            prop_assert_eq!((ib.pending(), ib.pending_bytes()), (0, 0));
+        }
+
+        /// No sequence of operations panics or breaks the bounds.
+        #[test]
+        fn inbox_arbitrary_input_respects_bounds(
+            ops in proptest::collection::vec((any::<bool>(), 0u64..40, 0usize..12), 0..200),
+        ) {
+            let mut ib = small_inbox(3, 5, 20);
+            for (pop, seq, len) in ops {
+                if pop {
+                    let before = ib.next_expected();
+                    if let Some((s, _)) = ib.pop() {
+                        prop_assert_eq!(s, before);
+                    }
+                } else {
+                    let adm = ib.admit(seq);
+                    let res = ib.insert(seq, vec![0; len]);
+                    match adm {
+                        // Admit is the promise: an accepted record's payload is taken.
+                        Admission::Accept => prop_assert!(len > 8 || res.is_ok()),
+                        Admission::Duplicate => prop_assert!(res == Err(DeliveryError::Duplicate) || len > 8),
+                        Admission::TooFarAhead => prop_assert!(res.is_err()),
+                        // Admit assumes the longest payload; a shorter one may still fit.
+                        Admission::NoRoom => prop_assert!(len < 8 || res.is_err()),
+                    }
+                }
+                prop_assert!(ib.pending() <= 5);
+                prop_assert!(ib.pending_bytes() <= 20);
+            }
+        }
+    }
+
+    #[test]
+    fn outbox_bad_limits_refused() {
+        let ok = OutboxLimits {
+            max_records: 1,
+            max_bytes: 1,
+            rto_initial_ms: 1,
+            rto_max_ms: 1,
+        };
+        assert!(Outbox::new(ok).is_ok());
+        for (l, why) in [
+            (
+                OutboxLimits {
+                    max_records: 0,
+                    ..ok
+                },
+                "max_records",
+            ),
+            (OutboxLimits { max_bytes: 0, ..ok }, "max_bytes"),
+            (
+                OutboxLimits {
+                    rto_initial_ms: 0,
+                    ..ok
+                },
+                "rto_initial_ms",
+            ),
+            (
+                OutboxLimits {
+                    rto_initial_ms: 2,
+                    ..ok
+                },
+                "rto_max_ms",
+            ),
+        ] {
+            assert_eq!(Outbox::new(l).unwrap_err(), DeliveryError::BadLimits(why));
+        }
+    }
+
+    #[test]
+    fn outbox_sends_new_first_then_resends_with_backoff() {
+        let mut ob = outbox(8, 100);
+        ob.push(0, b"r0".to_vec(), 0).unwrap();
+        assert_eq!(ob.poll_timeout(), Some(0));
+        assert_eq!(ob.poll_transmit(0), Some((0, &b"r0"[..])));
+        assert_eq!(ob.poll_transmit(0), None);
+        assert_eq!(ob.poll_timeout(), Some(100));
+        ob.push(1, b"r1".to_vec(), 50).unwrap();
+        assert_eq!(ob.poll_timeout(), Some(50));
+        // r0 is due at 100 but the never-sent r1 goes first.
+        assert_eq!(ob.poll_transmit(150).map(|t| t.0), Some(1)); // r1 due at 250
+        assert_eq!(ob.poll_transmit(150).map(|t| t.0), Some(0)); // resend 1, next at 350
+        assert_eq!(ob.poll_transmit(150), None);
+        assert_eq!(ob.poll_timeout(), Some(250));
+        assert_eq!(ob.poll_transmit(249), None);
+        assert_eq!(ob.poll_transmit(250).map(|t| t.0), Some(1)); // next at 450
+    }
+
+    #[test]
+    fn outbox_backoff_doubles_up_to_the_cap() {
+        let mut ob = outbox(8, 100);
+        ob.push(7, b"r".to_vec(), 0).unwrap();
+        assert_eq!(ob.poll_transmit(0).map(|t| t.0), Some(7));
+        let mut sent_at = Vec::new();
+        for _ in 0..7 {
+            let due = ob.poll_timeout().unwrap();
+            assert_eq!(ob.poll_transmit(due - 1), None);
+            assert_eq!(ob.poll_transmit(due).map(|t| t.0), Some(7));
+            sent_at.push(due);
+        }
+        // Delays 100, 200, 400, 800, then capped at 1000.
+        assert_eq!(sent_at, [100, 300, 700, 1500, 2500, 3500, 4500]);
+        assert_eq!(ob.len(), 1);
+    }
+
+    #[test]
+    fn outbox_ack_removes_and_bad_acks_change_nothing() {
+        let mut ob = outbox(8, 100);
+        for s in 5..9 {
+            ob.push(s, vec![s as u8; 3], 0).unwrap();
+        }
+        assert_eq!((ob.len(), ob.bytes()), (4, 12));
+        assert_eq!(ob.poll_transmit(0).map(|t| t.0), Some(5));
+        assert_eq!(ob.poll_transmit(0).map(|t| t.0), Some(6));
+        assert_eq!(ob.on_ack(10), Err(DeliveryError::AckBeyondPushed));
+        assert_eq!(ob.on_ack(u64::MAX), Err(DeliveryError::AckBeyondPushed));
+        assert_eq!((ob.len(), ob.bytes(), ob.acked()), (4, 12, 0));
+        assert_eq!(ob.on_ack(7), Ok(2));
+        assert_eq!((ob.len(), ob.bytes(), ob.acked()), (2, 6, 7));
+        assert_eq!(ob.on_ack(6), Err(DeliveryError::StaleAck));
+        assert_eq!(ob.on_ack(7), Ok(0));
+        assert_eq!((ob.len(), ob.bytes(), ob.acked()), (2, 6, 7));
+        // 7 and 8 were never sent: they still go out first, in order.
+        assert_eq!(ob.poll_transmit(0).map(|t| t.0), Some(7));
+        // An ack covering a never-sent record (the receiver had it from before a restart).
+        assert_eq!(ob.on_ack(9), Ok(2));
+        assert!(ob.is_empty());
+        assert_eq!(
+            (ob.bytes(), ob.poll_timeout(), ob.poll_transmit(u64::MAX)),
+            (0, None, None)
+        );
+        assert_eq!(ob.push(8, vec![1], 0), Err(DeliveryError::NotIncreasing));
+        ob.push(9, vec![1], 0).unwrap();
+        assert_eq!(ob.poll_transmit(0).map(|t| t.0), Some(9));
+    }
+
+    #[test]
+    fn outbox_full_rejects_new_and_keeps_old() {
+        let mut ob = outbox(3, 10);
+        ob.push(0, vec![0; 4], 0).unwrap();
+        ob.push(1, vec![1; 4], 0).unwrap();
+        assert_eq!(ob.push(2, vec![2; 3], 0), Err(DeliveryError::Full)); // bytes
+        ob.push(2, vec![2; 2], 0).unwrap();
+        assert_eq!(ob.push(3, vec![], 0), Err(DeliveryError::Full)); // records
+        assert_eq!(ob.push(1, vec![], 0), Err(DeliveryError::NotIncreasing));
+        assert_eq!((ob.len(), ob.bytes(), ob.next_seq_floor()), (3, 10, 3));
+        let held: Vec<_> = ob.records().map(|(s, r)| (s, r.to_vec())).collect();
+        assert_eq!(held, [(0, vec![0; 4]), (1, vec![1; 4]), (2, vec![2; 2])]);
+        ob.on_ack(1).unwrap();
+        ob.push(3, vec![3; 4], 0).unwrap();
+        assert_eq!((ob.len(), ob.bytes()), (3, 10));
+    }
+
+    proptest! {
+        /// No sequence of operations panics, breaks the bounds, or loses an unacked record.
+        #[test]
+        fn outbox_arbitrary_input_respects_bounds(
+            ops in proptest::collection::vec((0u8..3, 0u64..30, 0usize..6, 0u64..5000), 0..200),
+        ) {
+            let mut ob = outbox(4, 12);
+            let mut model: Vec<u64> = Vec::new();
+            for (op, seq, len, now) in ops {
+                match op {
+                    0 => if ob.push(seq, vec![0; len], now).is_ok() { model.push(seq) },
+                    1 => if ob.on_ack(seq).is_ok() { model.retain(|&s| s >= seq) },
+                    _ => if let Some((s, _)) = ob.poll_transmit(now) {
+                        prop_assert!(model.contains(&s));
+                    },
+                }
+                prop_assert!(ob.len() <= 4 && ob.bytes() <= 12);
+                prop_assert_eq!(ob.records().map(|r| r.0).collect::<Vec<_>>(), model.clone());
+            }
+        }
+    }
+}
