@@ -1,7 +1,8 @@
 //! Exactly-once, in-order delivery over a lossy carrier (docs/MESSAGING.md, "Delivery").
 //!
-//! Pure logic, sans-IO: no clock (`now_ms` is passed in), no persistence (the caller stores
-//! the state; every field it needs is readable through a getter).
+//! Pure logic, sans-IO: no clock (`now_ms` is passed in), no storage. The caller persists
+//! both sides with [`Inbox::encode_state`] / [`Inbox::decode_state`] and
+//! [`Outbox::encode_state`] / [`Outbox::decode_state`] (format in [`state`]).
 //!
 //! * [`Inbox`] (receiver): a bounded reorder buffer. [`Inbox::admit`] is the *cheap check*
 //!   made before a record is opened (a record the opener authenticates is marked as seen, so
@@ -16,6 +17,8 @@
 //! rather than panicking.
 
 use std::collections::{BTreeMap, VecDeque};
+
+pub mod state;
 
 /// Why a delivery operation was refused. Nothing is changed when one is returned.
 #[non_exhaustive]
@@ -48,6 +51,10 @@ pub enum DeliveryError {
     /// Outbox: the ack covers sequence numbers that were never pushed (forged or confused).
     #[error("ack beyond the records pushed")]
     AckBeyondPushed,
+    /// Persisted state: malformed bytes or a state the limits or the live object refuse (the
+    /// reason names what is wrong).
+    #[error("bad delivery state: {0}")]
+    BadState(&'static str),
 }
 
 /// Bounds of an [`Inbox`].
