@@ -5,49 +5,10 @@
 
 use keav_proto::delivery::{Admission, Inbox, InboxLimits, Outbox, OutboxLimits};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-/// One direction of the lossy carrier.
-struct Link<T> {
-    in_flight: Vec<(u64, T)>,
-    drop_p: f64,
-    dup_p: f64,
-    max_delay_ms: u64,
-}
-
-impl<T: Clone> Link<T> {
-    fn new(drop_p: f64, dup_p: f64, max_delay_ms: u64) -> Self {
-        Self {
-            in_flight: Vec::new(),
-            drop_p,
-            dup_p,
-            max_delay_ms,
-        }
-    }
-
-    fn send(&mut self, rng: &mut StdRng, now: u64, item: T) {
-        if rng.gen_bool(self.drop_p) {
-            return;
-        }
-        if rng.gen_bool(self.dup_p) {
-            let at = now + rng.gen_range(1..=self.max_delay_ms);
-            self.in_flight.push((at, item.clone()));
-        }
-        let at = now + rng.gen_range(1..=self.max_delay_ms);
-        self.in_flight.push((at, item));
-    }
-
-    fn next_time(&self) -> Option<u64> {
-        self.in_flight.iter().map(|(t, _)| *t).min()
-    }
-
-    /// Everything due at `now`, in arbitrary (delay-shuffled) order.
-    fn take_due(&mut self, now: u64) -> Vec<T> {
-        let (due, rest): (Vec<_>, Vec<_>) = self.in_flight.drain(..).partition(|(t, _)| *t <= now);
-        self.in_flight = rest;
-        due.into_iter().map(|(_, x)| x).collect()
-    }
-}
+mod lossy_link;
+use lossy_link::Link;
 
 fn payload(seq: u64) -> Vec<u8> {
     let mut p = seq.to_be_bytes().to_vec();
