@@ -339,7 +339,9 @@ impl Outbox {
     /// Stores `record` (sequence number `seq`, strictly above the previous one) to be sent
     /// from `now_ms` on. A full outbox returns [`DeliveryError::Full`] and keeps what it has.
     pub fn push(&mut self, seq: u64, record: Vec<u8>, now_ms: u64) -> Result<(), DeliveryError> {
-        if seq < self.end || seq < self.acked {
+        // `u64::MAX` is never a record's sequence number (the record layer refuses to seal
+        // it), and accepting it would leave no room above it: refused like a repeat.
+        if seq < self.end || seq < self.acked || seq == u64::MAX {
             return Err(DeliveryError::NotIncreasing);
         }
         let bytes = self.bytes.checked_add(record.len());
@@ -523,6 +525,18 @@ mod tests {
         assert_eq!(ib.pop(), None);
         assert_eq!(ib.admit(0), Admission::Duplicate);
         assert_eq!(ib.admit(u64::MAX), Admission::TooFarAhead);
+    }
+
+    #[test]
+    fn outbox_refuses_the_last_sequence_number() {
+        let mut ob = outbox(8, 1024);
+        ob.push(u64::MAX - 1, vec![1], 0).unwrap();
+        assert_eq!(
+            ob.push(u64::MAX, vec![2], 0),
+            Err(DeliveryError::NotIncreasing)
+        );
+        assert_eq!(ob.len(), 1);
+        assert_eq!(ob.next_seq_floor(), u64::MAX);
     }
 
     proptest! {
