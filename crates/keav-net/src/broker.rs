@@ -237,6 +237,46 @@ macro_rules! link_api {
             self.hub.stats()
         }
 
+        /// Publishes one payload (a durable payload or a relay frame, see [`$crate::broker::Mail`])
+        /// to device `to`'s inbox. Returns whether the broker confirmed it durably stored the
+        /// message (JetStream publish ack; `false` for core NATS and MQTT, whose PUBACK only
+        /// says the broker received it).
+        pub async fn publish(&self, to: &str, payload: &[u8]) -> Result<bool, $crate::Error> {
+            self.hub.publish(to, payload).await
+        }
+
+        /// The stream of incoming durable payloads (first byte 0x44) and relay frames (0x52),
+        /// the traffic of [`crate::messenger`] and [`crate::relay`]. Only the first call gets
+        /// it (`None` afterwards); before it is taken such payloads are counted as unrouted.
+        pub fn take_mail(&self) -> Option<tokio::sync::mpsc::Receiver<$crate::broker::Mail>> {
+            self.hub.take_mail()
+        }
+
+        /// Runs the handshake as initiator with device `peer_id` like `connect_peer`, but
+        /// returns the completed session (persisted in the device's store) instead of a live
+        /// channel: what [`crate::messenger`] derives a durable channel from.
+        pub async fn handshake_peer(
+            &self,
+            device: &$crate::device::Device,
+            peer_id: &str,
+        ) -> Result<Box<keav_proto::handshake::SessionOutcome>, $crate::Error> {
+            self.hub.handshake_peer(device, peer_id).await
+        }
+
+        /// The responder side of [`Self::handshake_peer`]: the next incoming handshake's
+        /// sender and session (failed handshakes are logged and skipped).
+        pub async fn accept_handshake(
+            &self,
+            device: &$crate::device::Device,
+        ) -> Result<(String, Box<keav_proto::handshake::SessionOutcome>), $crate::Error> {
+            self.hub.accept_handshake(device).await
+        }
+
+        /// How many times the link has (re)connected to the broker (1 after `connect`).
+        pub fn connections(&self) -> u64 {
+            self.hub.connections()
+        }
+
         /// Runs the handshake as initiator with device `peer_id` (also the label under which
         /// the device's store knows the peer) and returns the channel. Replaces any previous
         /// route to this peer.
@@ -262,6 +302,39 @@ macro_rules! link_api {
     };
 }
 pub(crate) use link_api;
+
+/// One incoming durable payload or relay frame ([`Link::take_mail`](crate::mqtt::Link::take_mail)).
+pub struct Mail {
+    /// The sender named by the topic or subject (a routing hint, not an identity: the
+    /// payload authenticates itself end to end).
+    pub from: String,
+    /// The payload (first byte 0x44 or 0x52).
+    pub payload: Vec<u8>,
+    /// For messages from a JetStream consumer: acknowledge once the payload is committed
+    /// (`None` when the carrier needs no acknowledgement).
+    pub ack: Option<MailAck>,
+}
+
+impl core::fmt::Debug for Mail {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Mail")
+            .field("from", &self.from)
+            .field("len", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Acknowledges one JetStream message.
+pub struct MailAck {
+    _private: (),
+}
+
+impl MailAck {
+    /// Tells the server the message is committed (it will not redeliver it).
+    pub async fn ack(self) -> Result<(), Error> {
+        todo!()
+    }
+}
 
 /// A Hello from a new sender, with the queue of its further messages.
 struct Pending {
@@ -474,6 +547,33 @@ impl Hub {
             accept_rx: tokio::sync::Mutex::new(accept_rx),
         };
         (hub, feed)
+    }
+
+    pub(crate) async fn publish(&self, _to: &str, _payload: &[u8]) -> Result<bool, Error> {
+        todo!()
+    }
+
+    pub(crate) async fn handshake_peer(
+        &self,
+        _device: &Device,
+        _peer_id: &str,
+    ) -> Result<Box<keav_proto::handshake::SessionOutcome>, Error> {
+        todo!()
+    }
+
+    pub(crate) async fn accept_handshake(
+        &self,
+        _device: &Device,
+    ) -> Result<(String, Box<keav_proto::handshake::SessionOutcome>), Error> {
+        todo!()
+    }
+
+    pub(crate) fn take_mail(&self) -> Option<mpsc::Receiver<Mail>> {
+        todo!()
+    }
+
+    pub(crate) fn connections(&self) -> u64 {
+        todo!()
     }
 
     /// This device's id.

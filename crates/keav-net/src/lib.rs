@@ -23,14 +23,16 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-mod broker;
+pub mod broker;
 pub mod device;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded_broker;
 pub mod error;
 pub mod frame;
 pub mod mqtt;
+pub mod messenger;
 pub mod nats;
+pub mod relay;
 pub mod rendezvous;
 pub mod session;
 pub mod tcp;

@@ -14,11 +14,13 @@ pub mod cache;
 pub mod codec;
 pub mod crypto;
 pub mod delivery;
+pub mod durable;
 pub mod error;
 pub mod handshake;
 pub mod msg;
 pub mod packet;
 pub mod record;
+pub mod route;
 pub mod sas;
 pub mod secret;
 

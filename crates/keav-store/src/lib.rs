@@ -70,12 +70,15 @@
 )]
 
 mod channels;
+mod durable;
+pub mod mailbox;
 mod codec;
 pub mod ledger;
 #[cfg(test)]
 mod tests;
 
 pub use channels::ChannelState;
+pub use durable::{DurableRow, DurableUpdate};
 use hmac::{Hmac, Mac};
 use keav_proto::cache::{CacheUpdate, LockoutPolicy, Mode, PeerCache, Verification, Zid};
 use keav_proto::secret::Secret32;
