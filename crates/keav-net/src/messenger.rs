@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use keav_proto::durable::DurableConfig;
-use keav_proto::handshake::Zid;
+use keav_proto::cache::Zid;
 
 use crate::device::Device;
 use crate::Error;
