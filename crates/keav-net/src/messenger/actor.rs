@@ -12,7 +12,7 @@ use keav_proto::durable::{
     parse_header, DurableChannel, DurableConfig, DurableState, Received, Stream, PAYLOAD_TAG,
 };
 use keav_proto::route::{Frame, DEFAULT_HOPS, FRAME_TAG, MAX_KEYS};
-use keav_store::durable::{DurableRow, DurableUpdate};
+use keav_store::{DurableRow, DurableUpdate};
 use tokio::sync::{mpsc, oneshot, watch, OwnedMutexGuard};
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
@@ -135,11 +135,12 @@ pub(super) fn load(
             .filter(|(seq, _)| *seq >= row.delivered)
             .map(|(seq, mut body)| (seq, std::mem::take(&mut *body)))
             .collect();
-        let ch = DurableChannel::restore(&state, outbox, inbox, row.delivered, cfg, now)
-            .map_err(|e| {
+        let ch = DurableChannel::restore(&state, outbox, inbox, row.delivered, cfg, now).map_err(
+            |e| {
                 error!(peer = %name, error = %e, "durable channel cannot be restored");
                 durable_error(e)
-            })?;
+            },
+        )?;
         peers.insert(name, Peer::new(Zid(row.peer_zid), ch, row.delivered));
     }
     Ok(peers)
@@ -374,7 +375,11 @@ impl Actor {
     }
 
     fn next_wake(&self) -> Instant {
-        let due = self.peers.values().filter_map(|p| p.ch.poll_timeout()).min();
+        let due = self
+            .peers
+            .values()
+            .filter_map(|p| p.ch.poll_timeout())
+            .min();
         match due {
             Some(at) => self.clock.instant_at(at),
             None => Instant::now() + IDLE,
@@ -392,7 +397,9 @@ impl Actor {
             Cmd::Send { to, body, reply } => {
                 let now = self.now();
                 let Some(p) = self.peers.get_mut(&to) else {
-                    let _ = reply.send(Err(Error::InvalidInput("no durable channel with this peer")));
+                    let _ = reply.send(Err(Error::InvalidInput(
+                        "no durable channel with this peer",
+                    )));
                     return;
                 };
                 match p.ch.send(&body, now) {
@@ -407,7 +414,9 @@ impl Actor {
             }
             Cmd::Ack { from, seq, reply } => {
                 let Some(p) = self.peers.get_mut(&from) else {
-                    let _ = reply.send(Err(Error::InvalidInput("no durable channel with this peer")));
+                    let _ = reply.send(Err(Error::InvalidInput(
+                        "no durable channel with this peer",
+                    )));
                     return;
                 };
                 if seq >= p.released {
@@ -425,7 +434,9 @@ impl Actor {
             }
             Cmd::Flush { to, reply } => {
                 let Some(p) = self.peers.get(&to) else {
-                    let _ = reply.send(Err(Error::InvalidInput("no durable channel with this peer")));
+                    let _ = reply.send(Err(Error::InvalidInput(
+                        "no durable channel with this peer",
+                    )));
                     return;
                 };
                 let target = p.ch.next_seq();
@@ -644,7 +655,9 @@ impl Actor {
         }
         let relay = self.relay.clone();
         for (name, payload) in acks {
-            if let Err(e) = transmit(&self.carrier, &self.id, relay.as_deref(), &name, &payload).await {
+            if let Err(e) =
+                transmit(&self.carrier, &self.id, relay.as_deref(), &name, &payload).await
+            {
                 debug!(device = %self.id, peer = %name, error = %e, "ack not sent");
             }
         }
