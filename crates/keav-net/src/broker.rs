@@ -150,7 +150,7 @@ pub struct LinkOptions {
 /// On connect the link gets or creates the stream `stream` capturing `keav.v1.*.from.*`
 /// (every device's inbox; file storage, work-queue retention, discard new), and gets or
 /// creates a durable pull consumer named after the device id, filtered on
-/// `keav.v1.<id>.from.>`, with explicit acks. An existing stream or consumer is used as it is
+/// `keav.v1.<id>.from.*`, with explicit acks. An existing stream or consumer is used as it is
 /// (its limits are not changed). Only one stream on a server may capture these subjects.
 ///
 /// - Mail published by [`Link::publish`](crate::nats::Link::publish) goes through a JetStream

@@ -293,7 +293,9 @@ async fn mailbox(
             device_id,
             jetstream::consumer::pull::Config {
                 durable_name: Some(device_id.to_string()),
-                filter_subject: NATS.inbox_filter(device_id),
+                // `keav.v1.<id>.from.*`: the server wants a subset of the stream's subjects
+                // (`>` is not one of `*`); the same messages, as the stream has one level.
+                filter_subject: format!("keav.v1.{device_id}.from.*"),
                 deliver_policy: jetstream::consumer::DeliverPolicy::All,
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: o.ack_wait,
