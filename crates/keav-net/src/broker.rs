@@ -1,9 +1,9 @@
 //! What the broker carriers ([`crate::mqtt`], [`crate::nats`]) share: device ids, the
 //! subject scheme, payload classification and bounds, the routing table of peers and pending
-//! incoming handshakes, the counters, and the handshakes run over a broker.
+//! incoming handshakes, the mail queue, the counters, and the handshakes run over a broker.
 //!
 //! A carrier only connects, subscribes to the device's inbox, feeds every incoming message to
-//! [`Feed::deliver`] and publishes through [`Publisher`]; everything else is here, so both
+//! the shared router and publishes through its client; everything else is here, so both
 //! carriers behave alike (the carrier docs describe that behaviour).
 //!
 //! # Mail
@@ -349,14 +349,20 @@ macro_rules! link_api {
         /// Publishes one payload (a durable payload or a relay frame, see [`$crate::broker::Mail`])
         /// to device `to`'s inbox. Returns whether the broker confirmed it durably stored the
         /// message (JetStream publish ack; `false` for core NATS and MQTT, whose PUBACK only
-        /// says the broker received it).
+        /// says the broker received it). Refuses ([`$crate::Error::InvalidInput`]) an invalid
+        /// device id, a payload whose first byte is not 0x44 or 0x52, and one larger than the
+        /// link's `max_payload`. A full JetStream stream refuses the message with an
+        /// [`std::io::ErrorKind::StorageFull`] I/O error naming the server's reason.
         pub async fn publish(&self, to: &str, payload: &[u8]) -> Result<bool, $crate::Error> {
             self.hub.publish(to, payload).await
         }
 
         /// The stream of incoming durable payloads (first byte 0x44) and relay frames (0x52),
         /// the traffic of [`crate::messenger`] and [`crate::relay`]. Only the first call gets
-        /// it (`None` afterwards); before it is taken such payloads are counted as unrouted.
+        /// it (`None` afterwards); before it is taken such payloads are counted as unrouted,
+        /// except with an MQTT persistent session (they are queued, up to the queue's bound)
+        /// and with JetStream (they wait in the stream). Mail never reaches a live channel
+        /// or `accept`; see [`$crate::broker`] for where it waits while the device is offline.
         pub fn take_mail(&self) -> Option<tokio::sync::mpsc::Receiver<$crate::broker::Mail>> {
             self.hub.take_mail()
         }

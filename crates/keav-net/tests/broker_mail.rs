@@ -296,7 +296,10 @@ async fn mail_round_trip<L: TestLink>(addr: &str, spy: Spy, sfx: &str) {
 
     // Before take_mail, mail is counted as unrouted.
     assert!(!la.publish(&idb, &mail_body(0x44, 0, sfx)).await.unwrap());
-    wait_until("the early mail counted", || lb.stats().dropped_unrouted == 1).await;
+    wait_until("the early mail counted", || {
+        lb.stats().dropped_unrouted == 1
+    })
+    .await;
 
     let mut rx = lb.take_mail().expect("the first take_mail gets the queue");
     assert!(lb.take_mail().is_none(), "take_mail works only once");
@@ -601,7 +604,10 @@ async fn mqtt_persistent_session_receives_mail_published_while_offline() {
         .await
         .unwrap();
     drop(lb);
-    assert!(!la.publish(&idb, &mail_body(0x44, 1000, &sfx)).await.unwrap());
+    assert!(!la
+        .publish(&idb, &mail_body(0x44, 1000, &sfx))
+        .await
+        .unwrap());
     let lb = L::connect(MQTT, &idb, LinkOptions::default())
         .await
         .unwrap();
@@ -609,7 +615,10 @@ async fn mqtt_persistent_session_receives_mail_published_while_offline() {
     let marker = mail_body(0x52, 1001, &sfx);
     la.publish(&idb, &marker).await.unwrap();
     let m = next_mail(&mut rx, "marker").await;
-    assert_eq!(m.payload, marker, "the mail sent while offline was not kept");
+    assert_eq!(
+        m.payload, marker,
+        "the mail sent while offline was not kept"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -683,7 +692,11 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
         let m = next_mail(&mut rx, "redelivered mail").await;
         let i = sent.iter().position(|s| *s == m.payload).unwrap();
         assert!(!acked.contains(&i), "acked mail {i} was redelivered");
-        m.ack.expect("JetStream mail carries an ack").ack().await.unwrap();
+        m.ack
+            .expect("JetStream mail carries an ack")
+            .ack()
+            .await
+            .unwrap();
         again.insert(i);
     }
     // Online, mail comes once, from the consumer only (the core subscription ignores it).
@@ -691,7 +704,9 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
     assert!(la.publish(&idb, &live).await.unwrap());
     loop {
         let m = next_mail(&mut rx, "live mail").await;
-        let ack = m.ack.expect("from the consumer, never from the core subscription");
+        let ack = m
+            .ack
+            .expect("from the consumer, never from the core subscription");
         ack.ack().await.unwrap();
         if m.payload == live {
             break;
@@ -701,7 +716,10 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
     }
     // Once the server has nothing pending for B, nothing else can arrive.
     let c = async_nats::connect(NATS).await.unwrap();
-    let stream = async_nats::jetstream::new(c).get_stream("KEAV").await.unwrap();
+    let stream = async_nats::jetstream::new(c)
+        .get_stream("KEAV")
+        .await
+        .unwrap();
     let mut drained = false;
     for _ in 0..400 {
         let info = stream.consumer_info(&idb).await.unwrap();
@@ -713,8 +731,13 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
     }
     assert!(drained, "the consumer still has pending mail");
     while let Ok(m) = rx.try_recv() {
+        assert!(m.ack.is_some(), "mail from the core subscription");
+        assert_ne!(m.payload, live, "the live mail came twice");
         let i = sent.iter().position(|s| *s == m.payload);
-        assert!(i.is_none_or(|i| !acked.contains(&i)), "acked mail redelivered");
+        assert!(
+            i.is_none_or(|i| !acked.contains(&i)),
+            "acked mail redelivered"
+        );
     }
     assert_eq!(lb.stats().dropped_busy, 0);
     drop((la, lb));
@@ -822,7 +845,10 @@ async fn mqtt_links_reconnect_after_a_broker_restart_and_mail_flows_again() {
     let mut rx = lb.take_mail().unwrap();
     assert_eq!((la.connections(), lb.connections()), (1, 1));
     la.publish(&idb, &mail_body(0x44, 0, &sfx)).await.unwrap();
-    assert_eq!(next_mail(&mut rx, "before").await.payload, mail_body(0x44, 0, &sfx));
+    assert_eq!(
+        next_mail(&mut rx, "before").await.payload,
+        mail_body(0x44, 0, &sfx)
+    );
 
     // kill -9, then the same broker on the same port.
     broker.kill();
