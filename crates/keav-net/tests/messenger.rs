@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use common::spy::{contains, listening, SpyLog};
 use common::{device, settings};
-use keav_net::device::Device;
 use keav_net::messenger::{Carrier, Message, Messenger, MessengerOptions};
+use keav_net::mqtt::LinkOptions;
+use keav_net::nats::JetStreamOptions;
 use keav_net::Error;
 use keav_proto::durable::DurableConfig;
 use rand_core::{OsRng, RngCore};
@@ -61,22 +62,18 @@ impl Weakling {
 }
 
 async fn link(b: Broker, id: &str) -> (Carrier, Weakling) {
+    link_with(b, id, LinkOptions::default()).await
+}
+
+async fn link_with(b: Broker, id: &str, opts: LinkOptions) -> (Carrier, Weakling) {
     match b {
         Broker::Mqtt => {
-            let l = Arc::new(
-                keav_net::mqtt::Link::connect(MQTT, id, keav_net::mqtt::LinkOptions::default())
-                    .await
-                    .unwrap(),
-            );
+            let l = Arc::new(keav_net::mqtt::Link::connect(MQTT, id, opts).await.unwrap());
             let w = Weakling::Mqtt(Arc::downgrade(&l));
             (Carrier::Mqtt(l), w)
         }
         Broker::Nats => {
-            let l = Arc::new(
-                keav_net::nats::Link::connect(NATS, id, keav_net::nats::LinkOptions::default())
-                    .await
-                    .unwrap(),
-            );
+            let l = Arc::new(keav_net::nats::Link::connect(NATS, id, opts).await.unwrap());
             let w = Weakling::Nats(Arc::downgrade(&l));
             (Carrier::Nats(l), w)
         }
@@ -98,9 +95,10 @@ fn fast() -> MessengerOptions {
 /// One device: its store and, while online, its messenger.
 struct Node {
     id: String,
-    device: Device,
+    device: keav_net::device::Device,
     broker: Broker,
     opts: MessengerOptions,
+    link_opts: LinkOptions,
     m: Option<Messenger>,
     link: Option<Weakling>,
 }
@@ -112,6 +110,7 @@ impl Node {
             device: device(dir, id, settings(Some("pairing code 4711"))),
             broker,
             opts,
+            link_opts: LinkOptions::default(),
             m: None,
             link: None,
         }
@@ -119,7 +118,7 @@ impl Node {
 
     async fn start(&mut self) {
         assert!(self.m.is_none());
-        let (carrier, weak) = link(self.broker, &self.id).await;
+        let (carrier, weak) = link_with(self.broker, &self.id, self.link_opts.clone()).await;
         let m = Messenger::start(self.device.clone(), carrier, self.opts.clone())
             .await
             .unwrap();
@@ -391,6 +390,10 @@ async fn unacked_message_is_released_again_after_a_crash_acked_one_is_not() {
     b.m().ack(&three).await.unwrap();
     // Nothing was received again from the sender: it was all in the inbox.
     assert_eq!(b.m().stats().received, 0);
+    // The acknowledged mark is on disk and the inbox rows below it are gone.
+    let store = b.device.store();
+    assert_eq!(store.durable_row(&ida).unwrap().unwrap().delivered, 3);
+    assert!(store.durable_inbox(&ida).unwrap().is_empty());
     b.crash().await;
 
     b.start().await;
@@ -657,4 +660,140 @@ async fn unknown_peers_long_messages_and_bad_options_are_refused() {
         Err(Error::InvalidInput(_))
     ));
     a.shutdown().await;
+}
+
+/// The broker is the mailbox: an MQTT persistent session (Mosquitto queues QoS 1 messages
+/// for the offline session) or a JetStream stream (each publish ack puts the record in
+/// custody). Resends are pushed beyond the test's bounds, so only the broker's queue can
+/// deliver what was sent while the receiver was away.
+async fn broker_queue_is_the_mailbox(broker: Broker) {
+    const N: usize = 300;
+    let (ida, idb, sfx) = ids();
+    let dir = TempDir::new().unwrap();
+    let mut slow = MessengerOptions::default();
+    slow.durable.outbox.rto_initial_ms = 600_000;
+    slow.durable.outbox.rto_max_ms = 600_000;
+    let lo = match broker {
+        Broker::Mqtt => LinkOptions {
+            persistent_session: true,
+            ..LinkOptions::default()
+        },
+        Broker::Nats => LinkOptions {
+            jetstream: Some(JetStreamOptions::default()),
+            ..LinkOptions::default()
+        },
+    };
+    let mut a = Node::new(&dir, &ida, broker, slow.clone());
+    let mut b = Node::new(&dir, &idb, broker, slow);
+    a.link_opts = lo.clone();
+    b.link_opts = lo;
+    a.start().await;
+    b.start().await;
+    pair(&a, &b).await;
+    a.m().send(&idb, b"before").await.unwrap();
+    let m = recv(b.m()).await;
+    assert_eq!((m.seq, m.body.as_slice()), (0, &b"before"[..]));
+    b.m().ack(&m).await.unwrap();
+    a.m().flush(&idb, WAIT).await.unwrap();
+
+    b.crash().await;
+    let mut want = BTreeMap::new();
+    for i in 0..N {
+        let body = body("a", i, &sfx);
+        want.insert(a.m().send(&idb, &body).await.unwrap(), body);
+    }
+    b.start().await;
+    expect_in_order(b.m(), &a, 1, N, &want).await;
+    a.m().flush(&idb, WAIT).await.unwrap();
+    let (sa, sb) = (a.m().stats(), b.m().stats());
+    assert_eq!(sa.resent, 0, "{sa:?}");
+    assert_eq!(sa.transmitted, N as u64 + 1, "{sa:?}");
+    assert_eq!(sb.received, N as u64, "{sb:?}");
+    // Everything acknowledged: the sender's outbox and the receiver's inbox are empty on disk.
+    assert!(a.device.store().durable_outbox(&idb).unwrap().is_empty());
+    assert!(b.device.store().durable_inbox(&ida).unwrap().is_empty());
+    assert_eq!(
+        b.device
+            .store()
+            .durable_row(&ida)
+            .unwrap()
+            .unwrap()
+            .delivered,
+        N as u64 + 1
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_persistent_session_keeps_messages_for_an_offline_receiver() {
+    if up(Broker::Mqtt) {
+        broker_queue_is_the_mailbox(Broker::Mqtt).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_keeps_messages_for_an_offline_receiver() {
+    if up(Broker::Nats) {
+        broker_queue_is_the_mailbox(Broker::Nats).await;
+    }
+}
+
+/// Pairing again replaces the channel on both sides: numbering starts over, and payloads of
+/// the old channel (replayed from the broker) are refused by the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_again_replaces_the_channel() {
+    if !up(Broker::Mqtt) {
+        return;
+    }
+    let (ida, idb, sfx) = ids();
+    let eve = Eve::start(&sfx).await;
+    let dir = TempDir::new().unwrap();
+    let mut a = Node::new(&dir, &ida, Broker::Mqtt, fast());
+    let mut b = Node::new(&dir, &idb, Broker::Mqtt, fast());
+    a.start().await;
+    b.start().await;
+    pair(&a, &b).await;
+    for body in [&b"old 0"[..], b"old 1"] {
+        a.m().send(&idb, body).await.unwrap();
+    }
+    for _ in 0..2 {
+        let m = recv(b.m()).await;
+        b.m().ack(&m).await.unwrap();
+    }
+    a.m().flush(&idb, WAIT).await.unwrap();
+    let victim = format!("keav/v1/{idb}/from/{ida}");
+    let v = victim.clone();
+    eve.log
+        .wait_for("the old channel's data payloads", move |log| {
+            log.iter()
+                .filter(|(t, p)| *t == v && p.get(..2) == Some(&[0x44, 1][..]))
+                .count()
+                >= 2
+        })
+        .await;
+    let old: Vec<Vec<u8>> = eve
+        .log
+        .snapshot()
+        .into_iter()
+        .filter(|(t, p)| *t == victim && p.get(..2) == Some(&[0x44, 1][..]))
+        .map(|(_, p)| p)
+        .collect();
+
+    pair(&a, &b).await;
+    let before = b.m().stats();
+    for p in old {
+        eve.publish(&victim, p).await;
+    }
+    wait_stats(b.m(), "old payloads refused", |s| {
+        s.rejected + s.duplicates + s.deferred
+            >= before.rejected + before.duplicates + before.deferred + 2
+    })
+    .await;
+    assert_eq!(a.m().send(&idb, b"new 0").await.unwrap(), 0);
+    let m = recv(b.m()).await;
+    assert_eq!((m.seq, m.body.as_slice()), (0, &b"new 0"[..]));
+    assert_eq!(b.m().stats().received, 3);
+    a.shutdown().await;
+    b.shutdown().await;
 }
