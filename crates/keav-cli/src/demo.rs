@@ -1,4 +1,5 @@
-//! `keav demo`: two devices, each with its own durable store, pair through N sessions.
+//! `keav demo`: the heart-rate scenario ([`crate::heart_demo`]); `keav demo pairing`: two
+//! devices, each with its own durable store, pair through N sessions.
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -66,9 +67,35 @@ impl BackendArg {
     }
 }
 
-/// Options of `keav demo`.
+/// Options of `keav demo`: the heart-rate scenario, or a sub-demo.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DemoArgs {
+    #[command(subcommand)]
+    cmd: Option<DemoCmd>,
+    #[command(flatten)]
+    heart: crate::heart_demo::HeartArgs,
+}
+
+/// The other demos.
+#[derive(clap::Subcommand, Debug)]
+pub enum DemoCmd {
+    /// Pair two in-process devices through several sessions and show what each one did
+    /// (modes, retained secrets, when the equality test runs).
+    Pairing(PairingArgs),
+}
+
+/// Runs `keav demo`.
+pub fn run(args: DemoArgs) -> Result<()> {
+    match args.cmd {
+        Some(DemoCmd::Pairing(p)) => run_pairing(p),
+        None => crate::heart_demo::run(args.heart),
+    }
+}
+
+/// Options of `keav demo pairing`.
+#[derive(Args, Debug)]
+pub struct PairingArgs {
     /// Number of sessions.
     #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=1000))]
     sessions: u64,
@@ -96,8 +123,8 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the demo.
-pub fn run(args: DemoArgs) -> Result<()> {
+/// Runs the pairing demo.
+pub fn run_pairing(args: PairingArgs) -> Result<()> {
     if args.verify_every != 10 && args.mode != ModeArg::Normal {
         bail!("--verify-every only applies to --mode normal");
     }
@@ -120,7 +147,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let alice = Store::open(&dir.join("alice.redb")).context("opening alice's store")?;
     let bob = Store::open(&dir.join("bob.redb")).context("opening bob's store")?;
     println!(
-        "keav demo: {} sessions, mode {}{}, equality test {}, pairing code {}",
+        "keav demo pairing: {} sessions, mode {}{}, equality test {}, pairing code {}",
         args.sessions,
         mode.name(),
         match mode {

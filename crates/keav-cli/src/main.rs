@@ -6,6 +6,7 @@
 mod bench_cmd;
 mod demo;
 mod device_cmds;
+mod heart_demo;
 mod net_cmds;
 mod relay_cmd;
 mod settings;
@@ -50,7 +51,8 @@ enum Command {
     /// Rendezvous discovery: run a server, register, look up.
     #[command(subcommand)]
     Rendezvous(net_cmds::RendezvousCmd),
-    /// Pair two in-process devices through several sessions and show what each one did.
+    /// Heart-rate demo: a monitor sends readings through a relay to a phone that goes
+    /// offline; embedded broker, no external service (`keav demo pairing`: the pairing demo).
     Demo(demo::DemoArgs),
     /// Benchmark keav beside TLS 1.3 and Noise on this machine; writes bench-report/.
     Bench(bench_cmd::BenchArgs),
