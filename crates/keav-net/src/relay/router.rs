@@ -93,7 +93,7 @@ impl Source {
     }
 
     /// Identifies the reply path (frames with the same key are answered together).
-    fn reply_key(&self) -> (Via, String, u64) {
+    fn reply_key(&self) -> ReplyPath {
         let conn = match self {
             Source::Tcp { conn, .. } => *conn,
             _ => 0,
@@ -101,6 +101,9 @@ impl Source {
         (self.via(), self.peer().to_string(), conn)
     }
 }
+
+/// A reply path: carrier, peer id, TCP connection number (0 on brokers).
+type ReplyPath = (Via, String, u64);
 
 /// Where frames to one hop go.
 enum Target {
@@ -234,7 +237,7 @@ impl Batch {
 #[derive(Default)]
 struct Acks {
     groups: Vec<(usize, EntryKey, Vec<u64>)>,
-    index: HashMap<((Via, String, u64), String, String, u8), usize>,
+    index: HashMap<(ReplyPath, String, String, u8), usize>,
 }
 
 impl Acks {
