@@ -27,8 +27,9 @@
 //!
 //! # Routing an incoming `Forward { hops, src, dst, body }`
 //!
-//! In this order: a body that is not a durable payload is refused (`BadBody`, the key named in
-//! the refusal then has stream 0 and sequence 0); `hops == 0` is refused (`HopLimit`); the
+//! In this order: a body that is not a durable payload is refused (`BadBody`, the refusal names
+//! the stream byte and sequence number found where a durable payload has them, if the stream
+//! byte is valid, else the data stream and sequence 0); `hops == 0` is refused (`HopLimit`); the
 //! first [`RouteRule`] whose `dst` is the frame's destination or `*` gives the next hop
 //! (none, or a destination equal to the relay's own id: `NoRoute`). The frame is stored with
 //! `hops - 1` in the queue of the next hop: named after the destination for the `*Device`
@@ -432,10 +433,22 @@ async fn mail_loop(
         let ev = router::Event::Frame {
             from,
             bytes: m.payload,
-            ack: m.ack,
+            ack: m.ack.map(Box::new),
         };
         if events.send(ev).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Background tasks, aborted when dropped (also when `start` fails half-way).
+#[derive(Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
         }
     }
 }
@@ -447,7 +460,7 @@ pub struct Relay {
     mailbox: Option<Arc<Mailbox>>,
     shutdown: watch::Sender<bool>,
     router: Option<JoinHandle<()>>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
     links: Vec<BrokerLink>,
 }
 
@@ -466,9 +479,7 @@ impl Drop for Relay {
         if let Some(r) = &self.router {
             r.abort();
         }
-        for t in &self.tasks {
-            t.abort();
-        }
+        // `tasks` aborts its own when dropped.
     }
 }
 
@@ -485,7 +496,7 @@ impl Relay {
         let mut links = Vec::new();
         let mut carriers = Vec::new();
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::default();
         let mut mqtt_tx = None;
         let mut nats_tx = None;
         if let Some((addr, opts)) = &cfg.mqtt {
@@ -504,8 +515,10 @@ impl Relay {
                 "the broker link's mail stream is already taken",
             ))?;
             let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
-            tasks.push(tokio::spawn(publish_loop(link.clone(), rx)));
-            tasks.push(tokio::spawn(mail_loop(mail, events_tx.clone(), nats)));
+            tasks.0.push(tokio::spawn(publish_loop(link.clone(), rx)));
+            tasks
+                .0
+                .push(tokio::spawn(mail_loop(mail, events_tx.clone(), nats)));
             if nats {
                 nats_tx = Some(tx);
             } else {
@@ -520,7 +533,7 @@ impl Relay {
             let local = listener.local_addr()?;
             tcp_addr = Some(local);
             carriers.push(format!("tcp={local}"));
-            tasks.push(tokio::spawn(tcp::listen(
+            tasks.0.push(tokio::spawn(tcp::listen(
                 listener,
                 events_tx.clone(),
                 counters.clone(),
@@ -534,7 +547,7 @@ impl Relay {
                     continue;
                 }
                 dialed.push(id.clone());
-                tasks.push(tokio::spawn(tcp::connect_out(
+                tasks.0.push(tokio::spawn(tcp::connect_out(
                     *addr,
                     id.clone(),
                     cfg.id.clone(),
@@ -607,7 +620,7 @@ impl Relay {
         if let Some(r) = self.router.take() {
             let _ = r.await;
         }
-        for t in self.tasks.drain(..) {
+        for t in std::mem::take(&mut self.tasks.0) {
             t.abort();
             let _ = t.await;
         }

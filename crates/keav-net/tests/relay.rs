@@ -300,6 +300,8 @@ async fn a_device_window_caps_the_push_and_acks_open_it() {
     // Window 4: four frames, and the fifth only comes after an ack frees a slot.
     let got = b.pull(&rid, 4, 4).await;
     check_forwards(&got, &a.id, &b.id, 0..4, DEFAULT_HOPS - 1);
+    // (A relay ignoring the window pushes all ten in the same loop as these four.)
+    assert_eq!(relay.stats().pushed, 4);
     for s in 0..10u64 {
         if s + 4 < 10 {
             b.send(&rid, &stored(&a.id, &b.id, vec![s])).await;
@@ -410,6 +412,16 @@ async fn unroutable_entries_are_refused_with_the_reason_and_junk_is_counted() {
         body: b"not a durable payload".to_vec(),
     };
     a.send(&rid, &bad).await;
+    // Wrong tag, otherwise shaped like a payload: the refusal names its stream and sequence.
+    let mut wrong_tag = payload(9);
+    wrong_tag[0] = 0x45;
+    let bad2 = Frame::Forward {
+        hops: DEFAULT_HOPS,
+        src: a.id.clone(),
+        dst: b.clone(),
+        body: wrong_tag,
+    };
+    a.send(&rid, &bad2).await;
     // Junk: a truncated frame, an Attach over MQTT, a Pull cut short.
     a.send_raw(&rid, &[0x52, 1]).await;
     a.send(&rid, &Frame::Attach { id: a.id.clone() }).await;
@@ -433,23 +445,20 @@ async fn unroutable_entries_are_refused_with_the_reason_and_junk_is_counted() {
             (RefuseReason::HopLimit, key(&a.id, &b, 2)),
             (
                 RefuseReason::BadBody,
-                EntryKey {
-                    src: a.id.clone(),
-                    dst: b.clone(),
-                    stream: 0,
-                    seq: 0
-                }
+                // "not a durable payload": no valid stream byte, so data and 0.
+                key(&a.id, &b, 0)
             ),
+            (RefuseReason::BadBody, key(&a.id, &b, 9)),
         ]
     );
     let st = relay.stats();
     assert_eq!(
         st,
         RelayStats {
-            received: 5,
+            received: 6,
             stored: 1,
             duplicates: 0,
-            refused: 4,
+            refused: 5,
             pushed: 0,
             delivered: 0,
             malformed: 3,

@@ -30,8 +30,8 @@ pub(crate) enum Event {
         from: Source,
         /// The frame's bytes (not parsed yet).
         bytes: Vec<u8>,
-        /// JetStream acknowledgement, once the frame is committed.
-        ack: Option<MailAck>,
+        /// JetStream acknowledgement, once the frame is committed (boxed: it is large).
+        ack: Option<Box<MailAck>>,
     },
     /// A TCP connection attached as `peer`.
     TcpUp {
@@ -391,11 +391,12 @@ impl Router {
                 Counters::add(&self.counters.received, 1);
                 let origin = b.source(&from);
                 let Some(key) = key else {
+                    let (stream, seq) = loose_header(&body);
                     let key = EntryKey {
                         src,
                         dst,
-                        stream: 0,
-                        seq: 0,
+                        stream,
+                        seq,
                     };
                     b.refusals.push((origin, RefuseReason::BadBody, key));
                     return;
@@ -497,7 +498,7 @@ impl Router {
                     }
                 }
                 Event::Frame { from, bytes, ack } => {
-                    b.acks.extend(ack);
+                    b.acks.extend(ack.map(|a| *a));
                     self.classify(from, &bytes, &mut b);
                 }
             }
@@ -761,6 +762,22 @@ impl Router {
         let presence = self.presence;
         self.queues
             .retain(|_, st| !st.inflight.is_empty() || st.more || st.online(now, presence));
+    }
+}
+
+/// For a refusal of a body that is not a durable payload: its stream byte and sequence number
+/// if they can be read where a durable payload has them, else data stream and sequence 0
+/// (the Refused frame must name a valid stream).
+fn loose_header(body: &[u8]) -> (u8, u64) {
+    const DATA: u8 = keav_proto::durable::Stream::Data as u8;
+    let stream = match body.get(1) {
+        Some(&s) if keav_proto::durable::Stream::from_byte(s).is_some() => s,
+        _ => return (DATA, 0),
+    };
+    // tag | stream | type | epoch u32 | seq u64
+    match body.get(7..15).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+        Some(b) => (stream, u64::from_be_bytes(b)),
+        None => (stream, 0),
     }
 }
 
