@@ -66,9 +66,11 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
+    // rumqttd (the embedded broker) logs its clients' disconnects as errors: kept quiet
+    // unless asked for with RUST_LOG.
     let level = match cli.verbose {
-        0 => "error",
-        1 => "debug",
+        0 => "error,rumqttd=off",
+        1 => "debug,rumqttd=warn",
         _ => "trace",
     };
     let _ = tracing_subscriber::fmt()
