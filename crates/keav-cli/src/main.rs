@@ -8,6 +8,7 @@ mod demo;
 mod device_cmds;
 mod heart_demo;
 mod net_cmds;
+mod relay_cmd;
 mod settings;
 
 use std::path::PathBuf;
@@ -55,6 +56,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmark keav beside TLS 1.3 and Noise on this machine; writes bench-report/.
     Bench(bench_cmd::BenchArgs),
+    /// Run a relay: forward durable messages along routes, keep a mailbox for offline devices.
+    Relay(relay_cmd::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -119,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(args) => net_cmds::connect(&store()?, &file, args),
         Command::Rendezvous(cmd) => net_cmds::rendezvous_cmd(cmd),
         Command::Demo(args) => demo::run(args),
+        Command::Relay(args) => relay_cmd::run(args),
         Command::Bench(_) => anyhow::bail!("internal: `bench` is dispatched in main"),
     }
 }
