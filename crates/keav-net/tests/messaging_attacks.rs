@@ -28,7 +28,6 @@ use keav_net::device::Device;
 use keav_net::messenger::{Carrier, Delivery, Messenger, MessengerOptions, MessengerStats};
 use keav_net::relay::{NextHop, Relay, RelayConfig, RouteRule};
 use keav_net::{mqtt, nats};
-use keav_proto::delivery::InboxLimits;
 use keav_proto::route::{Frame, DEFAULT_HOPS};
 use keav_store::mailbox::MailboxLimits;
 use rand_core::{OsRng, RngCore};
@@ -293,9 +292,7 @@ async fn chaos_relay_loses_nothing_and_delivers_exactly_once_in_order() {
     let dir = TempDir::new().unwrap();
     let da = device(&dir, "a", settings(Some("chaos pairing")));
     let db = device(&dir, "b", settings(Some("chaos pairing")));
-    let mut o = fast_opts(Delivery::Relay(relay.id().to_string()));
-    // A small reorder window: records far ahead of a lost one are deferred, not held.
-    o.durable.inbox = InboxLimits::new(64, 1 << 20);
+    let o = fast_opts(Delivery::Relay(relay.id().to_string()));
     let a = start(&da, mqtt_carrier(&ida).await, &o).await;
     let b = start(&db, mqtt_carrier(&idb).await, &o).await;
     pair((&a, &da, &ida), (&b, &db, &idb)).await;
