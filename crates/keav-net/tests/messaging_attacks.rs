@@ -232,26 +232,43 @@ async fn chaos_relay_really_misbehaves() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(relay.stats().forwards, N, "{:?}", relay.stats());
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-
+    // Held frames are pushed within 600 ms; then take (bounded) everything the relay pushed:
+    // the frames to the destination and the custody acks to the sender.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let mut got = Vec::new();
-    while let Ok(m) = md.try_recv() {
-        assert_eq!(m.from, relay.id());
-        match Frame::decode(&m.payload) {
-            Ok(Frame::Forward { src, dst, body, .. }) => {
-                assert_eq!((src.as_str(), dst.as_str()), (ids.as_str(), idd.as_str()));
-                got.push(keav_proto::durable::parse_header(&body).unwrap().seq);
-            }
-            other => panic!("the destination got {other:?}"),
-        }
-    }
     let mut acked = std::collections::BTreeSet::new();
-    while let Ok(m) = ms.try_recv() {
-        match Frame::decode(&m.payload) {
-            Ok(Frame::Stored { seqs, .. }) => acked.extend(seqs),
-            other => panic!("the sender got {other:?}"),
+    let mut acks = 0u64;
+    for _ in 0..600 {
+        while let Ok(m) = md.try_recv() {
+            assert_eq!(m.from, relay.id());
+            match Frame::decode(&m.payload) {
+                Ok(Frame::Forward { src, dst, body, .. }) => {
+                    assert_eq!((src.as_str(), dst.as_str()), (ids.as_str(), idd.as_str()));
+                    got.push(keav_proto::durable::parse_header(&body).unwrap().seq);
+                }
+                other => panic!("the destination got {other:?}"),
+            }
         }
+        while let Ok(m) = ms.try_recv() {
+            match Frame::decode(&m.payload) {
+                Ok(Frame::Stored { seqs, .. }) => {
+                    acks += 1;
+                    acked.extend(seqs);
+                }
+                other => panic!("the sender got {other:?}"),
+            }
+        }
+        let s = relay.stats();
+        if got.len() as u64 + acks == s.pushed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    assert_eq!(
+        got.len() as u64 + acks,
+        relay.stats().pushed,
+        "frames went missing"
+    );
     let distinct: std::collections::BTreeSet<u64> = got.iter().copied().collect();
     let s = relay.stats();
     eprintln!(
