@@ -1,30 +1,64 @@
 //! What the broker carriers ([`crate::mqtt`], [`crate::nats`]) share: device ids, the
 //! subject scheme, payload classification and bounds, the routing table of peers and pending
-//! incoming handshakes, the counters, and the handshakes run over a broker.
+//! incoming handshakes, the mail queue, the counters, and the handshakes run over a broker.
 //!
 //! A carrier only connects, subscribes to the device's inbox, feeds every incoming message to
-//! [`Feed::deliver`] and publishes through [`Publisher`]; everything else is here, so both
+//! the shared router and publishes through its client; everything else is here, so both
 //! carriers behave alike (the carrier docs describe that behaviour).
+//!
+//! # Mail
+//!
+//! Besides handshake messages and live records, a link carries *mail*: durable payloads
+//! (first byte `0x44`, [`keav_proto::durable::PAYLOAD_TAG`]) and relay frames (`0x52`,
+//! [`keav_proto::route::FRAME_TAG`]), the traffic of [`crate::messenger`] and
+//! [`crate::relay`]. [`Link::publish`](crate::mqtt::Link::publish) sends one to a device's
+//! inbox; incoming mail never reaches a live route or `accept` but the bounded queue of
+//! [`Link::take_mail`](crate::mqtt::Link::take_mail) (4096 entries; when it is full further
+//! mail is dropped and counted as `dropped_busy`: the sender's end-to-end resend recovers it).
+//! The same size and topic checks apply as to every payload.
+//!
+//! Where mail waits while its recipient is offline:
+//!
+//! - core NATS, MQTT with a clean session: nowhere (lost; the messenger resends);
+//! - MQTT with [`LinkOptions::persistent_session`]: the broker's session queue (Mosquitto:
+//!   at most `max_queued_messages`, 1000 by default, then it drops new ones with only a log
+//!   line);
+//! - NATS with [`LinkOptions::jetstream`]: a JetStream stream ([`JetStreamOptions`]), which
+//!   refuses new messages with an error to the sender when full.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::device::Device;
-use crate::session::{handshake, log_failure, Attach, Channel, HsLink, Options, Side};
+use crate::session::{handshake, log_failure, Attach, Channel, Clock, HsLink, Options, Side};
 use crate::udp::{channel_from, HsUdp, Source, UdpTx, BARE_MESSAGE, RECORD_CLOSE, RECORD_DATA};
 use crate::Error;
+use keav_proto::durable::PAYLOAD_TAG;
+use keav_proto::handshake::{Endpoint, SessionOutcome};
 use keav_proto::msg::Message;
+use keav_proto::route::FRAME_TAG;
 
 /// Datagrams queued per peer route.
 const PEER_QUEUE: usize = 256;
 /// Incoming handshakes waiting for `accept`.
 const ACCEPT_QUEUE: usize = 16;
+/// Incoming mail waiting for the taker of [`Hub::take_mail`].
+pub(crate) const MAIL_QUEUE: usize = 4096;
+/// How long a responder that completed a handshake from [`Hub::accept_handshake`] keeps
+/// answering retransmitted Confirm2 messages (its Conf2ACK may have been lost).
+const LINGER: Duration = Duration::from_secs(10);
+
+/// Whether `payload` is mail: a durable payload or a relay frame.
+pub(crate) fn is_mail(payload: &[u8]) -> bool {
+    matches!(payload.first(), Some(&(PAYLOAD_TAG | FRAME_TAG)))
+}
 
 /// How one broker spells subjects (MQTT: topics).
 #[derive(Debug)]
@@ -91,6 +125,77 @@ pub struct LinkOptions {
     pub max_payload: usize,
     /// Peers routed at once (handshaking or with a live channel; default 1024).
     pub max_peers: usize,
+    /// MQTT only (NATS refuses it with [`Error::InvalidInput`]; see `jetstream`): connect with
+    /// a persistent session (`clean_session = false`, default `false`). The broker then keeps
+    /// the session under the client id — which must be stable: the default client id, the
+    /// device id, is — while the device is offline: the inbox subscription survives, and QoS 1
+    /// messages published to the inbox meanwhile are queued and arrive after the reconnect.
+    /// Mail among them is kept in the mail queue even before
+    /// [`take_mail`](crate::mqtt::Link::take_mail) is called (up to its bound), so what
+    /// arrives during `connect` is not lost. Mosquitto queues at most `max_queued_messages`
+    /// (default 1000) per offline session and drops further ones with only a log line; a
+    /// session persists across a broker restart only if the broker saved it (Mosquitto:
+    /// `persistence true`, written at shutdown and every `autosave_interval`). rumqttc
+    /// acknowledges a message when it reads it, before the application has it: a crash in
+    /// between loses it (the messenger's end-to-end acks recover it).
+    pub persistent_session: bool,
+    /// NATS only (MQTT refuses it with [`Error::InvalidInput`]): take mail from a JetStream
+    /// stream, the device's mailbox while it is offline (default `None`: core NATS only,
+    /// at most once). See [`JetStreamOptions`].
+    pub jetstream: Option<JetStreamOptions>,
+}
+
+/// A NATS link's JetStream mailbox ([`LinkOptions::jetstream`]).
+///
+/// On connect the link gets or creates the stream `stream` capturing `keav.v1.*.from.*`
+/// (every device's inbox; file storage, work-queue retention, discard new), and gets or
+/// creates a durable pull consumer named after the device id, filtered on
+/// `keav.v1.<id>.from.*`, with explicit acks. An existing stream or consumer is used as it is
+/// (its limits are not changed). Only one stream on a server may capture these subjects.
+///
+/// - Mail published by [`Link::publish`](crate::nats::Link::publish) goes through a JetStream
+///   publish and returns `Ok(true)` after the server's publish ack (the message is stored).
+///   When the stream is full (`max_messages`, `max_bytes`) the publish fails with an error
+///   naming the reason: a full mailbox refuses new mail, it never drops stored mail.
+/// - Incoming mail comes from the consumer, once
+///   [`Link::take_mail`](crate::nats::Link::take_mail) has been called (until then it waits
+///   in the stream), with [`Mail::ack`] set: the server redelivers it after `ack_wait` until
+///   it is acknowledged ([`MailAck::ack`]), and removes it then. At most `max_ack_pending`
+///   messages are delivered unacknowledged at a time; when the mail queue is full the
+///   consumer waits (nothing is dropped).
+/// - Handshake messages and live records still travel by core publish and subscribe; the
+///   stream captures them too (it captures every inbox subject), and the consumer
+///   acknowledges and ignores them. The core subscription ignores mail (it comes from the
+///   consumer). Messages to devices that never consume (no JetStream, or gone) stay in the
+///   stream until `max_age`, counting toward its limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JetStreamOptions {
+    /// The stream's name (default `KEAV`).
+    pub stream: String,
+    /// Most messages the stream holds, all devices together (default 1 000 000; -1: no limit).
+    pub max_messages: i64,
+    /// Most bytes the stream holds (default 1 GiB; -1: no limit).
+    pub max_bytes: i64,
+    /// Messages older than this are removed, consumed or not (default 7 days; zero: kept
+    /// until consumed).
+    pub max_age: Duration,
+    /// Unacknowledged mail is redelivered after this long (default 30 s).
+    pub ack_wait: Duration,
+    /// Most mail delivered and not yet acknowledged (default 1024).
+    pub max_ack_pending: i64,
+}
+
+impl Default for JetStreamOptions {
+    fn default() -> Self {
+        JetStreamOptions {
+            stream: "KEAV".to_string(),
+            max_messages: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 1024,
+        }
+    }
 }
 
 impl Default for LinkOptions {
@@ -102,6 +207,8 @@ impl Default for LinkOptions {
             connect_timeout: Duration::from_secs(5),
             max_payload: 64 * 1024,
             max_peers: 1024,
+            persistent_session: false,
+            jetstream: None,
         }
     }
 }
@@ -115,6 +222,8 @@ impl core::fmt::Debug for LinkOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("max_payload", &self.max_payload)
             .field("max_peers", &self.max_peers)
+            .field("persistent_session", &self.persistent_session)
+            .field("jetstream", &self.jetstream)
             .finish()
     }
 }
@@ -240,14 +349,20 @@ macro_rules! link_api {
         /// Publishes one payload (a durable payload or a relay frame, see [`$crate::broker::Mail`])
         /// to device `to`'s inbox. Returns whether the broker confirmed it durably stored the
         /// message (JetStream publish ack; `false` for core NATS and MQTT, whose PUBACK only
-        /// says the broker received it).
+        /// says the broker received it). Refuses ([`$crate::Error::InvalidInput`]) an invalid
+        /// device id, a payload whose first byte is not 0x44 or 0x52, and one larger than the
+        /// link's `max_payload`. A full JetStream stream refuses the message with an
+        /// [`std::io::ErrorKind::StorageFull`] I/O error naming the server's reason.
         pub async fn publish(&self, to: &str, payload: &[u8]) -> Result<bool, $crate::Error> {
             self.hub.publish(to, payload).await
         }
 
         /// The stream of incoming durable payloads (first byte 0x44) and relay frames (0x52),
         /// the traffic of [`crate::messenger`] and [`crate::relay`]. Only the first call gets
-        /// it (`None` afterwards); before it is taken such payloads are counted as unrouted.
+        /// it (`None` afterwards); before it is taken such payloads are counted as unrouted,
+        /// except with an MQTT persistent session (they are queued, up to the queue's bound)
+        /// and with JetStream (they wait in the stream). Mail never reaches a live channel
+        /// or `accept`; see [`$crate::broker`] for where it waits while the device is offline.
         pub fn take_mail(&self) -> Option<tokio::sync::mpsc::Receiver<$crate::broker::Mail>> {
             self.hub.take_mail()
         }
@@ -326,13 +441,28 @@ impl core::fmt::Debug for Mail {
 
 /// Acknowledges one JetStream message.
 pub struct MailAck {
-    _private: (),
+    acker: async_nats::jetstream::message::Acker,
+}
+
+impl core::fmt::Debug for MailAck {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MailAck").finish_non_exhaustive()
+    }
 }
 
 impl MailAck {
-    /// Tells the server the message is committed (it will not redeliver it).
+    pub(crate) fn new(acker: async_nats::jetstream::message::Acker) -> MailAck {
+        MailAck { acker }
+    }
+
+    /// Tells the server the message is committed (it will not redeliver it). Returns once the
+    /// server confirmed the ack (so a link dropped right afterwards cannot lose it); an error
+    /// means the message may be redelivered.
     pub async fn ack(self) -> Result<(), Error> {
-        todo!()
+        self.acker
+            .double_ack()
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(format!("NATS JetStream ack: {e}"))))
     }
 }
 
@@ -369,6 +499,17 @@ fn hello_message(payload: &[u8]) -> Option<Vec<u8>> {
     matches!(Message::parse(payload), Ok(Message::Hello(_))).then(|| payload.to_vec())
 }
 
+/// Where a link's incoming mail comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MailSource {
+    /// The inbox subscription; mail before `take_mail` is counted as unrouted.
+    Inbox,
+    /// The inbox subscription of a persistent session: mail before `take_mail` is queued.
+    InboxEarly,
+    /// A JetStream consumer ([`Feed::consumed`]); the inbox subscription ignores mail.
+    Consumer,
+}
+
 struct Router {
     id: String,
     scheme: &'static Scheme,
@@ -377,6 +518,12 @@ struct Router {
     max_peers: usize,
     routes: Mutex<HashMap<String, Route>>,
     counters: Counters,
+    mail_source: MailSource,
+    mail: mpsc::Sender<Mail>,
+    /// Set once `take_mail` was called.
+    mail_taken: watch::Sender<bool>,
+    /// MQTT connections acknowledged by the broker (NATS counts its own).
+    connections: AtomicU64,
 }
 
 impl Router {
@@ -385,21 +532,26 @@ impl Router {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Routes one incoming message.
-    fn route(&self, topic: &str, payload: &[u8], retained: bool, accept: &mpsc::Sender<Pending>) {
+    /// The sender named by an inbox `topic`, if it is well formed.
+    fn sender<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        topic
+            .strip_prefix(self.inbox_prefix.as_str())
+            .filter(|s| valid_device_id(s))
+    }
+
+    /// Counts and checks one incoming message: its sender if the topic is well formed and
+    /// the payload not oversized.
+    fn check<'t>(&self, topic: &'t str, payload: &[u8]) -> Option<&'t str> {
         let (c, carrier) = (&self.counters, self.scheme.name);
         bump(&c.received);
-        let from = match topic.strip_prefix(self.inbox_prefix.as_str()) {
-            Some(s) if valid_device_id(s) => s,
-            _ => {
-                bump(&c.malformed);
-                debug!(
-                    carrier,
-                    len = topic.len(),
-                    "message on a malformed topic dropped"
-                );
-                return;
-            }
+        let Some(from) = self.sender(topic) else {
+            bump(&c.malformed);
+            debug!(
+                carrier,
+                len = topic.len(),
+                "message on a malformed topic dropped"
+            );
+            return None;
         };
         if payload.len() > self.max_payload {
             bump(&c.oversized);
@@ -409,6 +561,60 @@ impl Router {
                 len = payload.len(),
                 "oversized payload dropped"
             );
+            return None;
+        }
+        Some(from)
+    }
+
+    /// Queues one incoming mail from the inbox subscription (never waits).
+    fn mail(&self, from: &str, payload: &[u8]) {
+        let (c, carrier) = (&self.counters, self.scheme.name);
+        if self.mail_source == MailSource::Inbox && !*self.mail_taken.borrow() {
+            bump(&c.unrouted);
+            debug!(carrier, from, "mail before take_mail: dropped");
+            return;
+        }
+        let mail = Mail {
+            from: from.to_string(),
+            payload: payload.to_vec(),
+            ack: None,
+        };
+        match self.mail.try_send(mail) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                bump(&c.busy);
+                debug!(carrier, from, "mail queue full: mail dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                bump(&c.unrouted);
+                debug!(carrier, from, "mail receiver gone: mail dropped");
+            }
+        }
+    }
+
+    /// Removes the route to `peer` if it is the one whose queue `tx` feeds or a dead one.
+    fn remove_route(&self, peer: &str, tx: Option<&mpsc::Sender<Vec<u8>>>) {
+        let mut routes = self.routes();
+        let ours = routes
+            .get(peer)
+            .is_some_and(|r| r.tx.is_closed() || tx.is_some_and(|tx| tx.same_channel(&r.tx)));
+        if ours {
+            routes.remove(peer);
+        }
+    }
+
+    /// Routes one incoming message.
+    fn route(&self, topic: &str, payload: &[u8], retained: bool, accept: &mpsc::Sender<Pending>) {
+        let (c, carrier) = (&self.counters, self.scheme.name);
+        if self.mail_source == MailSource::Consumer && !retained && is_mail(payload) {
+            // The JetStream consumer delivers (and counts) it.
+            return;
+        }
+        let Some(from) = self.check(topic, payload) else {
+            return;
+        };
+        if !retained && is_mail(payload) {
+            self.mail(from, payload);
             return;
         }
         if retained
@@ -496,8 +702,18 @@ impl Router {
     }
 }
 
+/// What the JetStream consumer does with one message it delivered ([`Feed::consumed`]).
+pub(crate) enum Consumed {
+    /// Mail from this sender: hand it to [`Feed::send_mail`] (acknowledged by the taker).
+    Mail(String),
+    /// Not mail (a handshake message or a record, which the core subscription delivers), or
+    /// dropped and counted: acknowledge it and go on.
+    Ignore,
+}
+
 /// The inbound side of a broker link: the carrier's receive loop hands every message of the
 /// inbox subscription to [`Feed::deliver`].
+#[derive(Clone)]
 pub(crate) struct Feed {
     router: Arc<Router>,
     accept: mpsc::Sender<Pending>,
@@ -508,6 +724,35 @@ impl Feed {
     pub(crate) fn deliver(&self, subject: &str, payload: &[u8], retained: bool) {
         self.router.route(subject, payload, retained, &self.accept);
     }
+
+    /// Counts one (re)connection acknowledged by the broker (MQTT ConnAck).
+    pub(crate) fn connected(&self) {
+        bump(&self.router.connections);
+    }
+
+    /// Classifies one message of the JetStream consumer; mail is counted and checked like
+    /// the inbox subscription's messages.
+    pub(crate) fn consumed(&self, subject: &str, payload: &[u8]) -> Consumed {
+        if !is_mail(payload) {
+            return Consumed::Ignore;
+        }
+        match self.router.check(subject, payload) {
+            Some(from) => Consumed::Mail(from.to_string()),
+            None => Consumed::Ignore,
+        }
+    }
+
+    /// Waits until `take_mail` was called; `false` if the link is gone.
+    pub(crate) async fn mail_taken(&self) -> bool {
+        let mut rx = self.router.mail_taken.subscribe();
+        let taken = rx.wait_for(|t| *t).await.is_ok();
+        taken
+    }
+
+    /// Queues one mail, waiting while the queue is full; gives it back if its receiver is gone.
+    pub(crate) async fn send_mail(&self, mail: Mail) -> Result<(), Mail> {
+        self.router.mail.send(mail).await.map_err(|e| e.0)
+    }
 }
 
 /// The broker-independent state of one device's broker link.
@@ -515,18 +760,27 @@ pub(crate) struct Hub {
     router: Arc<Router>,
     publisher: Arc<Publisher>,
     accept_rx: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
+    mail_rx: Mutex<Option<mpsc::Receiver<Mail>>>,
+    /// The JetStream context mail is published through, if the link has one.
+    jetstream: Option<async_nats::jetstream::Context>,
+    /// Responders answering retransmitted Confirm2 messages for a while
+    /// ([`Hub::accept_handshake`]); dropped with the hub.
+    lingering: Mutex<JoinSet<()>>,
 }
 
 impl Hub {
     /// A hub for device `id` (checked by [`check_config`]) that publishes through
-    /// `publisher`, and the feed for its inbox.
+    /// `publisher` (mail through `jetstream` if given), and the feed for its inbox.
     pub(crate) fn new(
         scheme: &'static Scheme,
         id: &str,
         max_payload: usize,
         max_peers: usize,
         publisher: Publisher,
+        mail_source: MailSource,
+        jetstream: Option<async_nats::jetstream::Context>,
     ) -> (Hub, Feed) {
+        let (mail, mail_rx) = mpsc::channel(MAIL_QUEUE);
         let router = Arc::new(Router {
             id: id.to_string(),
             scheme,
@@ -535,6 +789,10 @@ impl Hub {
             max_peers,
             routes: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            mail_source,
+            mail,
+            mail_taken: watch::Sender::new(false),
+            connections: AtomicU64::new(0),
         });
         let (accept, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
         let feed = Feed {
@@ -545,35 +803,145 @@ impl Hub {
             router,
             publisher: Arc::new(publisher),
             accept_rx: tokio::sync::Mutex::new(accept_rx),
+            mail_rx: Mutex::new(Some(mail_rx)),
+            jetstream,
+            lingering: Mutex::new(JoinSet::new()),
         };
         (hub, feed)
     }
 
-    pub(crate) async fn publish(&self, _to: &str, _payload: &[u8]) -> Result<bool, Error> {
-        todo!()
+    /// Publishes one mail to `to`'s inbox; `true` if the broker confirmed it stored it.
+    pub(crate) async fn publish(&self, to: &str, payload: &[u8]) -> Result<bool, Error> {
+        check_id(to)?;
+        if !is_mail(payload) {
+            return Err(Error::InvalidInput(
+                "publish carries durable payloads (0x44) and relay frames (0x52) only",
+            ));
+        }
+        if payload.len() > self.router.max_payload {
+            return Err(Error::InvalidInput(
+                "the payload is larger than the link's max_payload",
+            ));
+        }
+        let subject = self.router.scheme.subject(to, &self.router.id);
+        if let Some(js) = &self.jetstream {
+            return crate::nats::publish_stored(js, subject, payload)
+                .await
+                .map(|()| true);
+        }
+        match &*self.publisher {
+            Publisher::Mqtt(c) => crate::mqtt::publish(c, &subject, payload).await?,
+            Publisher::Nats(c) => crate::nats::publish(c, &subject, payload).await?,
+        }
+        Ok(false)
     }
 
+    /// The initiator's handshake with `peer_id`, without a channel.
     pub(crate) async fn handshake_peer(
         &self,
-        _device: &Device,
-        _peer_id: &str,
-    ) -> Result<Box<keav_proto::handshake::SessionOutcome>, Error> {
-        todo!()
+        device: &Device,
+        peer_id: &str,
+    ) -> Result<Box<SessionOutcome>, Error> {
+        check_id(peer_id)?;
+        if peer_id == self.router.id {
+            return Err(Error::InvalidInput("a broker device cannot call itself"));
+        }
+        let deadline = Instant::now() + device.settings().handshake_timeout;
+        let (qtx, qrx) = mpsc::channel(PEER_QUEUE);
+        let (route, established) = Route::new(qtx.clone(), None);
+        self.router.routes().insert(peer_id.to_string(), route);
+        let mut link = self.hs_link(peer_id, qrx);
+        let done = handshake(
+            device,
+            Side::Initiator(peer_id),
+            &mut HsLink::Udp(&mut link),
+            deadline,
+        )
+        .await;
+        match done {
+            Ok(done) => {
+                established.store(true, Ordering::Release);
+                // The initiator completes last (on the Conf2ACK): nothing more to answer, but
+                // the route absorbs late duplicates of the peer's Hello for a while, which
+                // would otherwise look like a new incoming handshake.
+                self.linger(peer_id, link, None);
+                Ok(done.outcome)
+            }
+            Err(e) => {
+                drop(link);
+                self.router.remove_route(peer_id, Some(&qtx));
+                Err(e)
+            }
+        }
     }
 
+    /// Keeps a completed handshake's route (and the responder's endpoint) for [`LINGER`].
+    fn linger(&self, peer: &str, link: HsUdp, endpoint: Option<Box<Endpoint>>) {
+        let mut tasks = self.lingering.lock().unwrap_or_else(|p| p.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(linger(
+            self.router.clone(),
+            peer.to_string(),
+            link,
+            endpoint,
+        ));
+    }
+
+    /// The next incoming handshake as responder, without a channel (failed ones are logged
+    /// and skipped). The completed endpoint lingers in the background for [`LINGER`] (or
+    /// until the peer's route is replaced) to answer a retransmitted Confirm2.
     pub(crate) async fn accept_handshake(
         &self,
-        _device: &Device,
-    ) -> Result<(String, Box<keav_proto::handshake::SessionOutcome>), Error> {
-        todo!()
+        device: &Device,
+    ) -> Result<(String, Box<SessionOutcome>), Error> {
+        let mut pending = self.accept_rx.lock().await;
+        loop {
+            let Pending {
+                from,
+                queue,
+                established,
+            } = pending.recv().await.ok_or(Error::Shutdown)?;
+            let deadline = Instant::now() + device.settings().handshake_timeout;
+            let mut link = self.hs_link(&from, queue);
+            match handshake(
+                device,
+                Side::Responder,
+                &mut HsLink::Udp(&mut link),
+                deadline,
+            )
+            .await
+            {
+                Ok(done) => {
+                    established.store(true, Ordering::Release);
+                    self.linger(&from, link, Some(Box::new(done.endpoint)));
+                    return Ok((from, done.outcome));
+                }
+                Err(e) => {
+                    drop(link);
+                    self.router.remove_route(&from, None);
+                    log_failure(self.router.scheme.incoming, None, &e);
+                }
+            }
+        }
     }
 
+    /// The mail receiver, the first time.
     pub(crate) fn take_mail(&self) -> Option<mpsc::Receiver<Mail>> {
-        todo!()
+        let rx = self
+            .mail_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        self.router.mail_taken.send_replace(true);
+        Some(rx)
     }
 
+    /// Successful (re)connections to the broker.
     pub(crate) fn connections(&self) -> u64 {
-        todo!()
+        match &*self.publisher {
+            Publisher::Mqtt(_) => self.router.connections.load(Ordering::Relaxed),
+            Publisher::Nats(c) => c.statistics().connects.load(Ordering::Relaxed),
+        }
     }
 
     /// This device's id.
@@ -670,6 +1038,44 @@ impl Hub {
             Source::Queue(queue),
         )
     }
+}
+
+/// Keeps a completed handshake's route for [`LINGER`], so late duplicates of the peer's
+/// handshake messages end here, and with a responder's endpoint answers retransmitted
+/// Confirm2 messages (the initiator completes only on our Conf2ACK, which may have been
+/// lost); then drops the route. Ends early when the route is replaced (its queue closes).
+async fn linger(router: Arc<Router>, from: String, mut link: HsUdp, mut ep: Option<Box<Endpoint>>) {
+    let clock = Clock::start();
+    let until = Instant::now() + LINGER;
+    loop {
+        let m = tokio::select! {
+            m = link.recv_message() => m,
+            _ = tokio::time::sleep_until(until) => break,
+        };
+        let Ok(m) = m else { break };
+        // Only a retransmitted Confirm2 needs an answer (Conf2ACK); anything else could only
+        // make the completed endpoint queue an Error for the peer.
+        let Some(ep) = ep.as_mut() else { continue };
+        if !matches!(Message::parse(&m), Ok(Message::Confirm2(_))) {
+            continue;
+        }
+        if ep
+            .handle_message(&m, clock.now_ms(), &mut rand_core::OsRng)
+            .is_err()
+        {
+            break;
+        }
+        let msgs: Vec<Vec<u8>> = std::iter::from_fn(|| ep.poll_transmit()).collect();
+        if link.send_messages(&msgs).await.is_err() {
+            break;
+        }
+        debug!(
+            carrier = router.scheme.name,
+            from, "answered a retransmitted Confirm2"
+        );
+    }
+    drop(link);
+    router.remove_route(&from, None);
 }
 
 #[cfg(test)]

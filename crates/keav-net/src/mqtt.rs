@@ -50,8 +50,18 @@
 //! peer's name can thus cut that peer's channel off (never read or inject data).
 //!
 //! Reconnection: rumqttc reconnects when polled after an error; the event loop polls again
-//! after a backoff (100 ms doubling to 30 s), then subscribes again. The first connection
-//! must succeed within [`LinkOptions::connect_timeout`] or [`Link::connect`] fails.
+//! after a backoff (100 ms doubling to 30 s), then subscribes again (also with a persistent
+//! session, in case the broker lost it). The first connection must succeed within
+//! [`LinkOptions::connect_timeout`] or [`Link::connect`] fails. [`Link::connections`] counts
+//! the connections the broker acknowledged (ConnAck).
+//!
+//! # Mail
+//!
+//! Durable payloads (`0x44`) and relay frames (`0x52`) are mail ([`crate::broker`]): sent
+//! with [`Link::publish`] (QoS 1; `Ok(false)`: the PUBACK says only that the broker has it),
+//! received through [`Link::take_mail`]. With a clean session (the default) mail published
+//! while the device is offline is lost; with [`LinkOptions::persistent_session`] the broker
+//! queues it for the device's session and delivers it after the reconnect.
 
 use std::time::Duration;
 
@@ -60,10 +70,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::broker::{self, Feed, Hub, Publisher, MQTT};
+use crate::broker::{self, Feed, Hub, MailSource, Publisher, MQTT};
 use crate::Error;
 
-pub use crate::broker::{valid_device_id, LinkOptions, LinkStats};
+pub use crate::broker::{valid_device_id, LinkOptions, LinkStats, Mail, MailAck};
 
 /// The topic on which `from` sends to `to`.
 pub fn topic(to: &str, from: &str) -> String {
@@ -111,13 +121,17 @@ impl Link {
     /// subscribes to its inbox and starts the event loop. Fails if the broker does not accept
     /// the connection and the subscription within [`LinkOptions::connect_timeout`]. Payloads
     /// beyond four times [`LinkOptions::max_payload`] exceed the MQTT client's packet limit:
-    /// rumqttc drops the connection and the event loop reconnects.
+    /// rumqttc drops the connection and the event loop reconnects. [`LinkOptions::jetstream`]
+    /// is refused ([`Error::InvalidInput`]).
     pub async fn connect(
         broker: &str,
         device_id: &str,
         options: LinkOptions,
     ) -> Result<Link, Error> {
         broker::check_config(device_id, options.max_payload, options.max_peers)?;
+        if options.jetstream.is_some() {
+            return Err(Error::InvalidInput("JetStream is a NATS option, not MQTT"));
+        }
         let (host, port) = broker::host_port(broker)?;
         let client_id = options
             .client_id
@@ -132,7 +146,7 @@ impl Link {
             options.max_payload.saturating_mul(4).saturating_add(slack),
             options.max_payload.saturating_add(slack),
         );
-        mo.set_clean_session(true);
+        mo.set_clean_session(!options.persistent_session);
         if let Some((u, p)) = &options.credentials {
             mo.set_credentials(u.clone(), p.clone());
         }
@@ -143,6 +157,12 @@ impl Link {
             options.max_payload,
             options.max_peers,
             Publisher::Mqtt(client.clone()),
+            if options.persistent_session {
+                MailSource::InboxEarly
+            } else {
+                MailSource::Inbox
+            },
+            None,
         );
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = tokio::spawn(event_loop(
@@ -184,8 +204,11 @@ async fn event_loop(
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
-                // Clean session: subscribe on every (re)connection. Through a task, since the
-                // request queue is drained by this very loop.
+                feed.connected();
+                // Subscribe on every (re)connection: a clean session starts without the
+                // subscription, and a broker may have lost a persistent one (a restart
+                // without persistence). Through a task, since the request queue is drained
+                // by this very loop.
                 let (client, inbox) = (client.clone(), inbox.clone());
                 tokio::spawn(async move {
                     if let Err(e) = client.subscribe(inbox, QoS::AtLeastOnce).await {

@@ -188,6 +188,7 @@ impl HsUdp {
             endpoint,
             clock: Clock::start(),
             pending: self.early,
+            bare: self.bare,
         };
         (self.tx, rx)
     }
@@ -204,6 +205,8 @@ pub(crate) struct UdpRx {
     endpoint: Option<Box<Endpoint>>,
     clock: Clock,
     pending: VecDeque<Vec<u8>>,
+    /// Broker transports: handshake messages travel bare (see [`HsUdp::new_bare`]).
+    bare: bool,
 }
 
 impl UdpRx {
@@ -216,7 +219,8 @@ impl UdpRx {
             let d = self.source.next().await?;
             match d.first() {
                 Some(&RECORD_DATA | &RECORD_CLOSE) => return Ok(d),
-                Some(&ZRTP_PACKET) => self.late_handshake(&d).await?,
+                Some(&ZRTP_PACKET) if !self.bare => self.late_handshake(&d).await?,
+                Some(&BARE_MESSAGE) if self.bare => self.late_handshake(&d).await?,
                 _ => debug!("dropped an unclassifiable datagram"),
             }
         }
@@ -231,16 +235,21 @@ impl UdpRx {
         let Some(ep) = self.endpoint.as_mut() else {
             return Ok(());
         };
-        let Ok(p) = decode_packet(d) else {
-            return Ok(());
+        let message = if self.bare {
+            d
+        } else {
+            let Ok(p) = decode_packet(d) else {
+                return Ok(());
+            };
+            p.message
         };
         // Only a retransmitted Confirm2 needs an answer (Conf2ACK); anything else could only
         // make the completed endpoint queue an Error for the peer.
-        if !matches!(Message::parse(p.message), Ok(Message::Confirm2(_))) {
+        if !matches!(Message::parse(message), Ok(Message::Confirm2(_))) {
             return Ok(());
         }
         if ep
-            .handle_message(p.message, self.clock.now_ms(), &mut OsRng)
+            .handle_message(message, self.clock.now_ms(), &mut OsRng)
             .is_err()
         {
             self.endpoint = None;
@@ -248,6 +257,10 @@ impl UdpRx {
         }
         let msgs: Vec<Vec<u8>> = std::iter::from_fn(|| ep.poll_transmit()).collect();
         for m in msgs {
+            if self.bare {
+                self.tx.send(&m).await?;
+                continue;
+            }
             self.seq = self.seq.wrapping_add(1);
             let pkt = encode_packet(self.seq, self.ssrc, &m);
             self.tx.send(&pkt).await?;

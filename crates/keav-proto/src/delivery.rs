@@ -16,7 +16,7 @@
 //! Both are bounded in records and bytes, and refuse bad input with a [`DeliveryError`]
 //! rather than panicking.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub mod state;
 
@@ -276,17 +276,37 @@ struct Entry {
 
 /// Sender side: keeps sealed records until an end-to-end ack covers them, resending with
 /// exponential backoff.
-#[derive(Debug, Clone)]
+///
+/// Every operation on one record costs O(log n) in the number of records held (durable
+/// outboxes hold up to a million): the records are kept in sequence order and indexed by due
+/// time. Only [`Outbox::resend_all`] touches every record.
+#[derive(Clone)]
 pub struct Outbox {
     limits: OutboxLimits,
-    /// In sequence order; the first `sent` entries were transmitted at least once.
+    /// In strictly increasing sequence order.
     entries: VecDeque<Entry>,
-    sent: usize,
+    /// Sequence numbers of the held records never transmitted (they go out first, in order).
+    unsent: BTreeSet<u64>,
+    /// `(due_ms, seq)` of every held record, kept in step with `entries`.
+    due: BTreeSet<(u64, u64)>,
     bytes: usize,
     /// Highest cumulative ack applied.
     acked: u64,
     /// One above the last sequence number pushed (0 before any push).
     end: u64,
+}
+
+impl core::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("limits", &self.limits)
+            .field("records", &self.entries.len())
+            .field("unsent", &self.unsent.len())
+            .field("bytes", &self.bytes)
+            .field("acked", &self.acked)
+            .field("end", &self.end)
+            .finish()
+    }
 }
 
 impl Outbox {
@@ -308,11 +328,23 @@ impl Outbox {
         Ok(Self {
             limits,
             entries: VecDeque::new(),
-            sent: 0,
+            unsent: BTreeSet::new(),
+            due: BTreeSet::new(),
             bytes: 0,
             acked: 0,
             end: 0,
         })
+    }
+
+    /// An empty outbox continuing a stream whose records below `acked` were all pushed and
+    /// acknowledged (as if by [`Outbox::push`] and [`Outbox::on_ack`]): the next push must be
+    /// numbered `acked` or above, and acks up to `acked` are accepted (as stale or empty).
+    /// For rebuilding an outbox from stored rows. Refuses the limits [`Outbox::new`] refuses.
+    pub fn resume(limits: OutboxLimits, acked: u64) -> Result<Self, DeliveryError> {
+        let mut ob = Outbox::new(limits)?;
+        ob.acked = acked;
+        ob.end = acked;
+        Ok(ob)
     }
 
     /// The limits this outbox enforces.
@@ -350,6 +382,16 @@ impl Outbox {
         self.entries.iter().map(|e| (e.seq, e.record.as_slice()))
     }
 
+    /// Whether a record of `len` bytes fits now (the check [`Outbox::push`] makes besides
+    /// the sequence number): lets a sender refuse before it seals anything.
+    pub fn has_room_for(&self, len: usize) -> bool {
+        self.entries.len() < self.limits.max_records
+            && self
+                .bytes
+                .checked_add(len)
+                .is_some_and(|b| b <= self.limits.max_bytes)
+    }
+
     /// Stores `record` (sequence number `seq`, strictly above the previous one) to be sent
     /// from `now_ms` on. A full outbox returns [`DeliveryError::Full`] and keeps what it has.
     pub fn push(&mut self, seq: u64, record: Vec<u8>, now_ms: u64) -> Result<(), DeliveryError> {
@@ -358,10 +400,7 @@ impl Outbox {
         if seq < self.end || seq < self.acked || seq == u64::MAX {
             return Err(DeliveryError::NotIncreasing);
         }
-        let bytes = self.bytes.checked_add(record.len());
-        if self.entries.len() >= self.limits.max_records
-            || bytes.is_none_or(|b| b > self.limits.max_bytes)
-        {
+        if !self.has_room_for(record.len()) {
             return Err(DeliveryError::Full);
         }
         self.bytes += record.len();
@@ -371,31 +410,45 @@ impl Outbox {
             due_ms: now_ms,
             rto_ms: self.limits.rto_initial_ms,
         });
+        self.unsent.insert(seq);
+        self.due.insert((now_ms, seq));
         self.end = seq.saturating_add(1);
         Ok(())
+    }
+
+    /// Position of record `seq` in `entries` (binary search).
+    fn index_of(&self, seq: u64) -> Option<usize> {
+        self.entries.binary_search_by_key(&seq, |e| e.seq).ok()
+    }
+
+    /// Moves record `idx`'s due time to `due_ms`, keeping the index in step.
+    fn set_due(&mut self, idx: usize, due_ms: u64) {
+        if let Some(e) = self.entries.get_mut(idx) {
+            self.due.remove(&(e.due_ms, e.seq));
+            e.due_ms = due_ms;
+            self.due.insert((due_ms, e.seq));
+        }
     }
 
     /// The next record to put on the carrier at `now_ms`: never-sent records first (in
     /// order), then the record whose resend time passed earliest. Each resend doubles the
     /// record's delay, up to `rto_max_ms`.
     pub fn poll_transmit(&mut self, now_ms: u64) -> Option<(u64, &[u8])> {
-        let idx = if self.sent < self.entries.len() {
-            self.sent += 1;
-            self.sent - 1
-        } else {
-            let (idx, e) = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.due_ms)?;
-            if e.due_ms > now_ms {
-                return None;
+        let seq = match self.unsent.pop_first() {
+            Some(seq) => seq,
+            None => {
+                let &(due, seq) = self.due.first()?;
+                if due > now_ms {
+                    return None;
+                }
+                seq
             }
-            idx
         };
+        let idx = self.index_of(seq)?;
+        let rto = self.entries.get(idx)?.rto_ms;
+        self.set_due(idx, now_ms.saturating_add(rto));
         let max = self.limits.rto_max_ms;
         let e = self.entries.get_mut(idx)?;
-        e.due_ms = now_ms.saturating_add(e.rto_ms);
         e.rto_ms = e.rto_ms.saturating_mul(2).min(max);
         Some((e.seq, e.record.as_slice()))
     }
@@ -403,7 +456,33 @@ impl Outbox {
     /// Earliest time at which [`Outbox::poll_transmit`] has something to send (a never-sent
     /// record is due from its push time), or `None` when the outbox is empty.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.entries.iter().map(|e| e.due_ms).min()
+        self.due.first().map(|&(due, _)| due)
+    }
+
+    /// A hop took custody of record `seq` (it holds it and will deliver it): its next resend
+    /// moves to `until_ms` if that is later than it was due. A record never sent by this
+    /// outbox (after a restore) now counts as sent, since the hop holds it. Unknown sequence
+    /// numbers (acknowledged or never pushed) are ignored.
+    pub fn on_custody(&mut self, seq: u64, until_ms: u64) {
+        let Some(idx) = self.index_of(seq) else {
+            return;
+        };
+        self.unsent.remove(&seq);
+        if self.entries.get(idx).is_some_and(|e| until_ms > e.due_ms) {
+            self.set_due(idx, until_ms);
+        }
+    }
+
+    /// Every held record becomes due at `now_ms` and its backoff restarts at
+    /// `rto_initial_ms` (the carrier reconnected or the peer came back). O(n).
+    pub fn resend_all(&mut self, now_ms: u64) {
+        let rto = self.limits.rto_initial_ms;
+        for e in self.entries.iter_mut() {
+            e.due_ms = now_ms;
+            e.rto_ms = rto;
+        }
+        // In sequence order, so already sorted: the set is built in linear time.
+        self.due = self.entries.iter().map(|e| (now_ms, e.seq)).collect();
     }
 
     /// Applies a cumulative ack: every record numbered below `cumulative` is dropped; returns
@@ -423,10 +502,11 @@ impl Outbox {
                 break;
             }
             self.bytes -= e.record.len();
+            self.unsent.remove(&e.seq);
+            self.due.remove(&(e.due_ms, e.seq));
             self.entries.pop_front();
             dropped += 1;
         }
-        self.sent = self.sent.saturating_sub(dropped);
         Ok(dropped)
     }
 }
@@ -765,6 +845,177 @@ mod tests {
         ob.on_ack(1).unwrap();
         ob.push(3, vec![3; 4], 0).unwrap();
         assert_eq!((ob.len(), ob.bytes()), (3, 10));
+    }
+
+    #[test]
+    fn outbox_custody_moves_a_resend_later_only() {
+        let mut ob = outbox(8, 100);
+        ob.push(0, b"r0".to_vec(), 0).unwrap();
+        ob.push(1, b"r1".to_vec(), 0).unwrap();
+        assert_eq!(ob.poll_transmit(0).map(|t| t.0), Some(0)); // due 100
+        ob.on_custody(0, 50); // earlier: unchanged
+        ob.on_custody(7, 5000); // unknown: ignored
+                                // 1 was never sent; custody counts as sent, due at 500.
+        ob.on_custody(1, 500);
+        assert_eq!(ob.poll_timeout(), Some(100));
+        ob.on_custody(0, 1000);
+        assert_eq!(ob.poll_timeout(), Some(500));
+        assert_eq!(ob.poll_transmit(499), None);
+        assert_eq!(ob.poll_transmit(500).map(|t| t.0), Some(1)); // next 600
+        assert_eq!(ob.poll_transmit(999).map(|t| t.0), Some(1)); // due 600 < 1000
+        assert_eq!(ob.poll_transmit(1000).map(|t| t.0), Some(0));
+        // Acked records are unknown to custody.
+        ob.on_ack(2).unwrap();
+        ob.on_custody(0, 9000);
+        assert_eq!((ob.poll_timeout(), ob.len()), (None, 0));
+    }
+
+    #[test]
+    fn outbox_resend_all_makes_everything_due_and_restarts_backoff() {
+        let mut ob = outbox(8, 100);
+        for s in 0..3 {
+            ob.push(s, vec![s as u8], 0).unwrap();
+        }
+        for _ in 0..3 {
+            ob.poll_transmit(0).unwrap();
+        }
+        for t in [100, 300, 700] {
+            while ob.poll_transmit(t).is_some() {}
+        }
+        assert_eq!(ob.poll_timeout(), Some(1500));
+        ob.resend_all(710);
+        assert_eq!(ob.poll_timeout(), Some(710));
+        let order: Vec<_> = (0..3)
+            .filter_map(|_| ob.poll_transmit(710).map(|t| t.0))
+            .collect();
+        assert_eq!(order, [0, 1, 2]);
+        assert_eq!(ob.poll_timeout(), Some(810)); // backoff back at 100
+    }
+
+    #[test]
+    fn outbox_resume_and_room() {
+        let mut ob = Outbox::resume(
+            OutboxLimits {
+                max_records: 2,
+                max_bytes: 10,
+                rto_initial_ms: 1,
+                rto_max_ms: 1,
+            },
+            40,
+        )
+        .unwrap();
+        assert_eq!((ob.acked(), ob.next_seq_floor()), (40, 40));
+        assert_eq!(ob.on_ack(40), Ok(0));
+        assert_eq!(ob.on_ack(39), Err(DeliveryError::StaleAck));
+        assert_eq!(ob.on_ack(41), Err(DeliveryError::AckBeyondPushed));
+        assert_eq!(ob.push(39, vec![], 0), Err(DeliveryError::NotIncreasing));
+        assert!(ob.has_room_for(10) && !ob.has_room_for(11));
+        ob.push(40, vec![0; 6], 0).unwrap();
+        assert!(ob.has_room_for(4) && !ob.has_room_for(5));
+        ob.push(41, vec![], 0).unwrap();
+        assert!(!ob.has_room_for(0));
+        assert!(Outbox::resume(
+            OutboxLimits {
+                max_records: 0,
+                max_bytes: 1,
+                rto_initial_ms: 1,
+                rto_max_ms: 1
+            },
+            0
+        )
+        .is_err());
+    }
+
+    /// The straightforward O(n) outbox the indexed one must behave like.
+    #[derive(Default)]
+    struct Model {
+        /// (seq, len, due, rto, sent)
+        e: Vec<(u64, usize, u64, u64, bool)>,
+        acked: u64,
+        end: u64,
+    }
+
+    impl Model {
+        fn push(&mut self, seq: u64, len: usize, now: u64, l: OutboxLimits) -> bool {
+            let bytes: usize = self.e.iter().map(|x| x.1).sum::<usize>() + len;
+            if seq < self.end || seq < self.acked || seq == u64::MAX {
+                return false;
+            }
+            if self.e.len() >= l.max_records || bytes > l.max_bytes {
+                return false;
+            }
+            self.e.push((seq, len, now, l.rto_initial_ms, false));
+            self.end = seq + 1;
+            true
+        }
+        fn poll(&mut self, now: u64, l: OutboxLimits) -> Option<u64> {
+            let i = match self.e.iter().position(|x| !x.4) {
+                Some(i) => i,
+                None => {
+                    let i = (0..self.e.len()).min_by_key(|&i| (self.e[i].2, self.e[i].0))?;
+                    if self.e[i].2 > now {
+                        return None;
+                    }
+                    i
+                }
+            };
+            let x = &mut self.e[i];
+            x.4 = true;
+            x.2 = now.saturating_add(x.3);
+            x.3 = (x.3 * 2).min(l.rto_max_ms);
+            Some(x.0)
+        }
+        fn ack(&mut self, c: u64) -> Result<usize, DeliveryError> {
+            if c < self.acked {
+                return Err(DeliveryError::StaleAck);
+            }
+            if c > self.end {
+                return Err(DeliveryError::AckBeyondPushed);
+            }
+            self.acked = c;
+            let before = self.e.len();
+            self.e.retain(|x| x.0 >= c);
+            Ok(before - self.e.len())
+        }
+        fn custody(&mut self, seq: u64, until: u64) {
+            if let Some(x) = self.e.iter_mut().find(|x| x.0 == seq) {
+                x.4 = true;
+                x.2 = x.2.max(until);
+            }
+        }
+        fn resend_all(&mut self, now: u64, l: OutboxLimits) {
+            for x in &mut self.e {
+                x.2 = now;
+                x.3 = l.rto_initial_ms;
+            }
+        }
+        fn timeout(&self) -> Option<u64> {
+            self.e.iter().map(|x| x.2).min()
+        }
+    }
+
+    proptest! {
+        /// The indexed outbox answers exactly like the O(n) model, whatever the operations.
+        #[test]
+        fn outbox_matches_the_linear_model(
+            ops in proptest::collection::vec((0u8..5, 0u64..40, 0usize..6, 0u64..3000), 0..300),
+        ) {
+            let mut ob = outbox(6, 20);
+            let l = ob.limits();
+            let mut m = Model::default();
+            for (op, seq, len, now) in ops {
+                match op {
+                    0 => prop_assert_eq!(ob.push(seq, vec![0; len], now).is_ok(), m.push(seq, len, now, l)),
+                    1 => prop_assert_eq!(ob.on_ack(seq), m.ack(seq)),
+                    2 => prop_assert_eq!(ob.poll_transmit(now).map(|t| t.0), m.poll(now, l)),
+                    3 => { ob.on_custody(seq, now); m.custody(seq, now); }
+                    _ => { ob.resend_all(now); m.resend_all(now, l); }
+                }
+                prop_assert_eq!(ob.poll_timeout(), m.timeout());
+                prop_assert_eq!(ob.len(), m.e.len());
+                prop_assert_eq!(ob.records().map(|r| r.0).collect::<Vec<_>>(), m.e.iter().map(|x| x.0).collect::<Vec<_>>());
+            }
+        }
     }
 
     proptest! {

@@ -58,9 +58,16 @@
 //! - The application's acknowledgement of released messages: the new `delivered` mark and
 //!   the deletion of inbox rows below it.
 
-use crate::delivery::{DeliveryError, InboxLimits, OutboxLimits};
+use zeroize::Zeroizing;
+
+use crate::codec::Reader;
+use crate::crypto::kdf32;
+use crate::delivery::{Admission, DeliveryError, Inbox, InboxLimits, Outbox, OutboxLimits};
 use crate::handshake::SessionOutcome;
-use crate::record::RecordError;
+use crate::record::{
+    self, Aead, Opened, Opener, OpenerState, RatchetPolicy, RecordError, Sealer, SealerState,
+    HEADER_LEN, MAX_PLAINTEXT, RECORD_OVERHEAD, TAG_LEN, TYPE_DATA,
+};
 
 /// First byte of every durable payload.
 pub const PAYLOAD_TAG: u8 = 0x44;
@@ -68,6 +75,30 @@ pub const PAYLOAD_TAG: u8 = 0x44;
 pub const PAYLOAD_PREFIX: usize = 2;
 /// The data sub-channel ratchets every 2^this records.
 pub const DATA_RATCHET_LOG2: u8 = 8;
+
+/// KDF label of the data sub-channel's root key.
+const LABEL_DATA: &[u8] = b"KEAV durable data";
+/// KDF label of the control sub-channel's root key.
+const LABEL_CONTROL: &[u8] = b"KEAV durable control";
+
+/// The data sub-channel's ratchet: by count only.
+const DATA_POLICY: RatchetPolicy = RatchetPolicy {
+    every_records_log2: DATA_RATCHET_LOG2,
+    every_ms: u64::MAX,
+};
+/// The control sub-channel never ratchets.
+const CONTROL_POLICY: RatchetPolicy = RatchetPolicy {
+    every_records_log2: 64,
+    every_ms: u64::MAX,
+};
+
+/// Plaintext length of a control record (a u64 BE cumulative ack).
+const ACK_LEN: usize = 8;
+/// Exact length of a control payload.
+const CONTROL_PAYLOAD_LEN: usize = PAYLOAD_PREFIX + RECORD_OVERHEAD + ACK_LEN;
+/// The data sealer refuses (without closing) once the next record would need an epoch above
+/// `u32::MAX`, so the channel's state stays exportable.
+const DATA_SEQ_LIMIT: u64 = (u32::MAX as u64 + 1) << DATA_RATCHET_LOG2;
 
 /// Which sub-channel a payload belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -151,65 +182,269 @@ impl Default for DurableConfig {
     }
 }
 
+impl DurableConfig {
+    /// The inbox limits in force: `max_pending` capped at 2^[`DATA_RATCHET_LOG2`].
+    fn inbox_limits(&self) -> InboxLimits {
+        let cap = 1usize << DATA_RATCHET_LOG2;
+        InboxLimits {
+            max_pending: self.inbox.max_pending.min(cap),
+            ..self.inbox
+        }
+    }
+}
+
 /// What [`DurableChannel::receive`] did with a payload.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Received {
     /// A new message was authenticated and taken into the inbox: persist `(seq, body)` and the
     /// state, then send an ack. `body` is a copy of what the inbox holds.
-    Data { seq: u64, body: Vec<u8> },
+    Data {
+        /// The message's sequence number.
+        seq: u64,
+        /// The message.
+        body: Vec<u8>,
+    },
     /// Already taken (or released): nothing to persist; answer with an ack (the sender
     /// evidently missed one).
-    Duplicate { seq: u64 },
+    Duplicate {
+        /// The record's sequence number.
+        seq: u64,
+    },
     /// Not taken now (beyond the reorder window, a later epoch, or no room): the sender
     /// resends it later. Nothing to persist, no ack needed.
-    Deferred { seq: u64 },
+    Deferred {
+        /// The record's sequence number.
+        seq: u64,
+    },
     /// A valid end-to-end ack: persist the state and delete outbox rows below `upto`.
     /// `freed` records left the outbox.
-    Ack { upto: u64, freed: usize },
+    Ack {
+        /// The peer's cumulative ack.
+        upto: u64,
+        /// Records this ack removed from the outbox.
+        freed: usize,
+    },
     /// A valid but stale or duplicated ack: nothing changed (nothing to persist).
     StaleAck,
 }
 
 /// Persisted key state of a durable channel (no message contents: the outbox and inbox rows
 /// are stored separately). `Debug` shows counters only.
+///
+/// # Encoding (version 1)
+///
+/// ```text
+/// "KVDS" | version 1 | 4 × (len u16 | part)
+/// ```
+///
+/// The parts, in order: data sealer, data opener, control sealer, control opener, each in
+/// its record-layer encoding ([`SealerState::encode`], [`OpenerState::encode`]). A part of
+/// length 0 is absent (a closed sealer exports nothing); decoding refuses absent parts, parts
+/// longer than [`MAX_PART_LEN`], trailing bytes, parts that do not decode, and parts that
+/// disagree (AEAD, KDF context, ratchet policies, in-order openers).
 #[derive(Clone, PartialEq, Eq)]
 pub struct DurableState {
-    _private: (),
+    data_sealer: Option<SealerState>,
+    data_opener: Option<OpenerState>,
+    control_sealer: Option<SealerState>,
+    control_opener: Option<OpenerState>,
 }
+
+/// Longest part of an encoded [`DurableState`].
+pub const MAX_PART_LEN: usize = 1024;
+const STATE_MAGIC: &[u8; 4] = b"KVDS";
+const STATE_VERSION: u8 = 1;
 
 impl core::fmt::Debug for DurableState {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("DurableState").finish_non_exhaustive()
+        f.debug_struct("DurableState")
+            .field(
+                "data_next_seq",
+                &self.data_sealer.as_ref().map(|s| s.next_sequence()),
+            )
+            .field(
+                "data_highest_received",
+                &self.data_opener.as_ref().and_then(|o| o.highest_sequence()),
+            )
+            .field(
+                "control_next_seq",
+                &self.control_sealer.as_ref().map(|s| s.next_sequence()),
+            )
+            .field(
+                "control_highest_received",
+                &self
+                    .control_opener
+                    .as_ref()
+                    .and_then(|o| o.highest_sequence()),
+            )
+            .finish_non_exhaustive()
     }
+}
+
+/// The four live parts of a state, checked.
+struct Parts<'a> {
+    data_sealer: &'a SealerState,
+    data_opener: &'a OpenerState,
+    control_sealer: &'a SealerState,
+    control_opener: &'a OpenerState,
+}
+
+fn bad_state(_: crate::ParseError) -> DurableError {
+    DurableError::BadState("truncated")
 }
 
 impl DurableState {
     /// Versioned encoding (zeroized on drop: it holds chain keys).
-    pub fn encode(&self) -> zeroize::Zeroizing<Vec<u8>> {
-        todo!()
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let parts: [Option<Zeroizing<Vec<u8>>>; 4] = [
+            self.data_sealer.as_ref().map(SealerState::encode),
+            self.data_opener.as_ref().map(OpenerState::encode),
+            self.control_sealer.as_ref().map(SealerState::encode),
+            self.control_opener.as_ref().map(OpenerState::encode),
+        ];
+        let total = 5 + parts
+            .iter()
+            .map(|p| 2 + p.as_ref().map_or(0, |p| p.len()))
+            .sum::<usize>();
+        // Sized up front so that no reallocation leaves a copy of a key behind.
+        let mut out = Zeroizing::new(Vec::with_capacity(total));
+        out.extend_from_slice(STATE_MAGIC);
+        out.push(STATE_VERSION);
+        for p in &parts {
+            let bytes: &[u8] = p.as_ref().map_or(&[], |p| p.as_slice());
+            // Parts are a few hundred bytes (the context is bounded); a longer one cannot
+            // exist, and would be written truncated and refused by `decode`.
+            let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(bytes.get(..usize::from(len)).unwrap_or(bytes));
+        }
+        out
     }
 
     /// Parses and checks an encoding.
-    pub fn decode(_bytes: &[u8]) -> Result<DurableState, DurableError> {
-        todo!()
+    pub fn decode(bytes: &[u8]) -> Result<DurableState, DurableError> {
+        let mut r = Reader::new(bytes);
+        if r.array::<4>().map_err(bad_state)? != *STATE_MAGIC {
+            return Err(DurableError::BadState("magic"));
+        }
+        if r.u8().map_err(bad_state)? != STATE_VERSION {
+            return Err(DurableError::BadState("version"));
+        }
+        let ds = read_part(&mut r)?;
+        let dopen = read_part(&mut r)?;
+        let cs = read_part(&mut r)?;
+        let copen = read_part(&mut r)?;
+        if r.remaining() != 0 {
+            return Err(DurableError::BadState("trailing bytes"));
+        }
+        let state = DurableState {
+            data_sealer: Some(SealerState::decode(ds).map_err(part_err("data sealer"))?),
+            data_opener: Some(OpenerState::decode(dopen).map_err(part_err("data opener"))?),
+            control_sealer: Some(SealerState::decode(cs).map_err(part_err("control sealer"))?),
+            control_opener: Some(OpenerState::decode(copen).map_err(part_err("control opener"))?),
+        };
+        state.parts()?;
+        Ok(state)
+    }
+
+    /// All four parts, checked for consistency.
+    fn parts(&self) -> Result<Parts<'_>, DurableError> {
+        let (Some(ds), Some(dopen), Some(cs), Some(copen)) = (
+            self.data_sealer.as_ref(),
+            self.data_opener.as_ref(),
+            self.control_sealer.as_ref(),
+            self.control_opener.as_ref(),
+        ) else {
+            return Err(DurableError::BadState("part missing"));
+        };
+        let aead = ds.aead();
+        if dopen.aead() != aead || cs.aead() != aead || copen.aead() != aead {
+            return Err(DurableError::BadState("parts disagree on the AEAD"));
+        }
+        if ds.policy() != DATA_POLICY {
+            return Err(DurableError::BadState("data ratchet policy"));
+        }
+        if cs.policy() != CONTROL_POLICY {
+            return Err(DurableError::BadState("control ratchet policy"));
+        }
+        if dopen.in_order() || copen.in_order() {
+            return Err(DurableError::BadState("in-order opener"));
+        }
+        Ok(Parts {
+            data_sealer: ds,
+            data_opener: dopen,
+            control_sealer: cs,
+            control_opener: copen,
+        })
     }
 }
 
+/// One length-prefixed part of an encoded [`DurableState`]: present and bounded.
+fn read_part<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], DurableError> {
+    let len = usize::from(r.u16().map_err(bad_state)?);
+    if len == 0 {
+        return Err(DurableError::BadState("part missing"));
+    }
+    if len > MAX_PART_LEN {
+        return Err(DurableError::BadState("part too long"));
+    }
+    r.take(len).map_err(bad_state)
+}
+
+fn part_err(which: &'static str) -> impl Fn(RecordError) -> DurableError {
+    move |_| DurableError::BadState(which)
+}
+
 /// Reads a payload's header without keys (checks tag, stream, record type and minimum length).
-pub fn parse_header(_payload: &[u8]) -> Result<PayloadHeader, DurableError> {
-    todo!()
+pub fn parse_header(payload: &[u8]) -> Result<PayloadHeader, DurableError> {
+    let mut r = Reader::new(payload);
+    let malformed = |_| DurableError::Malformed("length");
+    if r.u8().map_err(malformed)? != PAYLOAD_TAG {
+        return Err(DurableError::Malformed("tag"));
+    }
+    let stream =
+        Stream::from_byte(r.u8().map_err(malformed)?).ok_or(DurableError::Malformed("stream"))?;
+    if r.u8().map_err(malformed)? != TYPE_DATA {
+        return Err(DurableError::Malformed("record type"));
+    }
+    let epoch = r.u32().map_err(malformed)?;
+    let seq = u64::from_be_bytes(r.array().map_err(malformed)?);
+    if payload.len() < PAYLOAD_PREFIX + HEADER_LEN + TAG_LEN {
+        return Err(DurableError::Malformed("length"));
+    }
+    Ok(PayloadHeader { stream, epoch, seq })
+}
+
+/// The record inside a payload whose header [`parse_header`] accepted.
+fn record_of(payload: &[u8]) -> &[u8] {
+    payload.get(PAYLOAD_PREFIX..).unwrap_or(&[])
 }
 
 /// One durable channel with one peer: both sub-channels, the outbox and the inbox.
 ///
 /// `Debug` shows counters, never keys or messages.
 pub struct DurableChannel {
-    _private: (),
+    cfg: DurableConfig,
+    data_sealer: Sealer,
+    data_opener: Opener,
+    control_sealer: Sealer,
+    control_opener: Opener,
+    /// Whole data payloads, by sequence number.
+    outbox: Outbox,
+    inbox: Inbox,
 }
 
 impl core::fmt::Debug for DurableChannel {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("DurableChannel").finish_non_exhaustive()
+        f.debug_struct("DurableChannel")
+            .field("aead", &self.data_sealer.aead())
+            .field("next_seq", &self.data_sealer.records_sent())
+            .field("outbox_len", &self.outbox.len())
+            .field("acked", &self.outbox.acked())
+            .field("inbox_next", &self.inbox.next_expected())
+            .field("inbox_ack", &self.inbox.ack())
+            .field("inbox_pending", &self.inbox.pending())
+            .finish_non_exhaustive()
     }
 }
 
@@ -217,97 +452,344 @@ impl DurableChannel {
     /// The durable channel of a completed session (both sides derive the same keys; the role
     /// in `outcome` decides the directions). Nothing sent or received yet.
     pub fn new(
-        _outcome: &SessionOutcome,
-        _cfg: DurableConfig,
-        _now_ms: u64,
+        outcome: &SessionOutcome,
+        cfg: DurableConfig,
+        now_ms: u64,
     ) -> Result<Self, DurableError> {
-        todo!()
+        let aead: Aead = outcome.channel_aead.ok_or(DurableError::NoChannel)?;
+        let ctx = outcome.kdf_context.as_slice();
+        let data_root = kdf32(outcome.exported_key.expose(), LABEL_DATA, ctx);
+        let control_root = kdf32(outcome.exported_key.expose(), LABEL_CONTROL, ctx);
+        let (data_sealer, data_opener) =
+            record::channel_from_parts(&data_root, ctx, outcome.role, aead, DATA_POLICY, now_ms);
+        let (control_sealer, control_opener) = record::channel_from_parts(
+            &control_root,
+            ctx,
+            outcome.role,
+            aead,
+            CONTROL_POLICY,
+            now_ms,
+        );
+        Ok(DurableChannel {
+            outbox: Outbox::new(cfg.outbox)?,
+            inbox: Inbox::new(0, cfg.inbox_limits())?,
+            cfg,
+            data_sealer,
+            data_opener,
+            control_sealer,
+            control_opener,
+        })
     }
 
     /// Rebuilds a channel from its persisted state, its outbox rows (any order; every one is
     /// due at once) and its inbox rows (sequence numbers at or above `delivered`, the
     /// application's acknowledged mark; they are released again in order).
+    ///
+    /// Refuses with [`DurableError::BadState`] what the persistence contract cannot produce:
+    /// outbox rows that are not data payloads numbered as their row, repeated, with a gap, or
+    /// not ending just below the data sealer's next sequence number (a missing row would
+    /// never be resent); inbox rows or a `delivered` mark above what the data opener
+    /// accepted, or the opener's highest record missing from the rows; rows the limits in
+    /// `cfg` cannot hold. Limits [`Outbox::new`] or [`Inbox::new`] refuse are
+    /// [`DurableError::Delivery`].
     pub fn restore(
-        _state: &DurableState,
-        _outbox: Vec<(u64, Vec<u8>)>,
-        _inbox: Vec<(u64, Vec<u8>)>,
-        _delivered: u64,
-        _cfg: DurableConfig,
-        _now_ms: u64,
+        state: &DurableState,
+        outbox: Vec<(u64, Vec<u8>)>,
+        inbox: Vec<(u64, Vec<u8>)>,
+        delivered: u64,
+        cfg: DurableConfig,
+        now_ms: u64,
     ) -> Result<Self, DurableError> {
-        todo!()
+        let parts = state.parts()?;
+        let data_sealer =
+            Sealer::from_state(parts.data_sealer, now_ms).map_err(part_err("data sealer"))?;
+        let data_opener =
+            Opener::from_state(parts.data_opener, now_ms).map_err(part_err("data opener"))?;
+        let control_sealer =
+            Sealer::from_state(parts.control_sealer, now_ms).map_err(part_err("control sealer"))?;
+        let control_opener =
+            Opener::from_state(parts.control_opener, now_ms).map_err(part_err("control opener"))?;
+
+        let outbox = rebuild_outbox(outbox, data_sealer.records_sent(), cfg.outbox, now_ms)?;
+        let accepted_end = parts
+            .data_opener
+            .highest_sequence()
+            .map_or(0, |h| h.saturating_add(1));
+        let inbox = rebuild_inbox(inbox, delivered, accepted_end, cfg.inbox_limits())?;
+
+        Ok(DurableChannel {
+            cfg,
+            data_sealer,
+            data_opener,
+            control_sealer,
+            control_opener,
+            outbox,
+            inbox,
+        })
     }
 
     /// The state to persist (see the persistence contract in the module docs).
     pub fn export(&self) -> DurableState {
-        todo!()
+        DurableState {
+            data_sealer: self.data_sealer.export_state(),
+            data_opener: self.data_opener.export_state(),
+            control_sealer: self.control_sealer.export_state(),
+            control_opener: self.control_opener.export_state(),
+        }
     }
 
     /// Seals `body` (at most [`crate::record::MAX_PLAINTEXT`] bytes) as the next message and
     /// keeps it in the outbox. Returns its sequence number and the payload; persist both and
     /// the state before transmitting. A full outbox is [`DeliveryError::Full`] (nothing sealed).
-    pub fn send(&mut self, _body: &[u8], _now_ms: u64) -> Result<(u64, Vec<u8>), DurableError> {
-        todo!()
+    pub fn send(&mut self, body: &[u8], now_ms: u64) -> Result<(u64, Vec<u8>), DurableError> {
+        if body.len() > MAX_PLAINTEXT {
+            return Err(RecordError::TooLong.into());
+        }
+        let len = PAYLOAD_PREFIX + RECORD_OVERHEAD + body.len();
+        if !self.outbox.has_room_for(len) {
+            return Err(DeliveryError::Full.into());
+        }
+        let seq = self.data_sealer.records_sent();
+        if seq >= DATA_SEQ_LIMIT {
+            // Refused before the sealer would close itself: the channel stays exportable.
+            return Err(RecordError::Exhausted.into());
+        }
+        let mut payload = Vec::with_capacity(len);
+        payload.extend_from_slice(&[PAYLOAD_TAG, Stream::Data as u8]);
+        self.data_sealer.seal(body, now_ms, &mut payload)?;
+        self.outbox.push(seq, payload.clone(), now_ms)?;
+        Ok((seq, payload))
     }
 
     /// Takes one payload from the carrier (cheap checks first, see the module docs).
-    pub fn receive(&mut self, _payload: &[u8], _now_ms: u64) -> Result<Received, DurableError> {
-        todo!()
+    ///
+    /// A failed receive changes nothing, with one exception: an authenticated ack above
+    /// every message sent ([`DeliveryError::AckBeyondPushed`], only the peer's keys can make
+    /// one) is refused after its control record was marked as seen.
+    pub fn receive(&mut self, payload: &[u8], now_ms: u64) -> Result<Received, DurableError> {
+        let h = parse_header(payload)?;
+        match h.stream {
+            Stream::Data => self.receive_data(h, payload, now_ms),
+            Stream::Control => self.receive_control(payload, now_ms),
+        }
+    }
+
+    fn receive_data(
+        &mut self,
+        h: PayloadHeader,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<Received, DurableError> {
+        let seq = h.seq;
+        match self.inbox.admit(seq) {
+            Admission::Accept => {}
+            Admission::Duplicate => return Ok(Received::Duplicate { seq }),
+            Admission::TooFarAhead | Admission::NoRoom => return Ok(Received::Deferred { seq }),
+        }
+        // The epoch rule: only the epoch of the next message to release is opened.
+        if u64::from(h.epoch) != self.inbox.next_expected() >> DATA_RATCHET_LOG2 {
+            return Ok(Received::Deferred { seq });
+        }
+        let mut rec = record_of(payload).to_vec();
+        // The inbox must take whatever the opener accepts: a body longer than it allows is
+        // refused before opening (the opener would mark it as seen).
+        if rec.len().saturating_sub(RECORD_OVERHEAD) > self.inbox.limits().max_payload {
+            return Err(DeliveryError::PayloadTooLong.into());
+        }
+        let body = match self.data_opener.open(&mut rec, now_ms)? {
+            Opened::Data(body) => body.to_vec(),
+            // Not reached: `parse_header` accepts data records only.
+            Opened::Close => return Err(DurableError::Malformed("record type")),
+        };
+        self.inbox.insert(seq, body.clone())?;
+        Ok(Received::Data { seq, body })
+    }
+
+    fn receive_control(&mut self, payload: &[u8], now_ms: u64) -> Result<Received, DurableError> {
+        if payload.len() != CONTROL_PAYLOAD_LEN {
+            return Err(DurableError::Malformed("control length"));
+        }
+        let mut rec = record_of(payload).to_vec();
+        let upto = match self.control_opener.open(&mut rec, now_ms)? {
+            Opened::Data(pt) => {
+                let ack: [u8; ACK_LEN] = pt
+                    .try_into()
+                    .map_err(|_| DurableError::Malformed("control length"))?;
+                u64::from_be_bytes(ack)
+            }
+            Opened::Close => return Err(DurableError::Malformed("record type")),
+        };
+        match self.outbox.on_ack(upto) {
+            Ok(freed) => Ok(Received::Ack { upto, freed }),
+            Err(DeliveryError::StaleAck) => Ok(Received::StaleAck),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The next message for the application, in order (each released once per process; after
     /// a restore, messages not yet acknowledged by the application are released again).
     pub fn pop(&mut self) -> Option<(u64, Vec<u8>)> {
-        todo!()
+        self.inbox.pop()
     }
 
     /// Seals a control record carrying the inbox's cumulative ack. Persist the state before
     /// sending it.
-    pub fn ack_payload(&mut self, _now_ms: u64) -> Result<Vec<u8>, DurableError> {
-        todo!()
+    pub fn ack_payload(&mut self, now_ms: u64) -> Result<Vec<u8>, DurableError> {
+        let mut payload = Vec::with_capacity(CONTROL_PAYLOAD_LEN);
+        payload.extend_from_slice(&[PAYLOAD_TAG, Stream::Control as u8]);
+        self.control_sealer
+            .seal(&self.inbox.ack().to_be_bytes(), now_ms, &mut payload)?;
+        Ok(payload)
     }
 
     /// The inbox's cumulative ack (every data sequence number below it is held or released).
     pub fn inbox_ack(&self) -> u64 {
-        todo!()
+        self.inbox.ack()
     }
 
     /// The next outbox payload due at `now_ms` (new ones first, then resends), with its
     /// sequence number.
-    pub fn poll_transmit(&mut self, _now_ms: u64) -> Option<(u64, Vec<u8>)> {
-        todo!()
+    pub fn poll_transmit(&mut self, now_ms: u64) -> Option<(u64, Vec<u8>)> {
+        self.outbox
+            .poll_transmit(now_ms)
+            .map(|(seq, p)| (seq, p.to_vec()))
     }
 
     /// When [`DurableChannel::poll_transmit`] next has something (ms), `None` when the outbox is
     /// empty.
     pub fn poll_timeout(&self) -> Option<u64> {
-        todo!()
+        self.outbox.poll_timeout()
     }
 
     /// A hop (relay, broker with a persistent queue) took custody of data record `seq`: its
     /// next resend moves to `now_ms + custody_ms`. Unknown sequence numbers are ignored.
-    pub fn on_custody(&mut self, _seq: u64, _now_ms: u64) {
-        todo!()
+    pub fn on_custody(&mut self, seq: u64, now_ms: u64) {
+        self.outbox
+            .on_custody(seq, now_ms.saturating_add(self.cfg.custody_ms));
     }
 
     /// Every unacknowledged outbox record becomes due at `now_ms` (call when the carrier
     /// reconnects or the peer is seen again).
-    pub fn resend_all(&mut self, _now_ms: u64) {
-        todo!()
+    pub fn resend_all(&mut self, now_ms: u64) {
+        self.outbox.resend_all(now_ms);
     }
 
     /// Records in the outbox (sent, not yet acknowledged end to end).
     pub fn outbox_len(&self) -> usize {
-        todo!()
+        self.outbox.len()
     }
 
     /// Highest end-to-end ack received (every message below it is in the peer's inbox).
     pub fn acked(&self) -> u64 {
-        todo!()
+        self.outbox.acked()
     }
 
     /// Sequence number the next `send` will use.
     pub fn next_seq(&self) -> u64 {
-        todo!()
+        self.data_sealer.records_sent()
     }
+
+    /// Messages held in the inbox (received, not yet released by [`DurableChannel::pop`]).
+    pub fn inbox_len(&self) -> usize {
+        self.inbox.pending()
+    }
+
+    /// Sequence number of the next message [`DurableChannel::pop`] releases.
+    pub fn next_to_release(&self) -> u64 {
+        self.inbox.next_expected()
+    }
+}
+
+/// The outbox of a restored channel: rows sorted, each a data payload numbered as its row,
+/// no repeat, no gap, the last one just below the sealer's next sequence number.
+fn rebuild_outbox(
+    mut rows: Vec<(u64, Vec<u8>)>,
+    next_seq: u64,
+    limits: OutboxLimits,
+    now_ms: u64,
+) -> Result<Outbox, DurableError> {
+    rows.sort_unstable_by_key(|(seq, _)| *seq);
+    // Acks delete rows from the front only: everything below the first row was acked.
+    let floor = rows.first().map_or(next_seq, |(seq, _)| *seq);
+    let mut outbox = Outbox::resume(limits, floor)?;
+    let mut expect = floor;
+    for (seq, payload) in rows {
+        if seq >= next_seq {
+            return Err(DurableError::BadState(
+                "outbox row at or above the next sequence number",
+            ));
+        }
+        if seq != expect {
+            return Err(DurableError::BadState(
+                "outbox rows repeated or not contiguous",
+            ));
+        }
+        match parse_header(&payload) {
+            Ok(h) if h.stream == Stream::Data && h.seq == seq => {}
+            _ => return Err(DurableError::BadState("outbox row is not its data payload")),
+        }
+        outbox.push(seq, payload, now_ms).map_err(|e| match e {
+            DeliveryError::Full => DurableError::BadState("outbox rows exceed the limits"),
+            _ => DurableError::BadState("outbox rows"),
+        })?;
+        expect = seq.saturating_add(1);
+    }
+    if expect != next_seq {
+        return Err(DurableError::BadState(
+            "outbox rows end below the next sequence number",
+        ));
+    }
+    outbox.resend_all(now_ms);
+    Ok(outbox)
+}
+
+/// The inbox of a restored channel: `delivered` and the rows at or above it must lie below
+/// `accepted_end` (one above the highest record the opener accepted), and the highest one
+/// must be among the rows unless the application already acknowledged it.
+fn rebuild_inbox(
+    mut rows: Vec<(u64, Vec<u8>)>,
+    delivered: u64,
+    accepted_end: u64,
+    limits: InboxLimits,
+) -> Result<Inbox, DurableError> {
+    if delivered > accepted_end {
+        return Err(DurableError::BadState(
+            "delivered mark above the records received",
+        ));
+    }
+    let mut inbox = Inbox::new(delivered, limits)?;
+    rows.retain(|(seq, _)| *seq >= delivered);
+    rows.sort_unstable_by_key(|(seq, _)| *seq);
+    if rows.iter().any(|(seq, _)| *seq >= accepted_end) {
+        return Err(DurableError::BadState(
+            "inbox row above the records received",
+        ));
+    }
+    if accepted_end > delivered
+        && rows.last().map(|(seq, _)| seq.saturating_add(1)) != Some(accepted_end)
+    {
+        return Err(DurableError::BadState(
+            "the last record received is missing from the inbox rows",
+        ));
+    }
+    // Insert the rows above the first gap first, then the run up to it (each as the next
+    // missing message), as `Inbox::decode_state` does: every reachable inbox replays so.
+    let mut gap = delivered;
+    for (seq, _) in &rows {
+        if *seq != gap {
+            break;
+        }
+        gap = gap.saturating_add(1);
+    }
+    let (run, early): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(s, _)| *s < gap);
+    for (seq, body) in early.into_iter().chain(run) {
+        inbox.insert(seq, body).map_err(|e| match e {
+            DeliveryError::Duplicate => DurableError::BadState("inbox rows repeated"),
+            DeliveryError::TooFarAhead => DurableError::BadState("inbox row beyond the window"),
+            DeliveryError::NoRoom => DurableError::BadState("inbox rows exceed the byte bound"),
+            DeliveryError::PayloadTooLong => DurableError::BadState("inbox row too long"),
+            _ => DurableError::BadState("inbox rows"),
+        })?;
+    }
+    Ok(inbox)
 }

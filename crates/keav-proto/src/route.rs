@@ -33,6 +33,9 @@
 //!   `send` reports it; no route; hop limit).
 //! - **Attach**: first frame on a TCP connection to a relay.
 
+use crate::codec::Reader;
+use crate::durable::{parse_header, Stream};
+
 /// First byte of every relay frame.
 pub const FRAME_TAG: u8 = 0x52;
 /// The version this crate speaks.
@@ -98,42 +101,252 @@ pub struct EntryKey {
 pub enum Frame {
     /// Deliver `body` from `src` to `dst`.
     Forward {
+        /// Hops left; each relay decrements it, and refuses a frame arriving with 0.
         hops: u8,
+        /// Sending device.
         src: String,
+        /// Destination device.
         dst: String,
+        /// A durable payload (1..=[`MAX_BODY`] bytes).
         body: Vec<u8>,
     },
     /// Custody ack for entries `src` → `dst` of one stream.
     Stored {
+        /// Sending device of the entries.
         src: String,
+        /// Destination device of the entries.
         dst: String,
+        /// Sub-channel ([`crate::durable::Stream`] as a byte).
         stream: u8,
+        /// Sequence numbers committed (1..=[`MAX_KEYS`]).
         seqs: Vec<u64>,
     },
     /// The device is online and takes `window` frames at a time.
-    Pull { window: u32 },
+    Pull {
+        /// Most unacknowledged Forward frames the device takes at a time.
+        window: u32,
+    },
     /// The hop did not take this entry.
     Refused {
+        /// Why.
         reason: RefuseReason,
+        /// The entry refused.
         key: EntryKey,
     },
     /// First frame on a TCP connection: who is connecting.
-    Attach { id: String },
+    Attach {
+        /// The connecting device's or relay's id.
+        id: String,
+    },
+}
+
+const KIND_FORWARD: u8 = 1;
+const KIND_STORED: u8 = 2;
+const KIND_PULL: u8 = 3;
+const KIND_REFUSED: u8 = 4;
+const KIND_ATTACH: u8 = 5;
+
+impl RefuseReason {
+    /// The reason byte's value.
+    pub fn from_byte(b: u8) -> Option<RefuseReason> {
+        match b {
+            1 => Some(RefuseReason::MailboxFull),
+            2 => Some(RefuseReason::NoRoute),
+            3 => Some(RefuseReason::HopLimit),
+            4 => Some(RefuseReason::BadBody),
+            _ => None,
+        }
+    }
+}
+
+/// Writes an id. An id too long for its length byte is cut there (and a cut or otherwise
+/// invalid id is refused by [`Frame::decode`]).
+fn write_id(out: &mut Vec<u8>, id: &str) {
+    let bytes = id.as_bytes();
+    let len = u8::try_from(bytes.len()).unwrap_or(u8::MAX);
+    out.push(len);
+    out.extend_from_slice(bytes.get(..usize::from(len)).unwrap_or(bytes));
+}
+
+fn malformed(what: &'static str) -> impl Fn(crate::ParseError) -> RouteError {
+    move |_| RouteError::Malformed(what)
+}
+
+fn read_id(r: &mut Reader<'_>) -> Result<String, RouteError> {
+    let len = usize::from(r.u8().map_err(malformed("id length"))?);
+    if !(1..=MAX_ID_LEN).contains(&len) {
+        return Err(RouteError::Malformed("id length"));
+    }
+    let bytes = r.take(len).map_err(malformed("id"))?;
+    match core::str::from_utf8(bytes) {
+        Ok(id) if valid_id(id) => Ok(id.to_owned()),
+        _ => Err(RouteError::Malformed("id")),
+    }
+}
+
+fn read_u64(r: &mut Reader<'_>, what: &'static str) -> Result<u64, RouteError> {
+    Ok(u64::from_be_bytes(r.array().map_err(malformed(what))?))
+}
+
+fn read_stream(r: &mut Reader<'_>) -> Result<u8, RouteError> {
+    let b = r.u8().map_err(malformed("stream"))?;
+    match Stream::from_byte(b) {
+        Some(_) => Ok(b),
+        None => Err(RouteError::Malformed("stream")),
+    }
 }
 
 impl Frame {
     /// The wire encoding.
+    ///
+    /// A frame whose fields break the bounds (an invalid id, no sequence numbers or more
+    /// than [`MAX_KEYS`], an empty or oversized body, an unknown stream byte) still encodes,
+    /// to bytes [`Frame::decode`] refuses.
     pub fn encode(&self) -> Vec<u8> {
-        todo!()
+        let mut out = vec![FRAME_TAG, VERSION];
+        match self {
+            Frame::Forward {
+                hops,
+                src,
+                dst,
+                body,
+            } => {
+                out.reserve(4 + src.len() + dst.len() + body.len());
+                out.push(KIND_FORWARD);
+                out.push(*hops);
+                write_id(&mut out, src);
+                write_id(&mut out, dst);
+                out.extend_from_slice(body);
+            }
+            Frame::Stored {
+                src,
+                dst,
+                stream,
+                seqs,
+            } => {
+                out.push(KIND_STORED);
+                write_id(&mut out, src);
+                write_id(&mut out, dst);
+                out.push(*stream);
+                // More than u16::MAX numbers are cut at the count (decode refuses the count).
+                let count = u16::try_from(seqs.len()).unwrap_or(u16::MAX);
+                out.extend_from_slice(&count.to_be_bytes());
+                for s in seqs.iter().take(usize::from(count)) {
+                    out.extend_from_slice(&s.to_be_bytes());
+                }
+            }
+            Frame::Pull { window } => {
+                out.push(KIND_PULL);
+                out.extend_from_slice(&window.to_be_bytes());
+            }
+            Frame::Refused { reason, key } => {
+                out.push(KIND_REFUSED);
+                out.push(*reason as u8);
+                write_id(&mut out, &key.src);
+                write_id(&mut out, &key.dst);
+                out.push(key.stream);
+                out.extend_from_slice(&key.seq.to_be_bytes());
+            }
+            Frame::Attach { id } => {
+                out.push(KIND_ATTACH);
+                write_id(&mut out, id);
+            }
+        }
+        out
     }
 
     /// Parses one frame (bounded: ids, counts and the body length are checked).
-    pub fn decode(_bytes: &[u8]) -> Result<Frame, RouteError> {
-        todo!()
+    pub fn decode(bytes: &[u8]) -> Result<Frame, RouteError> {
+        let mut r = Reader::new(bytes);
+        if r.u8().map_err(malformed("tag"))? != FRAME_TAG {
+            return Err(RouteError::Malformed("tag"));
+        }
+        let version = r.u8().map_err(malformed("version"))?;
+        if version != VERSION {
+            return Err(RouteError::Version(version));
+        }
+        let frame = match r.u8().map_err(malformed("kind"))? {
+            KIND_FORWARD => {
+                let hops = r.u8().map_err(malformed("hops"))?;
+                let src = read_id(&mut r)?;
+                let dst = read_id(&mut r)?;
+                let body = r.rest();
+                if !(1..=MAX_BODY).contains(&body.len()) {
+                    return Err(RouteError::Malformed("body length"));
+                }
+                Frame::Forward {
+                    hops,
+                    src,
+                    dst,
+                    body: body.to_vec(),
+                }
+            }
+            KIND_STORED => {
+                let src = read_id(&mut r)?;
+                let dst = read_id(&mut r)?;
+                let stream = read_stream(&mut r)?;
+                let count = usize::from(r.u16().map_err(malformed("count"))?);
+                if !(1..=MAX_KEYS).contains(&count) {
+                    return Err(RouteError::Malformed("count"));
+                }
+                // The count is bounded, and checked against the input before allocating.
+                if r.remaining() != count * 8 {
+                    return Err(RouteError::Malformed("sequence numbers"));
+                }
+                let mut seqs = Vec::with_capacity(count);
+                for _ in 0..count {
+                    seqs.push(read_u64(&mut r, "sequence numbers")?);
+                }
+                Frame::Stored {
+                    src,
+                    dst,
+                    stream,
+                    seqs,
+                }
+            }
+            KIND_PULL => Frame::Pull {
+                window: r.u32().map_err(malformed("window"))?,
+            },
+            KIND_REFUSED => {
+                let reason = RefuseReason::from_byte(r.u8().map_err(malformed("reason"))?)
+                    .ok_or(RouteError::Malformed("reason"))?;
+                let src = read_id(&mut r)?;
+                let dst = read_id(&mut r)?;
+                let stream = read_stream(&mut r)?;
+                let seq = read_u64(&mut r, "seq")?;
+                Frame::Refused {
+                    reason,
+                    key: EntryKey {
+                        src,
+                        dst,
+                        stream,
+                        seq,
+                    },
+                }
+            }
+            KIND_ATTACH => Frame::Attach {
+                id: read_id(&mut r)?,
+            },
+            _ => return Err(RouteError::Malformed("kind")),
+        };
+        if r.remaining() != 0 {
+            return Err(RouteError::Malformed("trailing bytes"));
+        }
+        Ok(frame)
     }
 
     /// For a Forward frame: the entry key of its body (reads the durable payload header).
+    /// `None` for other frames and for a body that is not a durable payload.
     pub fn entry_key(&self) -> Option<EntryKey> {
-        todo!()
+        let Frame::Forward { src, dst, body, .. } = self else {
+            return None;
+        };
+        let h = parse_header(body).ok()?;
+        Some(EntryKey {
+            src: src.clone(),
+            dst: dst.clone(),
+            stream: h.stream as u8,
+            seq: h.seq,
+        })
     }
 }

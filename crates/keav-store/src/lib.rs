@@ -11,6 +11,10 @@
 //!   `rs1IDi`/`rs2IDi` of RFC 6189 §4.3.1, which paranoid mode looks peers up by).
 //! - the **channel states** of durable channels, per (peer, channel id): the record layer's
 //!   sealer and opener states ([`Store::put_channel_state`], [`ChannelState`]).
+//! - the **durable channels** by peer device name: key state, outbox and inbox, changed in
+//!   batches of one transaction each ([`Store::durable_commit`], [`DurableUpdate`]).
+//!
+//! A relay's [`mailbox`] is a separate file with the same record format.
 //!
 //! Every change is one redb write transaction committed with `Durability::Immediate` (fsync
 //! before [`Store::commit_session`] returns): the record, its index entries and the counters
@@ -70,10 +74,10 @@
 )]
 
 mod channels;
-mod durable;
-pub mod mailbox;
 mod codec;
+mod durable;
 pub mod ledger;
+pub mod mailbox;
 #[cfg(test)]
 mod tests;
 
@@ -200,6 +204,41 @@ pub enum Error {
         /// The channel id.
         channel: u32,
     },
+    /// The stored row, outbox or inbox of a durable channel failed its integrity check.
+    #[error(
+        "stored data of durable channel {name} failed its integrity check; delete it with \
+         durable_delete (the channel then has to be established again)"
+    )]
+    CorruptDurable {
+        /// The peer device's name.
+        name: String,
+    },
+    /// A value of a relay mailbox failed its integrity check.
+    #[error(
+        "mailbox queue {queue} holds a damaged value{}; drop a damaged entry with \
+         Mailbox::quarantine_entry (its sender resends it)",
+        .pos.map(|p| format!(" at position {p}")).unwrap_or_default()
+    )]
+    CorruptMailbox {
+        /// The queue (next hop) whose data is damaged.
+        queue: String,
+        /// Position of the damaged entry, when known.
+        pos: Option<u64>,
+    },
+    /// A relay mailbox file is damaged, not a KEAV mailbox, or of another schema version.
+    #[error(
+        "mailbox file {path} is corrupt or not a KEAV mailbox ({detail}); move it aside: a \
+         new mailbox is created, and the senders resend what was not yet passed on"
+    )]
+    CorruptMailboxFile {
+        /// The mailbox file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A device, relay or queue name is not 1 to 64 characters of `[A-Za-z0-9_-]`.
+    #[error("invalid name (1 to 64 characters of [A-Za-z0-9_-] expected)")]
+    InvalidName,
     /// No record with this handle.
     #[error("no such peer")]
     NotFound,
