@@ -100,9 +100,33 @@ fn strip_scheme<'a>(url: &'a str, scheme: &str) -> Result<&'a str> {
     Ok(rest)
 }
 
-const RELAY: &str = "relay";
-const MONITOR: &str = "monitor";
-const PHONE: &str = "phone";
+/// The three names on the broker; with an external broker a random suffix keeps concurrent
+/// runs (and what earlier runs left in persistent sessions) apart.
+struct Names {
+    relay: String,
+    monitor: String,
+    phone: String,
+}
+
+impl Names {
+    fn new(external: bool) -> Names {
+        let suffix = if external {
+            let mut b = [0u8; 3];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+            format!(
+                "-{}",
+                b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+            )
+        } else {
+            String::new()
+        };
+        Names {
+            relay: format!("relay{suffix}"),
+            monitor: format!("monitor{suffix}"),
+            phone: format!("phone{suffix}"),
+        }
+    }
+}
 
 /// One reading as the monitor sends it (the body of a message).
 fn reading(n: u32) -> String {
@@ -164,6 +188,12 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
                 .context("starting the embedded MQTT broker")?,
         ),
     };
+    let names = Names::new(!matches!(broker, Broker::Embedded(_)));
+    let (relay_id, mon_id, phone_id) = (
+        names.relay.as_str(),
+        names.monitor.as_str(),
+        names.phone.as_str(),
+    );
     println!(
         "keav demo: heart-rate monitor -> relay -> phone, over the {}",
         broker.describe()
@@ -175,7 +205,7 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
 
     // The relay: no keys, a durable mailbox, every destination delivered on the broker.
     let mailbox = dir.join("relay-mailbox.redb");
-    let mut rc = RelayConfig::new(RELAY, mailbox.clone());
+    let mut rc = RelayConfig::new(relay_id, mailbox.clone());
     let next = match broker.mqtt_addr() {
         Some(addr) => {
             rc.mqtt = Some((addr, LinkOptions::default()));
@@ -195,35 +225,40 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
     }];
     let relay = Relay::start(rc).await.context("starting the relay")?;
     say(format!(
-        "relay {RELAY:?} started (mailbox {})",
+        "relay {relay_id:?} started (mailbox {})",
         mailbox.display()
     ));
 
     let opts = MessengerOptions {
-        delivery: Delivery::Relay(RELAY.into()),
+        delivery: Delivery::Relay(relay_id.into()),
         ..MessengerOptions::default()
     };
     let device = |name: &str| -> Result<Device> {
-        Device::open(dir.join(format!("{name}.redb")), settings())
+        let file = if name.starts_with("monitor") {
+            "monitor"
+        } else {
+            "phone"
+        };
+        Device::open(dir.join(format!("{file}.redb")), settings())
             .with_context(|| format!("opening the {name}'s store"))
     };
     let monitor = Messenger::start(
-        device(MONITOR)?,
-        broker.link(MONITOR, LinkOptions::default()).await?,
+        device(mon_id)?,
+        broker.link(mon_id, LinkOptions::default()).await?,
         opts.clone(),
     )
     .await
     .context("starting the monitor")?;
     let phone = Messenger::start(
-        device(PHONE)?,
-        broker.link(PHONE, LinkOptions::default()).await?,
+        device(phone_id)?,
+        broker.link(phone_id, LinkOptions::default()).await?,
         opts.clone(),
     )
     .await
     .context("starting the phone")?;
 
     // 1. Pairing while both are online: KEAV handshake + automatic MitM check.
-    let (accepted, zid) = tokio::join!(phone.accept_pair(), monitor.pair(PHONE));
+    let (accepted, zid) = tokio::join!(phone.accept_pair(), monitor.pair(phone_id));
     let (from, monitor_zid) = accepted.context("phone: pairing")?;
     let phone_zid = zid.context("monitor: pairing")?;
     say(format!(
@@ -237,7 +272,7 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
     // 2. Online readings.
     for n in 0..args.online {
         monitor
-            .send(PHONE, reading(n).as_bytes())
+            .send(phone_id, reading(n).as_bytes())
             .await
             .context("monitor: send")?;
     }
@@ -263,7 +298,7 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
     ));
     for n in args.online..total {
         monitor
-            .send(PHONE, reading(n).as_bytes())
+            .send(phone_id, reading(n).as_bytes())
             .await
             .context("monitor: send")?;
     }
@@ -274,7 +309,7 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
             .queues()
             .context("reading the relay's mailbox")?
             .iter()
-            .filter(|(q, _)| q == PHONE)
+            .filter(|(q, _)| q == phone_id)
             .map(|(_, s)| s.entries)
             .sum();
         if held >= u64::from(args.offline) || Instant::now() > deadline {
@@ -299,8 +334,8 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
 
     // 4. The phone comes back: same store, new process state.
     let phone = Messenger::start(
-        device(PHONE)?,
-        broker.link(PHONE, LinkOptions::default()).await?,
+        device(phone_id)?,
+        broker.link(phone_id, LinkOptions::default()).await?,
         opts.clone(),
     )
     .await
@@ -320,7 +355,7 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
         received.push(m);
     }
     monitor
-        .flush(PHONE, timeout)
+        .flush(phone_id, timeout)
         .await
         .context("monitor: waiting for the phone's acks")?;
 
@@ -328,7 +363,7 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
     let in_order = received.iter().enumerate().all(|(i, m)| {
         m.seq == i as u64
             && m.body == reading(i as u32).as_bytes()
-            && m.from == MONITOR
+            && m.from == mon_id
             && m.peer_zid == monitor_zid
     });
     let ms = monitor.stats();

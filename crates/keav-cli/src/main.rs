@@ -8,6 +8,7 @@ mod demo;
 mod device_cmds;
 mod heart_demo;
 mod net_cmds;
+mod relay_cmd;
 mod settings;
 
 use std::path::PathBuf;
@@ -55,6 +56,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmark keav beside TLS 1.3 and Noise on this machine; writes bench-report/.
     Bench(bench_cmd::BenchArgs),
+    /// Run a relay: forward durable messages along routes, keep a mailbox for offline devices.
+    Relay(relay_cmd::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,9 +66,11 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
+    // rumqttd (the embedded broker) logs its clients' disconnects as errors: kept quiet
+    // unless asked for with RUST_LOG.
     let level = match cli.verbose {
-        0 => "error",
-        1 => "debug",
+        0 => "error,rumqttd=off",
+        1 => "debug,rumqttd=warn",
         _ => "trace",
     };
     let _ = tracing_subscriber::fmt()
@@ -119,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(args) => net_cmds::connect(&store()?, &file, args),
         Command::Rendezvous(cmd) => net_cmds::rendezvous_cmd(cmd),
         Command::Demo(args) => demo::run(args),
+        Command::Relay(args) => relay_cmd::run(args),
         Command::Bench(_) => anyhow::bail!("internal: `bench` is dispatched in main"),
     }
 }

@@ -33,6 +33,9 @@ pub enum Error {
     /// transport the channel is dead after this.
     #[error("secure channel: {0}")]
     Record(#[from] keav_proto::record::RecordError),
+    /// A durable channel refused (outbox full, a damaged persisted channel state, ...).
+    #[error("durable channel: {0}")]
+    Durable(#[from] keav_proto::durable::DurableError),
     /// A deadline passed.
     #[error("timed out: {0}")]
     Timeout(&'static str),
