@@ -193,6 +193,18 @@ pub struct BrokerRow {
     pub keav_secs: f64,
     /// keav: payloads the sender put on the broker again (no end-to-end ack in time).
     pub keav_resent: u64,
+    /// keav: payloads the receiver could not take yet (its reorder window or receive queue
+    /// was full); the sender resends them.
+    pub keav_deferred: u64,
+    /// keav: payloads the two devices' links dropped because a queue was full.
+    pub keav_link_dropped: u64,
+    /// keav: CPU seconds of the whole bench process during the keav measurement (both
+    /// devices; the embedded broker too when it runs), if known.
+    pub keav_cpu_secs: Option<f64>,
+    /// keav with flow control by the application: bursts acknowledged end to end
+    /// (`flush`) before the next, messages per second from the first `send` to the last
+    /// `recv` (`None`: not measured).
+    pub keav_paced_msgs_per_s: Option<f64>,
     /// Plain client: messages received per second, from the first publish to the last
     /// message received.
     pub plain_msgs_per_s: f64,
@@ -216,6 +228,8 @@ pub struct DrainRow {
     pub size: usize,
     /// Messages the relay held for the device when it came back.
     pub held: u64,
+    /// Seconds the device was offline.
+    pub offline_secs: f64,
     /// Messages per second from the device's messenger start to its last `recv`.
     pub drain_msgs_per_s: f64,
     /// Seconds from the messenger start to the last `recv`.

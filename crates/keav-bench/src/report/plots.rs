@@ -507,19 +507,22 @@ fn memory(r: &Report, path: &Path) -> Result<(), String> {
 /// mailbox drains (keav only).
 fn broker(r: &Report, path: &Path) -> Result<(), String> {
     let mut cats: Vec<String> = Vec::new();
-    let (mut keav, mut plain) = (Vec::new(), Vec::new());
+    let (mut keav, mut paced, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     for x in &r.broker {
         cats.push(format!("{} {}", x.broker, size_label(x.size)));
         keav.push(Some(x.keav_msgs_per_s));
+        paced.push(x.keav_paced_msgs_per_s);
         plain.push(Some(x.plain_msgs_per_s));
     }
     for d in &r.drain {
         cats.push(format!("{} mailbox drain ({} held)", d.broker, d.held));
         keav.push(Some(d.drain_msgs_per_s));
+        paced.push(None);
         plain.push(None);
     }
     let (lo, hi) = keav
         .iter()
+        .chain(paced.iter())
         .chain(plain.iter())
         .flatten()
         .copied()
@@ -528,6 +531,7 @@ fn broker(r: &Report, path: &Path) -> Result<(), String> {
     let log = hi / lo > 30.0;
     let series = vec![
         ("keav end to end".to_string(), keav),
+        ("keav paced (flush every burst)".to_string(), paced),
         ("plaintext (same broker)".to_string(), plain),
     ];
     hbar(

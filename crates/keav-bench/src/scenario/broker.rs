@@ -51,6 +51,10 @@ pub const DRAIN_SIZE: usize = 64;
 pub const SEND_WINDOW: usize = 512;
 /// The receiving application acknowledges every this many messages (and the last one).
 pub const ACK_EVERY: u64 = 64;
+/// The paced keav variant sends bursts of this many messages and waits for their end-to-end
+/// acks (`flush`) before the next burst: flow control by the application, one receiver
+/// reorder window (the default `InboxLimits`) at a time.
+pub const PACE_BURST: u64 = 256;
 /// Pairing deadline.
 const PAIR_TIMEOUT: Duration = Duration::from_secs(60);
 /// keav: no message for this long fails the measurement (resends back off from 2 s).
@@ -197,11 +201,18 @@ async fn measure_target(
         };
         ctx.check()?;
         progress.stage(&format!("broker {k} {size} B keav"), n);
-        let keav = cancellable(cancel, keav_run(t, size, n, progress)).await;
+        let keav = cancellable(cancel, keav_run(t, size, n, progress, None)).await;
         let Some(keav) = keep(keav, format!("{} {size} B keav", t.label), failures)? else {
             continue;
         };
-        let row = broker_row(t, size, n, &keav, &plain);
+        ctx.check()?;
+        progress.stage(&format!("broker {k} {size} B keav paced"), n);
+        let paced = cancellable(cancel, keav_run(t, size, n, progress, Some(PACE_BURST))).await;
+        let paced = keep(paced, format!("{} {size} B keav paced", t.label), failures)?;
+        let mut row = broker_row(t, size, n, &keav, &plain);
+        if let Some(p) = paced {
+            row.keav_paced_msgs_per_s = Some(rate(n, p.elapsed));
+        }
         progress.note(&format!(
             "{} {size} B: keav {:.0} msg/s, plaintext {:.0} msg/s",
             t.label, row.keav_msgs_per_s, row.plain_msgs_per_s
@@ -230,12 +241,19 @@ pub struct PlainRun {
 }
 
 /// One timed keav run.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct KeavRun {
     /// First send to last recv.
     pub elapsed: Duration,
     /// Payloads resent by the sender.
     pub resent: u64,
+    /// Payloads the receiver could not take yet (left to the sender's resend).
+    pub deferred: u64,
+    /// Payloads the two links dropped (a full queue).
+    pub dropped: u64,
+    /// CPU time of this whole process during the measurement (both devices, and the
+    /// embedded broker if it runs), if the system tells.
+    pub cpu: Option<Duration>,
 }
 
 /// Messages per second; 0 for an empty or instantaneous run.
@@ -260,6 +278,10 @@ pub fn broker_row(t: &Target, size: usize, n: u64, keav: &KeavRun, plain: &Plain
         keav_msgs_per_s: k,
         keav_secs: keav.elapsed.as_secs_f64(),
         keav_resent: keav.resent,
+        keav_deferred: keav.deferred,
+        keav_link_dropped: keav.dropped,
+        keav_cpu_secs: keav.cpu.map(|d| d.as_secs_f64()),
+        keav_paced_msgs_per_s: None,
         plain_msgs_per_s: p,
         plain_secs: plain.elapsed.as_secs_f64(),
         plain_lost: n.saturating_sub(plain.received),
@@ -628,6 +650,14 @@ fn settings() -> DeviceSettings {
     }
 }
 
+/// Payloads a link dropped because a queue was full.
+fn dropped(c: &Carrier) -> u64 {
+    match c {
+        Carrier::Mqtt(l) => l.stats().dropped_busy,
+        Carrier::Nats(l) => l.stats().dropped_busy,
+    }
+}
+
 async fn carrier(t: &Target, id: &str) -> Result<Carrier, BenchError> {
     Ok(match t.kind {
         Kind::Mqtt => Carrier::Mqtt(Arc::new(
@@ -639,15 +669,16 @@ async fn carrier(t: &Target, id: &str) -> Result<Carrier, BenchError> {
     })
 }
 
+/// Starts device `id`'s messenger; also returns its link (for its counters).
 async fn start(
     t: &Target,
     dir: &Path,
     id: &str,
     opts: &MessengerOptions,
-) -> Result<Messenger, BenchError> {
+) -> Result<(Messenger, Carrier), BenchError> {
     let device = Device::open(dir.join(format!("{id}.keav")), settings())?;
     let c = carrier(t, id).await?;
-    Ok(Messenger::start(device, c, opts.clone()).await?)
+    Ok((Messenger::start(device, c.clone(), opts.clone()).await?, c))
 }
 
 /// Pairs `tx` with `rx` (whose id is `rx_id`).
@@ -668,9 +699,37 @@ async fn send_all(
     to: &str,
     size: usize,
     n: u64,
+    each: impl FnMut(),
+) -> Result<(), BenchError> {
+    send_range(tx, to, size, 0..n, each).await
+}
+
+/// [`send_all`] in bursts of `burst`, each acknowledged end to end before the next.
+async fn send_paced(
+    tx: &Messenger,
+    to: &str,
+    size: usize,
+    n: u64,
+    burst: u64,
+) -> Result<(), BenchError> {
+    let mut start = 0;
+    while start < n {
+        let end = start.saturating_add(burst.max(1)).min(n);
+        send_range(tx, to, size, start..end, || {}).await?;
+        tx.flush(to, KEAV_IDLE).await?;
+        start = end;
+    }
+    Ok(())
+}
+
+async fn send_range(
+    tx: &Messenger,
+    to: &str,
+    size: usize,
+    range: std::ops::Range<u64>,
     mut each: impl FnMut(),
 ) -> Result<(), BenchError> {
-    stream::iter(0..n)
+    stream::iter(range)
         .map(|i| async move { tx.send(to, &body(i, size)).await })
         .buffer_unordered(SEND_WINDOW)
         .map_err(BenchError::from)
@@ -746,33 +805,69 @@ async fn warm_up(
     Ok(seq + 1)
 }
 
+/// CPU time (user + system) of this process so far, from `/proc/self/stat` (Linux; clock
+/// ticks taken as 1/100 s, the value on every Linux platform keav targets).
+pub fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    parse_cpu_ticks(&stat).map(|t| Duration::from_millis(t.saturating_mul(10)))
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, in clock ticks.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may contain spaces and parentheses: fields restart after
+    // the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    utime.checked_add(stime)
+}
+
+/// One keav measurement: pipelined sends (`pace: None`) or bursts acknowledged end to end
+/// before the next (`Some(burst)`).
 async fn keav_run(
     t: &Target,
     size: usize,
     n: u64,
     progress: &dyn Progress,
+    pace: Option<u64>,
 ) -> Result<KeavRun, BenchError> {
     let dir = tempfile::tempdir()?;
     let id = unique();
     let (tx_id, rx_id) = (format!("{id}-tx"), format!("{id}-rx"));
     let opts = MessengerOptions::default();
-    let tx = start(t, dir.path(), &tx_id, &opts).await?;
-    let rx = start(t, dir.path(), &rx_id, &opts).await?;
+    let (tx, tx_link) = start(t, dir.path(), &tx_id, &opts).await?;
+    let (rx, rx_link) = start(t, dir.path(), &rx_id, &opts).await?;
     pair(&tx, &rx, &rx_id).await?;
     let first_seq = warm_up(&tx, &rx, &tx_id, &rx_id).await?;
+    let (resent0, deferred0) = (tx.stats().resent, rx.stats().deferred);
+    let dropped0 = dropped(&tx_link) + dropped(&rx_link);
 
+    let cpu0 = process_cpu();
     let t0 = Instant::now();
-    let sending = send_all(&tx, &rx_id, size, n, || {});
+    let sending = async {
+        match pace {
+            None => send_all(&tx, &rx_id, size, n, || {}).await,
+            Some(b) => send_paced(&tx, &rx_id, size, n, b).await,
+        }
+    };
     let receiving = recv_all(&rx, &tx_id, first_seq, size, n, progress);
     let ((), (_, last)) = tokio::try_join!(sending, receiving)?;
     let elapsed = last - t0;
+    let cpu = process_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
 
     // Not timed: the sender sees the last acks, then both stop.
     tx.flush(&rx_id, KEAV_IDLE).await?;
-    let resent = tx.stats().resent;
+    let run = KeavRun {
+        elapsed,
+        resent: tx.stats().resent - resent0,
+        deferred: rx.stats().deferred - deferred0,
+        dropped: (dropped(&tx_link) + dropped(&rx_link)).saturating_sub(dropped0),
+        cpu,
+    };
     tx.shutdown().await?;
     rx.shutdown().await?;
-    Ok(KeavRun { elapsed, resent })
+    Ok(run)
 }
 
 /// Relay entries held for `dst`.
@@ -808,16 +903,19 @@ async fn drain_run(t: &Target, n: u64, progress: &dyn Progress) -> Result<DrainR
         dst: "*".into(),
         next,
     }];
+    // The relay counts a device online for `presence` after its last Pull.
+    let presence = rc.presence;
     let relay = Relay::start(rc).await?;
     let opts = MessengerOptions {
         delivery: Delivery::Relay(relay_id.clone()),
         ..MessengerOptions::default()
     };
-    let tx = start(t, dir.path(), &tx_id, &opts).await?;
-    let rx = start(t, dir.path(), &rx_id, &opts).await?;
+    let (tx, _) = start(t, dir.path(), &tx_id, &opts).await?;
+    let (rx, _) = start(t, dir.path(), &rx_id, &opts).await?;
     pair(&tx, &rx, &rx_id).await?;
     let first_seq = warm_up(&tx, &rx, &tx_id, &rx_id).await?;
     rx.shutdown().await?;
+    let offline_since = Instant::now();
 
     // The receiver is offline: fill the relay's mailbox (not timed).
     let k = t.kind.name();
@@ -841,6 +939,19 @@ async fn drain_run(t: &Target, n: u64, progress: &dyn Progress) -> Result<DrainR
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let held_now = held(&relay, &rx_id)?;
+    // Offline for longer than the relay's presence window, so the relay knows the device
+    // was away (a device back within the window finds its in-flight entries still waiting
+    // for the relay's resend timer).
+    let back_at = offline_since + presence + Duration::from_secs(1);
+    if Instant::now() < back_at {
+        progress.note(&format!(
+            "{}: the receiver stays offline {:.0} s (the relay's presence window)",
+            t.label,
+            (back_at - Instant::now()).as_secs_f64()
+        ));
+        tokio::time::sleep_until(back_at.into()).await;
+    }
+    let offline = offline_since.elapsed();
 
     // The receiver comes back.
     progress.stage(&format!("broker {k} drain"), n);
@@ -860,6 +971,7 @@ async fn drain_run(t: &Target, n: u64, progress: &dyn Progress) -> Result<DrainR
         carrier: k.into(),
         size: DRAIN_SIZE,
         held: held_now,
+        offline_secs: offline.as_secs_f64(),
         drain_msgs_per_s: rate(n, last - t0),
         drain_secs: secs,
         first_ms: (first - t0).as_secs_f64() * 1000.0,
@@ -900,6 +1012,9 @@ mod tests {
         let keav = KeavRun {
             elapsed: Duration::from_secs(2),
             resent: 3,
+            deferred: 4,
+            dropped: 5,
+            cpu: Some(Duration::from_millis(1500)),
         };
         let plain = PlainRun {
             elapsed: Duration::from_secs(1),
@@ -910,6 +1025,12 @@ mod tests {
         assert_eq!(r.plain_msgs_per_s, 900.0);
         assert_eq!(r.plain_lost, 100);
         assert_eq!(r.carrier, "nats");
+        assert_eq!(
+            (r.keav_resent, r.keav_deferred, r.keav_link_dropped),
+            (3, 4, 5)
+        );
+        assert_eq!(r.keav_cpu_secs, Some(1.5));
+        assert_eq!(r.keav_paced_msgs_per_s, None);
         assert!((r.ratio.unwrap() - 500.0 / 900.0).abs() < 1e-12);
         let none = PlainRun {
             elapsed: Duration::ZERO,
@@ -917,6 +1038,17 @@ mod tests {
         };
         assert_eq!(broker_row(&t, 64, 1000, &keav, &none).ratio, None);
         assert_eq!(rate(10, Duration::ZERO), 0.0);
+    }
+
+    #[test]
+    fn cpu_ticks_from_proc_stat() {
+        let line = "4242 (keav (bench) x) S 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0 9 0 100";
+        assert_eq!(parse_cpu_ticks(line), Some(281));
+        assert_eq!(parse_cpu_ticks("4242 (keav) S 1 2"), None);
+        assert_eq!(parse_cpu_ticks("no parenthesis"), None);
+        if cfg!(target_os = "linux") {
+            assert!(process_cpu().is_some());
+        }
     }
 
     #[test]
