@@ -639,7 +639,7 @@ fn find_looks_an_entry_up_by_key_wherever_it_is() {
     assert_eq!(m.find("watch", &k3).unwrap(), None);
     assert!(matches!(m.find("a b", &k3), Err(Error::InvalidName)));
     // Removed: gone; across a reopen: still found.
-    assert_eq!(m.remove("phone", &[k3.clone()]).unwrap(), 1);
+    assert_eq!(m.remove("phone", std::slice::from_ref(&k3)).unwrap(), 1);
     assert_eq!(m.find("phone", &k3).unwrap(), None);
     drop(m);
     let m = open(&path);
