@@ -53,7 +53,7 @@
 //!   end-to-end ack deletes the outbox rows it covers; anything forged or malformed is counted
 //!   ([`MessengerStats::rejected`]), logged at debug level and otherwise ignored; a payload
 //!   the channel cannot take yet (reorder window, epoch rule) is counted as `deferred` and
-//!   left to the sender's resend;
+//!   left to the sender's resend (through a relay: to the relay's next push);
 //! - an application ack raises the `delivered` mark and deletes the inbox rows below it.
 //!
 //! Then it seals **one ack per peer** (`ack_payload`, which advances the control sealer),
@@ -87,9 +87,23 @@
 //!   the device sends `Pull` to the relay. `Forward` frames from the relay for this device are
 //!   processed like direct payloads from their `src`; after the commit the device answers
 //!   `Stored` for every entry it will never need again (taken, duplicate, ack, rejected: a
-//!   forged entry must not stay in the relay's window), never for deferred ones. Relay frames
-//!   from anyone but the configured relay are rejected. Direct payloads are accepted in relay
-//!   mode too (they authenticate themselves).
+//!   forged entry must not stay in the relay's window), and `Refused { Later }` for every
+//!   deferred one (the relay keeps it, holds back what follows and pushes it again later:
+//!   flow control, see [`crate::relay`]). Relay frames from anyone but the configured relay
+//!   are rejected. Direct payloads are accepted in relay mode too (they authenticate
+//!   themselves).
+//! - **Gaps** ([`Delivery::Relay`]): after a batch in which a peer's entries came through
+//!   the relay and one was deferred, or after which the channel holds messages beyond a
+//!   missing one, the device sends the relay `Need { src: peer, dst: self, stream: data,
+//!   seq }` with `seq` the first message it is missing (`inbox_ack`), unless the reorder
+//!   window is full anyway; at most once per 500 ms for the same `seq` (counted in
+//!   [`MessengerStats::needs`]). The relay pushes that entry at once if it holds it, else it
+//!   passes the `Need` on to the peer. A `Need` from the relay naming this device as `src`
+//!   is such a request from peer `dst`: the record is made due at once
+//!   (`DurableChannel::on_need`) and resent by the next transmit round
+//!   ([`MessengerStats::need_resends`]; a repeat for the same record within 1 s is ignored).
+//!   So a record a relay lost (killed before it committed it) comes back in a round trip,
+//!   not after the sender's backoff.
 //!
 //! JetStream mail is acknowledged to the server after the commit that took it, except
 //! deferred payloads (the server redelivers them).
@@ -295,6 +309,10 @@ pub struct MessengerStats {
     pub deferred: u64,
     /// Entries a relay refused (mailbox full, no route).
     pub refused: u64,
+    /// `Need` frames sent to the relay (this device missed a message of a peer).
+    pub needs: u64,
+    /// Records resent at once because the peer needed them (a `Need` passed on by the relay).
+    pub need_resends: u64,
 }
 
 /// The counters, shared by the actor (writer) and the handle (reader).
@@ -308,6 +326,8 @@ struct Counters {
     rejected: AtomicU64,
     deferred: AtomicU64,
     refused: AtomicU64,
+    needs: AtomicU64,
+    need_resends: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -571,6 +591,8 @@ impl Messenger {
             rejected: l(&c.rejected),
             deferred: l(&c.deferred),
             refused: l(&c.refused),
+            needs: l(&c.needs),
+            need_resends: l(&c.need_resends),
         }
     }
 

@@ -50,10 +50,10 @@
 //! Each queue has a window of in-flight entries (pushed, no custody ack yet): at most
 //! [`RelayConfig::window`], for a device also at most the window of its last `Pull`. The
 //! relay reads the next entries from the mailbox ([`Mailbox::peek`], positions after the
-//! last one pushed) and pushes them in order; in-flight entries are pushed again after
-//! [`RelayConfig::resend`]. A `Stored { src, dst, stream, seqs }` from a hop removes those
-//! entries from the queue named after the hop that sent it (the device id, or the next
-//! relay's id), which frees window slots.
+//! queue's cursor, skipping entries in flight) and pushes them in order; in-flight entries
+//! are pushed again after [`RelayConfig::resend`]. A `Stored { src, dst, stream, seqs }`
+//! from a hop removes those entries from the queue named after the hop that sent it (the
+//! device id, or the next relay's id), which frees window slots.
 //!
 //! - **Device queues** are pushed only while the device is online: it sent `Pull { window }`
 //!   within [`RelayConfig::presence`]. They are pushed over the carrier the last `Pull` came
@@ -64,16 +64,52 @@
 //!   (MQTT, NATS). When a TCP connection to a hop ends, its in-flight entries are pushed again
 //!   on the next connection.
 //!
-//! A hop's `Refused` leaves the entry in the mailbox and in flight (pushed again after
-//! `resend`). In-flight state lives only in memory: a restarted relay (even after SIGKILL)
-//! resumes from what its mailbox committed and pushes everything unacknowledged again; the
-//! receivers drop duplicates (a relay's mailbox by entry key, a device's inbox by sequence
-//! number).
+//! A hop's `Refused` (other than `Later`, below) leaves the entry in the mailbox and in
+//! flight (pushed again after `resend`). In-flight state lives only in memory: a restarted
+//! relay (even after SIGKILL) resumes from what its mailbox committed and pushes everything
+//! unacknowledged again; the receivers drop duplicates (a relay's mailbox by entry key, a
+//! device's inbox by sequence number).
+//!
+//! # Flow control: `Later` and `Need`
+//!
+//! A queue is in mailbox *arrival* order, a device releases in *sequence* order through a
+//! bounded reorder window (and opens only records of the epoch of the next message to
+//! release). After a relay restart some records a sender transmitted may be missing from the
+//! mailbox, and the sender's resends land at the tail of the queue: without flow control
+//! the window would stay full of entries the device cannot take, pushed again every
+//! `resend`, while the one it waits for sits beyond the window (and the sender resends it
+//! only on its backoff, up to a minute). Two frames fix this:
+//!
+//! - **`Refused { Later, key }`** from the hop of queue `q` (the device answers every entry
+//!   it defers): the entry leaves the in-flight window (it stays in the mailbox), the
+//!   queue's cursor moves back so that the next push starts at that entry's position (the
+//!   earliest such position wins), and the queue is **paused**: nothing new is pushed until
+//!   the hop acknowledges custody of something (`Stored`, progress) or `resend` has passed
+//!   (checked by the timer). `Later` is back-pressure: the relay never walks the queue
+//!   pushing entries the device cannot take, so a long backlog drains in work linear in its
+//!   length (each push reads the mailbox in chunks from the cursor, past at most a window of
+//!   in-flight entries).
+//! - **`Need { src, dst, stream, seq }`** from the device `dst` (its queue's hop; from
+//!   anyone else it is dropped as malformed): the device needs that entry next. If the
+//!   mailbox holds it ([`Mailbox::find`]) it is pushed at once, even while the queue is
+//!   paused or its window is full, together with the entries of the next sequence numbers
+//!   of the same sender and stream that the mailbox holds and that are not in flight (up to
+//!   the free window, at least the entry needed, at most 256). If not, the key is
+//!   remembered as *wanted* for the queue (at most 1024 keys per queue, the stalest making
+//!   room, each forgotten after a minute; the device asks again while it still needs it) and
+//!   the `Need` frame is passed on unchanged to `src` over the carrier it came on (MQTT or
+//!   NATS: published to `src`; TCP: `src`'s newest attached connection, if any), so the
+//!   sender resends that record at once. When a wanted key is stored it is pushed at once
+//!   (whatever the window and pause) and forgotten. A `Need` is passed on to `src` only
+//!   directly: in a chain of relays, a sender on another broker is not reached (its own
+//!   backoff resends).
 //!
 //! # Trust
 //!
 //! The relay reads only relay frames and the durable payload header (for the entry key); it
-//! never holds a session key and never logs a body. Without broker ACLs (or, over TCP,
+//! never holds a session key and never logs a body. A forged `Later` or `Need` in a
+//! device's name can only delay that device's queue or cause extra pushes and resends
+//! (bounded by the window and the rate limits of the devices), never lose or forge an entry. Without broker ACLs (or, over TCP,
 //! anything that authenticates `Attach`), whoever can publish under a hop's name can ack that
 //! hop's entries away: the end-to-end acks of [`keav_proto::durable`] still make the sender
 //! resend, so this costs delivery time, never integrity or exactly-once delivery.
@@ -348,6 +384,12 @@ pub struct RelayStats {
     pub delivered: u64,
     /// Frames dropped: malformed or unexpected.
     pub malformed: u64,
+    /// `Refused { Later }` answers from hops (entries a device could not take yet).
+    pub later: u64,
+    /// `Need` frames taken from devices.
+    pub needs: u64,
+    /// `Need` frames passed on to the entry's sender (the mailbox did not hold the entry).
+    pub needs_forwarded: u64,
 }
 
 /// The live counters behind [`RelayStats`].
@@ -360,6 +402,9 @@ struct Counters {
     pushed: AtomicU64,
     delivered: AtomicU64,
     malformed: AtomicU64,
+    later: AtomicU64,
+    needs: AtomicU64,
+    needs_forwarded: AtomicU64,
 }
 
 impl Counters {
@@ -377,6 +422,9 @@ impl Counters {
             pushed: l(&self.pushed),
             delivered: l(&self.delivered),
             malformed: l(&self.malformed),
+            later: l(&self.later),
+            needs: l(&self.needs),
+            needs_forwarded: l(&self.needs_forwarded),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! not there). Pairing and 1,000 messages each way exactly once and in order, a receiver
 //! offline while the sender sends, crashes before and after the application's ack, a sender
 //! restarted from its store file with an unacknowledged outbox, forged and replayed payloads
-//! injected on the broker, and the API's refusals.
+//! injected on the broker, the API's refusals, and a relay that lost a record (killed before
+//! it committed it): the receiver asks for it (`Need`) and the sender resends it at once.
 
 mod common;
 
@@ -13,11 +14,13 @@ use std::time::Duration;
 
 use common::spy::{contains, listening, SpyLog};
 use common::{device, settings};
-use keav_net::messenger::{Carrier, Message, Messenger, MessengerOptions};
+use keav_net::messenger::{Carrier, Delivery, Message, Messenger, MessengerOptions};
 use keav_net::mqtt::LinkOptions;
 use keav_net::nats::JetStreamOptions;
+use keav_net::relay::{Relay, RelayConfig};
 use keav_net::Error;
 use keav_proto::durable::DurableConfig;
+use keav_proto::route::Frame;
 use rand_core::{OsRng, RngCore};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tempfile::TempDir;
@@ -817,4 +820,134 @@ async fn pairing_again_replaces_the_channel() {
     assert_eq!(b.m().stats().received, 1);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Entries the relay holds for `queue`.
+fn queued(relay: &Relay, queue: &str) -> u64 {
+    relay
+        .queues()
+        .unwrap()
+        .iter()
+        .find(|(q, _)| q == queue)
+        .map_or(0, |(_, s)| s.entries)
+}
+
+async fn wait_queued(relay: &Relay, queue: &str, n: u64) {
+    for _ in 0..1200 {
+        if queued(relay, queue) == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "the relay holds {} entries for {queue}, not {n}",
+        queued(relay, queue)
+    );
+}
+
+/// Starts a relay, retrying while the mailbox of the previous instance is being closed.
+async fn start_relay(cfg: &RelayConfig) -> Relay {
+    let mut last = None;
+    for _ in 0..200 {
+        match Relay::start(cfg.clone()).await {
+            Ok(r) => return r,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the relay did not start again: {last:?}");
+}
+
+/// A record transmitted while the relay was down never reached its mailbox. The sender
+/// resends only after 10 minutes (and, holding custody acks for the others, would never
+/// send them again in this test): the receiver, offline meanwhile, must get the gap through
+/// `Need` -> relay -> sender -> relay, and everything in order, within the test's bounds.
+/// 300 messages: the ones after the gap in the next epoch are deferred (`Later`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_relay_lost_is_asked_for_and_resent_at_once() {
+    if !up(Broker::Mqtt) {
+        return;
+    }
+    const N: u64 = 300;
+    const LOST: u64 = 100;
+    let (ida, idb, sfx) = ids();
+    let eve = Eve::start(&sfx).await;
+    let dir = TempDir::new().unwrap();
+    let rid = format!("r-{sfx}");
+    let mut cfg = RelayConfig::new(&rid, dir.path().join("mailbox.redb"));
+    cfg.mqtt = Some((MQTT.into(), RelayConfig::link_options()));
+    cfg.routes = vec!["*=mqtt".parse().unwrap()];
+    let relay = start_relay(&cfg).await;
+
+    let mut slow = MessengerOptions {
+        delivery: Delivery::Relay(rid.clone()),
+        ..MessengerOptions::default()
+    };
+    slow.durable.outbox.rto_initial_ms = 600_000;
+    slow.durable.outbox.rto_max_ms = 600_000;
+    slow.durable.custody_ms = 600_000;
+    let mut a = Node::new(&dir, &ida, Broker::Mqtt, slow.clone());
+    let mut b = Node::new(&dir, &idb, Broker::Mqtt, slow);
+    a.start().await;
+    b.start().await;
+    pair(&a, &b).await;
+    b.shutdown().await;
+
+    let mut want = BTreeMap::new();
+    for i in 0..LOST {
+        let body = body("a", i as usize, &sfx);
+        want.insert(a.m().send(&idb, &body).await.unwrap(), body);
+    }
+    wait_queued(&relay, &idb, LOST).await;
+    // The relay is down while the next record is transmitted: it is lost.
+    relay.shutdown().await.unwrap();
+    let lost = body("a", LOST as usize, &sfx);
+    want.insert(a.m().send(&idb, &lost).await.unwrap(), lost);
+    // Once the broker carried it (the eavesdropper saw it), no relay is there to take it.
+    let topic = format!("keav/v1/{rid}/from/{ida}");
+    eve.log
+        .wait_for("the lost record on its way to the relay", |log| {
+            log.iter().any(|(t, p)| {
+                *t == topic
+                    && Frame::decode(p)
+                        .ok()
+                        .and_then(|f| f.entry_key())
+                        .is_some_and(|k| (k.stream, k.seq) == (1, LOST))
+            })
+        })
+        .await;
+    let relay = start_relay(&cfg).await;
+    for i in LOST + 1..N {
+        let body = body("a", i as usize, &sfx);
+        want.insert(a.m().send(&idb, &body).await.unwrap(), body);
+    }
+    wait_queued(&relay, &idb, N - 1).await;
+    assert_eq!(
+        want.keys().copied().collect::<Vec<_>>(),
+        (0..N).collect::<Vec<_>>()
+    );
+
+    let started = std::time::Instant::now();
+    b.start().await;
+    expect_in_order(b.m(), &a, 0, N as usize, &want).await;
+    let took = started.elapsed().as_secs_f64();
+    // (The end-to-end acks reach a once it pulls from the restarted relay: up to 5 s.)
+    a.m().flush(&idb, WAIT).await.unwrap();
+    let (sa, sb, sr) = (a.m().stats(), b.m().stats(), relay.stats());
+    eprintln!("all {N} received in {took:.2} s\na: {sa:?}\nb: {sb:?}\nrelay: {sr:?}");
+    // The lost record came back through Need: asked for by b, passed on by the relay,
+    // resent by a (its own backoff is 10 minutes).
+    assert!(sb.needs >= 1, "{sb:?}");
+    assert!(sr.needs >= 1 && sr.needs_forwarded >= 1, "{sr:?}");
+    assert!(sa.need_resends >= 1 && sa.resent >= 1, "{sa:?}");
+    // (Entries of the next epoch that came before it were deferred and answered Later:
+    // how many depends on timing.)
+    assert_eq!(sb.deferred, sr.later, "{sb:?} {sr:?}");
+    assert_eq!((sb.received, sb.rejected), (N, 0), "{sb:?}");
+    a.m().send(&idb, b"sentinel").await.unwrap();
+    let s = recv(b.m()).await;
+    assert_eq!((s.seq, s.body.as_slice()), (N, &b"sentinel"[..]));
+    a.shutdown().await;
+    b.shutdown().await;
+    relay.shutdown().await.unwrap();
 }

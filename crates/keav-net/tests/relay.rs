@@ -462,6 +462,9 @@ async fn unroutable_entries_are_refused_with_the_reason_and_junk_is_counted() {
             pushed: 0,
             delivered: 0,
             malformed: 3,
+            later: 0,
+            needs: 0,
+            needs_forwarded: 0,
         }
     );
     let q = relay.queues().unwrap();
@@ -593,6 +596,251 @@ async fn nats_devices_through_a_relay() {
     check_forwards(&got, &a.id, &b.id, 0..30, DEFAULT_HOPS - 1);
     b.send(&rid, &stored(&a.id, &b.id, (0..30).collect())).await;
     eventually("the mailbox is empty", || entries(&relay, &b.id) == 0).await;
+    relay.shutdown().await.unwrap();
+}
+
+// --- Flow control: Later and Need ---
+
+fn later(src: &str, dst: &str, seq: u64) -> Frame {
+    Frame::Refused {
+        reason: RefuseReason::Later,
+        key: key(src, dst, seq),
+    }
+}
+
+fn need(src: &str, dst: &str, seq: u64) -> Frame {
+    Frame::Need {
+        src: src.into(),
+        dst: dst.into(),
+        stream: 1,
+        seq,
+    }
+}
+
+fn seq_of(f: &Frame) -> u64 {
+    f.entry_key()
+        .expect("a Forward frame with a durable payload")
+        .seq
+}
+
+/// `a` stores `seqs` (in this order) at the relay and waits for their custody acks.
+async fn store(a: &mut Dev, rid: &str, dst: &str, seqs: &[u64]) {
+    for &s in seqs {
+        a.send(rid, &fwd(&a.id, dst, s)).await;
+    }
+    let (ok, refused) = a.replies(rid, seqs).await;
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(ok, seqs.iter().copied().collect());
+}
+
+/// A fake receiving device with a reorder window of `window` messages, like a messenger: it
+/// holds what fits (and releases in order), answers `Stored` for what it took or already
+/// had and `Later` for what is beyond its window, and after each batch with a deferral or a
+/// gap sends one `Need` for its next missing message (once per missing message). Runs until
+/// it released `0..n`; returns the frames it got (sequence numbers, in arrival order).
+async fn drain_as_device(b: &mut Dev, rid: &str, src: &str, n: u64, window: u64) -> Vec<u64> {
+    let mut next = 0u64;
+    let mut held = BTreeSet::new();
+    let mut got = Vec::new();
+    let mut asked = None;
+    while next < n {
+        // One batch: the first frame, then whatever else is there already.
+        let mut frames = vec![b.recv(rid).await];
+        while let Ok(m) = b.rx.try_recv() {
+            assert_eq!(m.from, rid);
+            frames.push(Frame::decode(&m.payload).unwrap());
+        }
+        let (mut took, mut deferred) = (Vec::new(), Vec::new());
+        for f in frames {
+            assert!(matches!(f, Frame::Forward { .. }), "unexpected {f:?}");
+            let s = seq_of(&f);
+            got.push(s);
+            if s < next || held.contains(&s) {
+                took.push(s);
+            } else if s < next + window {
+                held.insert(s);
+                took.push(s);
+                while held.remove(&next) {
+                    next += 1;
+                }
+            } else {
+                deferred.push(s);
+            }
+        }
+        if !took.is_empty() {
+            b.send(rid, &stored(src, &b.id, took)).await;
+        }
+        for &s in &deferred {
+            b.send(rid, &later(src, &b.id, s)).await;
+        }
+        let gap = held.iter().any(|&s| s > next);
+        if (gap || !deferred.is_empty()) && asked != Some(next) && next < n {
+            asked = Some(next);
+            b.send(rid, &need(src, &b.id, next)).await;
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_pauses_the_queue_and_need_pushes_the_entry_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rid = uid("R");
+    let mut cfg = relay_cfg(dir.path(), &rid, &["*=mqtt"]);
+    // No timer-driven push during the test: only the frames below move the queue.
+    cfg.resend = Duration::from_secs(600);
+    let relay = Relay::start(cfg).await.unwrap();
+    let mut a = Dev::mqtt("A").await;
+    let mut b = Dev::mqtt("B").await;
+    store(&mut a, &rid, &b.id, &(0..100).collect::<Vec<_>>()).await;
+
+    let got = b.pull(&rid, 16, 16).await;
+    check_forwards(&got, &a.id, &b.id, 0..16, DEFAULT_HOPS - 1);
+    // The device cannot take any of them now.
+    for s in 0..16 {
+        b.send(&rid, &later(&a.id, &b.id, s)).await;
+    }
+    eventually("the Later answers are counted", || {
+        relay.stats().later == 16
+    })
+    .await;
+    // Paused: nothing more is pushed (the window is empty, and the queue holds 100). The
+    // Need for 0 pushes 0 and the entries after it, at once, whatever the pause: the next
+    // frames are those (a relay that kept pushing would have sent 16.. first).
+    b.send(&rid, &need(&a.id, &b.id, 0)).await;
+    let got = b.take(&rid, 16).await;
+    check_forwards(&got, &a.id, &b.id, 0..16, DEFAULT_HOPS - 1);
+    let st = relay.stats();
+    assert_eq!(
+        (st.pushed, st.needs, st.needs_forwarded),
+        (32, 1, 0),
+        "{st:?}"
+    );
+
+    // The device takes 0..8 and puts 8..16 off: once the Later answers are in, custody of
+    // 0..8 is progress, and the push starts again at the earliest entry put off.
+    for s in 8..16 {
+        b.send(&rid, &later(&a.id, &b.id, s)).await;
+    }
+    eventually("the second Later answers are counted", || {
+        relay.stats().later == 24
+    })
+    .await;
+    b.send(&rid, &stored(&a.id, &b.id, (0..8).collect())).await;
+    let got = b.take(&rid, 16).await;
+    check_forwards(&got, &a.id, &b.id, 8..24, DEFAULT_HOPS - 1);
+    eventually("the acked entries left the mailbox", || {
+        entries(&relay, &b.id) == 92
+    })
+    .await;
+    assert_eq!(relay.stats().pushed, 48);
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_queue_is_pushed_again_after_resend() {
+    let dir = tempfile::tempdir().unwrap();
+    let rid = uid("R");
+    let mut cfg = relay_cfg(dir.path(), &rid, &["*=mqtt"]);
+    cfg.resend = Duration::from_millis(300);
+    let relay = Relay::start(cfg).await.unwrap();
+    let mut a = Dev::mqtt("A").await;
+    let mut b = Dev::mqtt("B").await;
+    store(&mut a, &rid, &b.id, &(0..40).collect::<Vec<_>>()).await;
+    let got = b.pull(&rid, 8, 8).await;
+    check_forwards(&got, &a.id, &b.id, 0..8, DEFAULT_HOPS - 1);
+    for s in 0..8 {
+        b.send(&rid, &later(&a.id, &b.id, s)).await;
+    }
+    // Without any progress the relay tries again once `resend` passed, from the same entry.
+    let got = b.take(&rid, 8).await;
+    check_forwards(&got, &a.id, &b.id, 0..8, DEFAULT_HOPS - 1);
+    b.send(&rid, &stored(&a.id, &b.id, (0..8).collect())).await;
+    let got = b.take(&rid, 8).await;
+    check_forwards(&got, &a.id, &b.id, 8..16, DEFAULT_HOPS - 1);
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_a_small_window_drains_a_queue_whose_first_entry_came_last() {
+    // Arrival order 1..n, then 0 (a resend that landed at the tail). The device's reorder
+    // window (32) is smaller than the relay's push window (64): it defers, the relay pauses
+    // instead of pushing the queue again and again, and the Need for 0 reaches past the
+    // window to the tail.
+    let dir = tempfile::tempdir().unwrap();
+    let rid = uid("R");
+    let mut cfg = relay_cfg(dir.path(), &rid, &["*=mqtt"]);
+    cfg.resend = Duration::from_secs(600);
+    let relay = Relay::start(cfg).await.unwrap();
+    let mut a = Dev::mqtt("A").await;
+    let mut b = Dev::mqtt("B").await;
+    let n = 600u64;
+    let mut order: Vec<u64> = (1..n).collect();
+    order.push(0);
+    store(&mut a, &rid, &b.id, &order).await;
+
+    b.send(&rid, &Frame::Pull { window: 64 }).await;
+    let aid = a.id.clone();
+    let got = drain_as_device(&mut b, &rid, &aid, n, 32).await;
+    eventually("the mailbox is empty", || entries(&relay, &b.id) == 0).await;
+    let st = relay.stats();
+    eprintln!(
+        "{st:?}; the device got {} frames for {n} entries",
+        got.len()
+    );
+    assert!(st.later > 0 && st.needs > 0, "{st:?}");
+    assert_eq!(st.needs_forwarded, 0, "{st:?}");
+    assert_eq!(st.delivered, n);
+    // Bounded work: every entry pushed about once, plus at most a few windows put off.
+    assert_eq!(st.pushed, got.len() as u64);
+    assert!(st.pushed <= n + 4 * 64, "{st:?}");
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_need_for_a_missing_entry_reaches_its_sender_and_the_resend_is_pushed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rid = uid("R");
+    let mut cfg = relay_cfg(dir.path(), &rid, &["*=mqtt"]);
+    cfg.resend = Duration::from_secs(600);
+    let relay = Relay::start(cfg).await.unwrap();
+    let mut a = Dev::mqtt("A").await;
+    let mut b = Dev::mqtt("B").await;
+    let n = 60u64;
+    // Entry 10 never reached the relay (it was down when the sender transmitted it).
+    let without: Vec<u64> = (0..n).filter(|&s| s != 10).collect();
+    store(&mut a, &rid, &b.id, &without).await;
+
+    b.send(&rid, &Frame::Pull { window: 64 }).await;
+    let (aid, bid, r) = (a.id.clone(), b.id.clone(), rid.clone());
+    let drain = tokio::spawn(async move {
+        let got = drain_as_device(&mut b, &r, &aid, n, 32).await;
+        (b, got)
+    });
+    // The sender hears that its peer needs 10, and resends it.
+    match a.recv(&rid).await {
+        Frame::Need {
+            src,
+            dst,
+            stream,
+            seq,
+        } => assert_eq!((src, dst, stream, seq), (a.id.clone(), bid.clone(), 1, 10)),
+        other => panic!("unexpected {other:?}"),
+    }
+    a.send(&rid, &fwd(&a.id, &bid, 10)).await;
+    let (_b, got) = tokio::time::timeout(WAIT, drain)
+        .await
+        .expect("the device never got every entry")
+        .unwrap();
+    // 10 came once, right after it was stored (the queue was paused and its window full).
+    assert_eq!(got.iter().filter(|&&s| s == 10).count(), 1);
+    eventually("the mailbox is empty", || entries(&relay, &bid) == 0).await;
+    let st = relay.stats();
+    eprintln!("{st:?}");
+    assert!(
+        st.needs >= 1 && st.needs_forwarded >= 1 && st.later > 0,
+        "{st:?}"
+    );
     relay.shutdown().await.unwrap();
 }
 

@@ -473,6 +473,20 @@ impl Outbox {
         }
     }
 
+    /// The receiver said it needs record `seq` next (a negative ack, forwarded by a relay):
+    /// if it is held, it becomes due at `now_ms` (unless it was due earlier already), so the
+    /// next [`Outbox::poll_transmit`] resends it; its backoff is left as it is. Returns
+    /// whether the record is held (acknowledged or never pushed: `false`, nothing changes).
+    pub fn make_due(&mut self, seq: u64, now_ms: u64) -> bool {
+        let Some(idx) = self.index_of(seq) else {
+            return false;
+        };
+        if self.entries.get(idx).is_some_and(|e| e.due_ms > now_ms) {
+            self.set_due(idx, now_ms);
+        }
+        true
+    }
+
     /// Every held record becomes due at `now_ms` and its backoff restarts at
     /// `rto_initial_ms` (the carrier reconnected or the peer came back). O(n).
     pub fn resend_all(&mut self, now_ms: u64) {
@@ -868,6 +882,37 @@ mod tests {
         ob.on_ack(2).unwrap();
         ob.on_custody(0, 9000);
         assert_eq!((ob.poll_timeout(), ob.len()), (None, 0));
+    }
+
+    #[test]
+    fn outbox_make_due_resends_one_record_now() {
+        let mut ob = outbox(8, 100);
+        for s in 0..3 {
+            ob.push(s, vec![s as u8], 0).unwrap();
+        }
+        for _ in 0..3 {
+            ob.poll_transmit(0).unwrap();
+        }
+        // All three due at 100; custody pushes 1 to 10_000.
+        ob.on_custody(1, 10_000);
+        ob.on_custody(0, 10_000);
+        ob.on_custody(2, 10_000);
+        assert_eq!(ob.poll_transmit(50), None);
+        assert!(ob.make_due(1, 50));
+        assert_eq!(ob.poll_timeout(), Some(50));
+        assert_eq!(ob.poll_transmit(50).map(|t| t.0), Some(1));
+        // Backoff kept: the initial 100 doubled once by the first send, so 200 now.
+        assert_eq!(ob.poll_timeout(), Some(250));
+        assert_eq!(ob.poll_transmit(249), None);
+        // A record due earlier stays due then.
+        assert!(ob.make_due(1, 1000));
+        assert_eq!(ob.poll_timeout(), Some(250));
+        // Unknown and acknowledged records: false, nothing changes.
+        assert!(!ob.make_due(7, 0));
+        ob.on_ack(1).unwrap();
+        assert!(!ob.make_due(0, 0));
+        assert_eq!(ob.poll_timeout(), Some(250));
+        assert_eq!(ob.len(), 2);
     }
 
     #[test]

@@ -668,6 +668,13 @@ impl DurableChannel {
             .on_custody(seq, now_ms.saturating_add(self.cfg.custody_ms));
     }
 
+    /// The peer needs data record `seq` next (a relay forwarded its `Need` frame,
+    /// [`crate::route::Frame::Need`]): if the outbox holds it, it is resent by the next
+    /// [`DurableChannel::poll_transmit`] at or after `now_ms`. Returns whether it is held.
+    pub fn on_need(&mut self, seq: u64, now_ms: u64) -> bool {
+        self.outbox.make_due(seq, now_ms)
+    }
+
     /// Every unacknowledged outbox record becomes due at `now_ms` (call when the carrier
     /// reconnects or the peer is seen again).
     pub fn resend_all(&mut self, now_ms: u64) {

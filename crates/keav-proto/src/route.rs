@@ -16,6 +16,7 @@
 //! kind 3 Pull     window u32
 //! kind 4 Refused  reason u8 | src id | dst id | stream u8 | seq u64
 //! kind 5 Attach   id                     (TCP only: names the connecting device or relay)
+//! kind 6 Need     src id | dst id | stream u8 | seq u64
 //!
 //! id = len u8 (1..=64) | bytes of [A-Za-z0-9_-]
 //! ```
@@ -30,8 +31,15 @@
 //! - **Pull**: a device tells its relay it is online and takes up to `window` unacknowledged
 //!   Forward frames at a time.
 //! - **Refused**: the hop did not take the entry, and why (mailbox full: the sender's
-//!   `send` reports it; no route; hop limit).
+//!   `send` reports it; no route; hop limit; bad body). Reason 5, [`RefuseReason::Later`], is
+//!   flow control, not a failure: the destination device cannot take the entry *now* (its
+//!   reorder window, the epoch rule); the relay keeps it and pushes it again later, and stops
+//!   pushing further entries of that queue until the device makes progress.
 //! - **Attach**: first frame on a TCP connection to a relay.
+//! - **Need**: "device `dst` needs entry (`src`, `dst`, `stream`, `seq`) next" (a negative
+//!   acknowledgement: `seq` is the first message `dst` is missing). Sent by a device to its
+//!   relay; the relay pushes that entry at once if it holds it, else it forwards the frame
+//!   unchanged to `src`, whose outbox then resends that record at once.
 
 use crate::codec::Reader;
 use crate::durable::{parse_header, Stream};
@@ -81,6 +89,9 @@ pub enum RefuseReason {
     HopLimit = 3,
     /// The body is not a durable payload.
     BadBody = 4,
+    /// The hop cannot take this entry now (the destination's reorder window): keep it and
+    /// push it again later. Flow control, not a failure.
+    Later = 5,
 }
 
 /// The identity of a mailbox entry: who sent what to whom.
@@ -138,6 +149,17 @@ pub enum Frame {
         /// The connecting device's or relay's id.
         id: String,
     },
+    /// Device `dst` needs entry (`src`, `dst`, `stream`, `seq`) next (a negative ack).
+    Need {
+        /// Sending device of the entry.
+        src: String,
+        /// The device that needs it.
+        dst: String,
+        /// Sub-channel ([`crate::durable::Stream`] as a byte).
+        stream: u8,
+        /// Sequence number of the entry needed.
+        seq: u64,
+    },
 }
 
 const KIND_FORWARD: u8 = 1;
@@ -145,6 +167,7 @@ const KIND_STORED: u8 = 2;
 const KIND_PULL: u8 = 3;
 const KIND_REFUSED: u8 = 4;
 const KIND_ATTACH: u8 = 5;
+const KIND_NEED: u8 = 6;
 
 impl RefuseReason {
     /// The reason byte's value.
@@ -154,6 +177,7 @@ impl RefuseReason {
             2 => Some(RefuseReason::NoRoute),
             3 => Some(RefuseReason::HopLimit),
             4 => Some(RefuseReason::BadBody),
+            5 => Some(RefuseReason::Later),
             _ => None,
         }
     }
@@ -251,6 +275,18 @@ impl Frame {
                 out.push(KIND_ATTACH);
                 write_id(&mut out, id);
             }
+            Frame::Need {
+                src,
+                dst,
+                stream,
+                seq,
+            } => {
+                out.push(KIND_NEED);
+                write_id(&mut out, src);
+                write_id(&mut out, dst);
+                out.push(*stream);
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
         }
         out
     }
@@ -326,6 +362,12 @@ impl Frame {
             }
             KIND_ATTACH => Frame::Attach {
                 id: read_id(&mut r)?,
+            },
+            KIND_NEED => Frame::Need {
+                src: read_id(&mut r)?,
+                dst: read_id(&mut r)?,
+                stream: read_stream(&mut r)?,
+                seq: read_u64(&mut r, "seq")?,
             },
             _ => return Err(RouteError::Malformed("kind")),
         };

@@ -71,6 +71,27 @@ fn samples() -> Vec<Frame> {
         Frame::Attach {
             id: "relay-1".into(),
         },
+        Frame::Refused {
+            reason: RefuseReason::Later,
+            key: EntryKey {
+                src: "alice".into(),
+                dst: "bob".into(),
+                stream: 1,
+                seq: 300,
+            },
+        },
+        Frame::Need {
+            src: "alice".into(),
+            dst: "bob".into(),
+            stream: 1,
+            seq: 49_156,
+        },
+        Frame::Need {
+            src: "a".repeat(MAX_ID_LEN),
+            dst: "Z".into(),
+            stream: 2,
+            seq: u64::MAX,
+        },
     ]
 }
 
@@ -113,12 +134,34 @@ fn wire_format_is_as_documented() {
         Frame::Attach { id: "r".into() }.encode(),
         [0x52, 1, 5, 1, b'r']
     );
+    let f = Frame::Need {
+        src: "ab".into(),
+        dst: "c".into(),
+        stream: 1,
+        seq: 0x0102,
+    };
+    let mut want = vec![0x52, 1, 6, 2, b'a', b'b', 1, b'c', 1];
+    want.extend_from_slice(&0x0102u64.to_be_bytes());
+    assert_eq!(f.encode(), want);
+    let f = Frame::Refused {
+        reason: RefuseReason::Later,
+        key: EntryKey {
+            src: "a".into(),
+            dst: "b".into(),
+            stream: 1,
+            seq: 7,
+        },
+    };
+    let mut want = vec![0x52, 1, 4, 5, 1, b'a', 1, b'b', 1];
+    want.extend_from_slice(&7u64.to_be_bytes());
+    assert_eq!(f.encode(), want);
     assert_eq!((FRAME_TAG, VERSION), (0x52, 1));
     for (r, b) in [
         (RefuseReason::MailboxFull, 1u8),
         (RefuseReason::NoRoute, 2),
         (RefuseReason::HopLimit, 3),
         (RefuseReason::BadBody, 4),
+        (RefuseReason::Later, 5),
     ] {
         assert_eq!(RefuseReason::from_byte(b), Some(r));
         assert_eq!(r as u8, b);
@@ -162,7 +205,7 @@ fn header_refusals() {
             Err(RouteError::Version(v))
         );
     }
-    for k in [0u8, 6, 255] {
+    for k in [0u8, 7, 255] {
         assert_eq!(Frame::decode(&[0x52, 1, k, 0, 0, 0, 0]), malformed("kind"));
     }
 }
@@ -239,6 +282,24 @@ fn bounds_are_enforced() {
                 seq: 0,
             },
         },
+        Frame::Need {
+            src: "a".into(),
+            dst: "b".into(),
+            stream: 3,
+            seq: 0,
+        },
+        Frame::Need {
+            src: String::new(),
+            dst: "b".into(),
+            stream: 1,
+            seq: 0,
+        },
+        Frame::Need {
+            src: "a".into(),
+            dst: "b c".into(),
+            stream: 1,
+            seq: 0,
+        },
     ];
     for f in bad_frames {
         assert!(Frame::decode(&f.encode()).is_err(), "{f:?}");
@@ -252,7 +313,7 @@ fn bounds_are_enforced() {
     assert_eq!(Frame::decode(&max.encode()), Ok(max));
 
     // Unknown reason bytes.
-    for r in [0u8, 5, 255] {
+    for r in [0u8, 6, 255] {
         let mut f = vec![0x52, 1, 4, r, 1, b'a', 1, b'b', 1];
         f.extend_from_slice(&0u64.to_be_bytes());
         assert_eq!(Frame::decode(&f), malformed("reason"));
@@ -348,7 +409,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 seqs
             }),
         any::<u32>().prop_map(|window| Frame::Pull { window }),
-        (1u8..=4, id(), id(), 1u8..=2, any::<u64>()).prop_map(|(r, src, dst, stream, seq)| {
+        (1u8..=5, id(), id(), 1u8..=2, any::<u64>()).prop_map(|(r, src, dst, stream, seq)| {
             Frame::Refused {
                 reason: RefuseReason::from_byte(r).unwrap(),
                 key: EntryKey {
@@ -360,6 +421,12 @@ fn frame() -> impl Strategy<Value = Frame> {
             }
         }),
         id().prop_map(|id| Frame::Attach { id }),
+        (id(), id(), 1u8..=2, any::<u64>()).prop_map(|(src, dst, stream, seq)| Frame::Need {
+            src,
+            dst,
+            stream,
+            seq
+        }),
     ]
 }
 
@@ -382,7 +449,7 @@ proptest! {
     #[test]
     fn random_bytes_never_panic(
         raw in proptest::collection::vec(any::<u8>(), 0..200),
-        kind in 0u8..7,
+        kind in 0u8..8,
     ) {
         let _ = Frame::decode(&raw);
         let mut v = vec![FRAME_TAG, VERSION, kind];

@@ -575,6 +575,35 @@ impl Mailbox {
         })
     }
 
+    /// The entry of `queue` with this key, if the queue holds it (a point lookup through the
+    /// dedupe index, whatever its position).
+    ///
+    /// [`Error::InvalidName`] if the queue name is invalid; a key whose `src` or `dst` is not
+    /// a valid id is never held (`None`). A damaged index value or entry, or an index value
+    /// pointing to no entry or to an entry with another key, is [`Error::CorruptMailbox`].
+    pub fn find(&self, queue: &str, key: &EntryKey) -> Result<Option<Entry>, Error> {
+        check_name(queue)?;
+        if !valid_key(key) {
+            return Ok(None);
+        }
+        self.read(|rtx| {
+            let index_key = queue_key(queue, &encode_key(key));
+            let pos = match Self::table(rtx, KEYS)?.get(index_key.as_slice())? {
+                None => return Ok(None),
+                Some(v) => decode_index(queue, &index_key, v.value())?,
+            };
+            let slot = entry_slot(queue, pos);
+            let entry = match Self::table(rtx, ENTRIES)?.get(slot.as_slice())? {
+                None => return Err(corrupt(queue, Some(pos))),
+                Some(v) => decode_entry(queue, &slot, v.value())?,
+            };
+            if entry.key != *key {
+                return Err(corrupt(queue, Some(pos)));
+            }
+            Ok(Some(entry))
+        })
+    }
+
     /// Removes the entries of `queue` with these keys (custody passed on) in one transaction;
     /// returns how many were there.
     pub fn remove(&self, queue: &str, keys: &[EntryKey]) -> Result<usize, Error> {

@@ -606,6 +606,94 @@ fn damaged_counters_and_index_entries_are_typed_errors() {
         .all(|(k, _)| !k.starts_with(b"phone\0")));
 }
 
+#[test]
+fn find_looks_an_entry_up_by_key_wherever_it_is() {
+    let (_d, path) = tmp();
+    let m = open(&path);
+    // Seq 3 arrives last (a resend landing at the tail of the queue).
+    m.put_batch("phone", &items("hrm", "phone", [0, 1, 2, 4, 5]))
+        .unwrap();
+    m.put_batch("phone", &items("other", "phone", [3])).unwrap();
+    m.put_batch("phone", &items("hrm", "phone", [3])).unwrap();
+    m.put_batch("tablet", &items("hrm", "tablet", [3])).unwrap();
+    let k3 = key("hrm", "phone", 0, 3);
+    let e = m.find("phone", &k3).unwrap().expect("held");
+    assert_eq!((e.pos, &e.key, &e.frame), (6, &k3, &frame(&k3)));
+    assert_eq!(
+        m.find("phone", &key("other", "phone", 0, 3))
+            .unwrap()
+            .map(|e| e.pos),
+        Some(5)
+    );
+    // Not held: another seq, stream, sender, destination or queue; never-valid ids.
+    for k in [
+        key("hrm", "phone", 0, 6),
+        key("hrm", "phone", 1, 3),
+        key("nobody", "phone", 0, 3),
+        key("hrm", "tablet", 0, 3),
+        key("", "phone", 0, 3),
+        key("hrm", "a/b", 0, 3),
+    ] {
+        assert_eq!(m.find("phone", &k).unwrap(), None, "{k:?}");
+    }
+    assert_eq!(m.find("watch", &k3).unwrap(), None);
+    assert!(matches!(m.find("a b", &k3), Err(Error::InvalidName)));
+    // Removed: gone; across a reopen: still found.
+    assert_eq!(m.remove("phone", std::slice::from_ref(&k3)).unwrap(), 1);
+    assert_eq!(m.find("phone", &k3).unwrap(), None);
+    drop(m);
+    let m = open(&path);
+    assert_eq!(
+        m.find("tablet", &key("hrm", "tablet", 0, 3))
+            .unwrap()
+            .map(|e| e.pos),
+        Some(0)
+    );
+    drop(m);
+
+    // A damaged entry, or an index value pointing to another entry: typed errors.
+    let k1 = key("hrm", "phone", 0, 1);
+    let good = raw_get(&path, ENTRIES, &slot("phone", 1));
+    let mut bad = good.clone();
+    bad[4] ^= 0x10;
+    raw_put(&path, ENTRIES, &slot("phone", 1), &bad);
+    is_corrupt(open(&path).find("phone", &k1), "phone", Some(1));
+    raw_put(
+        &path,
+        ENTRIES,
+        &slot("phone", 1),
+        &raw_get(&path, ENTRIES, &slot("phone", 2)),
+    );
+    is_corrupt(open(&path).find("phone", &k1), "phone", Some(1));
+    raw_put(&path, ENTRIES, &slot("phone", 1), &good);
+    assert_eq!(
+        open(&path).find("phone", &k1).unwrap().map(|e| e.pos),
+        Some(1)
+    );
+    let index: Vec<_> = raw_all(&path, KEYS)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(b"phone\0"))
+        .collect();
+    // Index keys sort by (src, dst, stream, seq): hrm's seq 0 and seq 1 come first.
+    let (k0, v0) = &index[0];
+    let (_, v1) = &index[1];
+    // (An index value is bound to its key: seq 1's value under seq 0's key is damaged.)
+    raw_put(&path, KEYS, k0, v1);
+    is_corrupt(
+        open(&path).find("phone", &key("hrm", "phone", 0, 0)),
+        "phone",
+        None,
+    );
+    let mut bad = v0.clone();
+    bad[0] ^= 1;
+    raw_put(&path, KEYS, k0, &bad);
+    is_corrupt(
+        open(&path).find("phone", &key("hrm", "phone", 0, 0)),
+        "phone",
+        None,
+    );
+}
+
 fn raw_all_after_close(m: Mailbox, path: &Path, t: Raw) -> Vec<(Vec<u8>, Vec<u8>)> {
     drop(m);
     raw_all(path, t)

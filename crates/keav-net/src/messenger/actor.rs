@@ -9,9 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keav_proto::cache::Zid;
 use keav_proto::durable::{
-    parse_header, DurableChannel, DurableConfig, DurableState, Received, Stream, PAYLOAD_TAG,
+    parse_header, DurableChannel, DurableConfig, DurableState, Received, Stream, DATA_RATCHET_LOG2,
+    PAYLOAD_TAG,
 };
-use keav_proto::route::{Frame, DEFAULT_HOPS, FRAME_TAG, MAX_KEYS};
+use keav_proto::route::{EntryKey, Frame, RefuseReason, DEFAULT_HOPS, FRAME_TAG, MAX_KEYS};
 use keav_store::{DurableRow, DurableUpdate};
 use tokio::sync::{mpsc, oneshot, watch, OwnedMutexGuard};
 use tokio::time::Instant;
@@ -29,6 +30,10 @@ use super::Carrier;
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// Longest sleep when no channel has anything due.
 const IDLE: Duration = Duration::from_secs(3600);
+/// At most one `Need` per peer and sequence number this often.
+const NEED_EVERY: Duration = Duration::from_millis(500);
+/// A peer's `Need` for the same record is served at most this often.
+const NEED_SERVE_EVERY: Duration = Duration::from_secs(1);
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -88,6 +93,10 @@ pub(super) struct Peer {
     high: u64,
     /// A relay refusal was logged at warn level already.
     refused_warned: bool,
+    /// The last `Need` sent to the relay for this peer's messages: (sequence number, when).
+    need_sent: Option<(u64, Instant)>,
+    /// The last `Need` of this peer served (a record resent at once): (sequence number, when).
+    need_served: Option<(u64, Instant)>,
 }
 
 impl Peer {
@@ -100,6 +109,8 @@ impl Peer {
             released: delivered,
             high,
             refused_warned: false,
+            need_sent: None,
+            need_served: None,
         }
     }
 
@@ -191,6 +202,11 @@ struct Batch {
     mail_acks: Vec<MailAck>,
     /// Relay custody acks to send: (src, stream) -> sequence numbers.
     stored: BTreeMap<(String, u8), Vec<u64>>,
+    /// Entries the relay pushed that the channel deferred: answered `Refused { Later }`.
+    later: Vec<EntryKey>,
+    /// Peers whose entries came through the relay in this batch, and whether one of them
+    /// was deferred (they may need to ask for their next missing message).
+    relayed: BTreeMap<String, bool>,
     /// Messages popped from the channels, released once committed.
     staged: Vec<Message>,
     /// A channel to install after this batch (ends the batch).
@@ -564,7 +580,21 @@ impl Actor {
                     return true;
                 }
                 let header = parse_header(&body).ok();
-                if self.on_payload(&src, &body, batch) == Outcome::Deferred {
+                let outcome = self.on_payload(&src, &body, batch);
+                if outcome != Outcome::Rejected {
+                    let deferred = batch.relayed.entry(src.clone()).or_default();
+                    *deferred |= outcome == Outcome::Deferred;
+                }
+                if outcome == Outcome::Deferred {
+                    // The relay keeps it and holds back what follows until we make progress.
+                    if let Some(h) = header {
+                        batch.later.push(EntryKey {
+                            src,
+                            dst: self.id.clone(),
+                            stream: h.stream as u8,
+                            seq: h.seq,
+                        });
+                    }
                     return false;
                 }
                 // Taken, duplicate, ack or rejected: the relay may let go of it.
@@ -592,6 +622,13 @@ impl Actor {
                 }
                 true
             }
+            Frame::Refused {
+                reason: RefuseReason::Later,
+                ..
+            } => {
+                debug!(device = %self.id, "ignored a Later refusal (meant for relays)");
+                true
+            }
             Frame::Refused { reason, key } => {
                 if key.src == self.id {
                     bump(&self.shared.counters.refused, 1);
@@ -601,6 +638,34 @@ impl Actor {
                             warn!(device = %self.id, peer = %key.dst, relay = %relay, ?reason,
                                 "the relay refused a message; it stays in the outbox and is resent later");
                         }
+                    }
+                }
+                true
+            }
+            Frame::Need {
+                src,
+                dst,
+                stream,
+                seq,
+            } => {
+                // Peer `dst` needs our record `seq` next and the relay does not hold it.
+                if src != self.id || stream != Stream::Data as u8 {
+                    debug!(device = %self.id, "ignored a Need for another device or stream");
+                    return true;
+                }
+                let Some(p) = self.peers.get_mut(&dst) else {
+                    debug!(device = %self.id, peer = %dst, "ignored a Need from an unknown peer");
+                    return true;
+                };
+                let at = Instant::now();
+                let repeat = p.need_served.is_some_and(|(s, t)| {
+                    s == seq && at.saturating_duration_since(t) < NEED_SERVE_EVERY
+                });
+                if !repeat {
+                    p.need_served = Some((seq, at));
+                    if p.ch.on_need(seq, now) {
+                        bump(&self.shared.counters.need_resends, 1);
+                        debug!(device = %self.id, peer = %dst, seq, "peer needs a record: resent now");
                     }
                 }
                 true
@@ -675,12 +740,63 @@ impl Actor {
                     }
                 }
             }
+            for key in batch.later {
+                let frame = Frame::Refused {
+                    reason: RefuseReason::Later,
+                    key,
+                };
+                if let Err(e) = self.carrier.publish(relay, &frame.encode()).await {
+                    debug!(device = %self.id, error = %e, "Later to the relay not sent");
+                }
+            }
+            for (name, deferred) in batch.relayed {
+                self.need(relay, &name, deferred).await;
+            }
         }
         self.check_waiters();
         if let Some(install) = batch.install {
             self.install(install).await?;
         }
         Ok(())
+    }
+
+    /// After a batch with entries from `name` through the relay: if one was deferred, or the
+    /// channel holds messages beyond a missing one, tells the relay which message it needs
+    /// next (`Need`, at most once per [`NEED_EVERY`] for the same one), unless the reorder
+    /// window is full anyway (the application is the bottleneck, not a missing message).
+    async fn need(&mut self, relay: &str, name: &str, deferred: bool) {
+        let cap = self
+            .opts
+            .durable
+            .inbox
+            .max_pending
+            .min(1 << DATA_RATCHET_LOG2) as u64;
+        let Some(p) = self.peers.get_mut(name) else {
+            return;
+        };
+        let (next, missing) = (p.ch.next_to_release(), p.ch.inbox_ack());
+        let held_beyond = p.ch.inbox_len() as u64 > missing.saturating_sub(next);
+        if !(deferred || held_beyond) || missing >= next.saturating_add(cap) {
+            return;
+        }
+        let at = Instant::now();
+        if p.need_sent
+            .is_some_and(|(s, t)| s == missing && at.saturating_duration_since(t) < NEED_EVERY)
+        {
+            return;
+        }
+        p.need_sent = Some((missing, at));
+        let frame = Frame::Need {
+            src: name.to_string(),
+            dst: self.id.clone(),
+            stream: Stream::Data as u8,
+            seq: missing,
+        };
+        bump(&self.shared.counters.needs, 1);
+        debug!(device = %self.id, peer = %name, seq = missing, "asked the relay for the next message");
+        if let Err(e) = self.carrier.publish(relay, &frame.encode()).await {
+            debug!(device = %self.id, error = %e, "Need to the relay not sent");
+        }
     }
 
     /// One store transaction on a blocking thread.

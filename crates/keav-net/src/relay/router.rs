@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keav_proto::route::{EntryKey, Frame, RefuseReason, MAX_KEYS};
-use keav_store::mailbox::{Mailbox, PutOutcome};
+use keav_store::mailbox::{Entry, Mailbox, PutOutcome};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -21,6 +21,12 @@ const BATCH_MAX: usize = 512;
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Most entries read from the mailbox at once when pushing.
 const PEEK_MAX: usize = 256;
+/// Most entries pushed at once for one `Need` (the entry needed and the ones after it).
+const NEED_RUN: usize = 256;
+/// Most keys remembered per queue as wanted (needed by the device, not in the mailbox).
+const WANTED_MAX: usize = 1024;
+/// A wanted key is forgotten after this long (the device asks again while it still needs it).
+const WANTED_TTL: Duration = Duration::from_secs(60);
 
 /// Something for the routing task.
 pub(crate) enum Event {
@@ -142,12 +148,20 @@ struct Queue {
     inflight: BTreeMap<u64, Flight>,
     /// Positions of the in-flight entries by key.
     by_key: HashMap<EntryKey, u64>,
-    /// The position of the last entry pushed (the next peek starts after it).
+    /// The cursor: the position of the last entry considered by the push (the next peek
+    /// starts after it; entries before it are in flight, acknowledged, or pushed out of
+    /// order for a `Need`).
     last_pushed: Option<u64>,
     /// The mailbox may hold entries after `last_pushed`.
     more: bool,
     /// For device queues: the device's last Pull.
     pull: Option<Pull>,
+    /// The hop answered `Refused { Later }`: push nothing new before this instant, unless
+    /// it acknowledges custody of something first.
+    paused_until: Option<Instant>,
+    /// Keys the device needs that were not in the mailbox (pushed at once when they are
+    /// stored), with when they were last asked for.
+    wanted: HashMap<EntryKey, Instant>,
 }
 
 impl Queue {
@@ -158,6 +172,8 @@ impl Queue {
             last_pushed: None,
             more: true,
             pull: None,
+            paused_until: None,
+            wanted: HashMap::new(),
         }
     }
 
@@ -167,6 +183,57 @@ impl Queue {
         self.by_key.clear();
         self.last_pushed = None;
         self.more = true;
+        self.paused_until = None;
+    }
+
+    /// Moves the cursor back so that the next push starts at `pos` at the latest.
+    fn rewind_to(&mut self, pos: u64) {
+        if self.last_pushed.is_some_and(|last| last >= pos) {
+            self.last_pushed = pos.checked_sub(1);
+        }
+        self.more = true;
+    }
+
+    fn paused(&mut self, now: Instant) -> bool {
+        match self.paused_until {
+            Some(t) if now < t => true,
+            Some(_) => {
+                self.paused_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records `e` as in flight (pushed at `now`).
+    fn fly(&mut self, e: Entry, now: Instant) {
+        if let Some(old) = self.by_key.insert(e.key, e.pos) {
+            if old != e.pos {
+                self.inflight.remove(&old);
+            }
+        }
+        self.inflight.insert(
+            e.pos,
+            Flight {
+                frame: e.frame,
+                sent: now,
+            },
+        );
+    }
+
+    /// Remembers that the device needs `key` (bounded: the stalest key makes room).
+    fn want(&mut self, key: EntryKey, now: Instant) {
+        if self.wanted.len() >= WANTED_MAX && !self.wanted.contains_key(&key) {
+            let oldest = self
+                .wanted
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.wanted.remove(&k);
+            }
+        }
+        self.wanted.insert(key, now);
     }
 
     fn online(&self, now: Instant, presence: Duration) -> bool {
@@ -184,6 +251,15 @@ struct Put {
     origins: Vec<usize>,
 }
 
+/// A `Need` from a device: the queue, the key needed, the index in [`Batch::sources`] of
+/// the device, and how many entries (from the key's sequence number on) to look up.
+struct Need {
+    queue: String,
+    key: EntryKey,
+    origin: usize,
+    run: usize,
+}
+
 /// What one batch of events asks of the mailbox and the carriers.
 #[derive(Default)]
 struct Batch {
@@ -192,6 +268,9 @@ struct Batch {
     removes: Vec<(String, Vec<EntryKey>)>,
     pulls: Vec<(String, Via, u32)>,
     refusals: Vec<(usize, RefuseReason, EntryKey)>,
+    /// `Refused { Later }` from a hop: (its queue, the key).
+    laters: Vec<(String, EntryKey)>,
+    needs: Vec<Need>,
     acks: Vec<MailAck>,
 }
 
@@ -436,6 +515,47 @@ impl Router {
                 b.remove(from.peer(), keys);
             }
             Frame::Pull { window } => b.pulls.push((from.peer().to_string(), from.via(), window)),
+            Frame::Refused {
+                reason: RefuseReason::Later,
+                key,
+            } => {
+                Counters::add(&self.counters.later, 1);
+                b.laters.push((from.peer().to_string(), key));
+            }
+            Frame::Need {
+                src,
+                dst,
+                stream,
+                seq,
+            } => {
+                // Only the destination device itself asks, for its own queue.
+                if dst != from.peer()
+                    || self.relay_hops.contains_key(&dst)
+                    || self.route(&dst).as_deref() != Some(dst.as_str())
+                {
+                    return self.malformed(&from, bytes.len(), &"Need from another hop");
+                }
+                Counters::add(&self.counters.needs, 1);
+                let origin = b.source(&from);
+                let run = self
+                    .queues
+                    .get(&dst)
+                    .zip(self.target(&dst, Instant::now()))
+                    .map_or(1, |(st, (_, window))| {
+                        window.saturating_sub(st.inflight.len()).clamp(1, NEED_RUN)
+                    });
+                b.needs.push(Need {
+                    queue: dst.clone(),
+                    key: EntryKey {
+                        src,
+                        dst,
+                        stream,
+                        seq,
+                    },
+                    origin,
+                    run,
+                });
+            }
             Frame::Refused { reason, key } => {
                 debug!(
                     from = from.peer(),
@@ -505,8 +625,9 @@ impl Router {
         }
 
         let (puts, removes) = (std::mem::take(&mut b.puts), std::mem::take(&mut b.removes));
-        let done = if puts.is_empty() && removes.is_empty() {
-            Some((puts, Vec::new(), removes, Vec::new()))
+        let needs = std::mem::take(&mut b.needs);
+        let done = if puts.is_empty() && removes.is_empty() && needs.is_empty() {
+            Some((puts, Vec::new(), removes, Vec::new(), needs, Vec::new()))
         } else {
             self.db(move |mb| {
                 let put_res: Vec<_> = puts
@@ -514,17 +635,20 @@ impl Router {
                     .map(|p| mb.put_batch(&p.queue, &p.items))
                     .collect();
                 let rm_res: Vec<_> = removes.iter().map(|(q, k)| mb.remove(q, k)).collect();
-                (puts, put_res, removes, rm_res)
+                let need_res: Vec<_> = needs.iter().map(|n| look_up_run(mb, n)).collect();
+                (puts, put_res, removes, rm_res, needs, need_res)
             })
             .await
         };
-        let Some((puts, put_res, removes, rm_res)) = done else {
+        let Some((puts, put_res, removes, rm_res, needs, need_res)) = done else {
             warn!("mailbox task failed: batch not acknowledged (senders resend)");
             return;
         };
 
         let mut failed = false;
         let mut acks = Acks::default();
+        // Entries a device needs that were just stored: pushed at once.
+        let mut arrived: Vec<(String, Entry)> = Vec::new();
         let mut refusals = std::mem::take(&mut b.refusals);
         for (p, res) in puts.into_iter().zip(put_res) {
             let outcomes = match res {
@@ -544,14 +668,28 @@ impl Router {
                 }
             };
             let mut any = false;
-            for (((key, _), origin), out) in p.items.into_iter().zip(p.origins).zip(outcomes) {
+            for (((key, frame), origin), out) in p.items.into_iter().zip(p.origins).zip(outcomes) {
                 let Some(source) = b.sources.get(origin) else {
                     continue;
                 };
                 match out {
-                    PutOutcome::Stored(_) => {
+                    PutOutcome::Stored(pos) => {
                         Counters::add(&self.counters.stored, 1);
                         any = true;
+                        if self
+                            .queues
+                            .get_mut(&p.queue)
+                            .is_some_and(|st| st.wanted.remove(&key).is_some())
+                        {
+                            arrived.push((
+                                p.queue.clone(),
+                                Entry {
+                                    pos,
+                                    key: key.clone(),
+                                    frame,
+                                },
+                            ));
+                        }
                         acks.add(origin, source, key);
                     }
                     PutOutcome::Duplicate => {
@@ -580,6 +718,8 @@ impl Router {
                                 st.inflight.remove(&pos);
                             }
                         }
+                        // Progress: the hop took custody of something, so it has room again.
+                        st.paused_until = None;
                     }
                     touched.insert(queue);
                 }
@@ -604,6 +744,32 @@ impl Router {
             });
             st.more = true;
             touched.insert(queue);
+        }
+
+        // Back-pressure: the hop cannot take these entries now. They leave the window, the
+        // next push starts again at the earliest of them, and the queue waits for progress.
+        for (queue, key) in std::mem::take(&mut b.laters) {
+            let resend = self.resend;
+            let Some(st) = self.queues.get_mut(&queue) else {
+                continue;
+            };
+            if let Some(pos) = st.by_key.remove(&key) {
+                st.inflight.remove(&pos);
+                st.rewind_to(pos);
+                st.paused_until = Some(now + resend);
+            }
+        }
+
+        for (need, res) in needs.into_iter().zip(need_res) {
+            self.on_need(need, res, &b.sources, now);
+        }
+        for (queue, e) in arrived {
+            debug!(
+                queue,
+                seq = e.key.seq,
+                "an entry the device needs arrived: pushed at once"
+            );
+            self.push_now(&queue, vec![e], true, now);
         }
 
         for (origin, reason, key) in refusals {
@@ -683,7 +849,11 @@ impl Router {
         Some((self.via_target(p.via, q)?, cap.min(p.window as usize)))
     }
 
-    /// Pushes the next entries of queue `q` while its window has room.
+    /// Pushes the next entries of queue `q` (from its cursor on, skipping those in flight)
+    /// while its window has room and it is not paused.
+    ///
+    /// Reads the mailbox in chunks of [`PEEK_MAX`] whatever the room, so walking past the
+    /// entries in flight after the cursor (at most a window of them) costs a few reads.
     async fn push(&mut self, q: &str) {
         let now = Instant::now();
         let Some((target, window)) = self.target(q, now) else {
@@ -691,12 +861,11 @@ impl Router {
         };
         loop {
             let st = self.queues.entry(q.to_string()).or_insert_with(Queue::new);
-            let free = window.saturating_sub(st.inflight.len());
-            if !st.more || free == 0 {
+            if st.paused(now) || !st.more || st.inflight.len() >= window {
                 return;
             }
-            let (after, want, name) = (st.last_pushed, free.min(PEEK_MAX), q.to_string());
-            let entries = match self.db(move |mb| mb.peek(&name, after, want)).await {
+            let (after, name) = (st.last_pushed, q.to_string());
+            let entries = match self.db(move |mb| mb.peek(&name, after, PEEK_MAX)).await {
                 Some(Ok(e)) => e,
                 Some(Err(e)) => {
                     warn!(queue = q, error = %e, "mailbox read failed (pushed again later)");
@@ -707,7 +876,7 @@ impl Router {
             let Some(st) = self.queues.get_mut(q) else {
                 return;
             };
-            if entries.len() < want {
+            if entries.len() < PEEK_MAX {
                 st.more = false;
             }
             if entries.is_empty() {
@@ -718,22 +887,113 @@ impl Router {
                     st.last_pushed = Some(e.pos);
                     continue;
                 }
-                if !target.send(e.frame.clone()) {
+                if st.inflight.len() >= window || !target.send(e.frame.clone()) {
+                    // The rest is read again by the next push.
                     st.more = true;
                     return;
                 }
                 Counters::add(&self.counters.pushed, 1);
                 st.last_pushed = Some(e.pos);
-                st.by_key.insert(e.key, e.pos);
-                st.inflight.insert(
-                    e.pos,
-                    Flight {
-                        frame: e.frame,
-                        sent: now,
-                    },
-                );
+                st.fly(e, now);
             }
         }
+    }
+
+    /// Pushes `entries` of queue `q` now, whatever its window and pause (entries a device
+    /// needs). Entries in flight are skipped, except the first one if `force_first`.
+    fn push_now(&mut self, q: &str, entries: Vec<Entry>, force_first: bool, now: Instant) {
+        let Some((target, _)) = self.target(q, now) else {
+            return;
+        };
+        let Some(st) = self.queues.get_mut(q) else {
+            return;
+        };
+        for (i, e) in entries.into_iter().enumerate() {
+            if st.by_key.contains_key(&e.key) && !(force_first && i == 0) {
+                continue;
+            }
+            if !target.send(e.frame.clone()) {
+                return;
+            }
+            Counters::add(&self.counters.pushed, 1);
+            st.fly(e, now);
+        }
+    }
+
+    /// A device needs an entry next: pushes it (and the entries after it that the mailbox
+    /// holds) at once if it is there; otherwise remembers it as wanted and passes the `Need`
+    /// on to the entry's sender, over the carrier the `Need` came on, so that it resends.
+    fn on_need(
+        &mut self,
+        need: Need,
+        res: Result<Vec<Entry>, keav_store::Error>,
+        sources: &[Source],
+        now: Instant,
+    ) {
+        let Need {
+            queue, key, origin, ..
+        } = need;
+        let entries = match res {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(queue, error = %e, "mailbox read failed (the device asks again)");
+                return;
+            }
+        };
+        if entries.first().is_some_and(|e| e.key == key) {
+            if let Some(st) = self.queues.get_mut(&queue) {
+                st.wanted.remove(&key);
+            }
+            debug!(
+                queue,
+                seq = key.seq,
+                run = entries.len(),
+                "the device needs an entry: pushed at once"
+            );
+            self.push_now(&queue, entries, true, now);
+            return;
+        }
+        self.queues
+            .entry(queue.clone())
+            .or_insert_with(Queue::new)
+            .want(key.clone(), now);
+        if key.src == self.id || key.src == key.dst {
+            return;
+        }
+        let Some(source) = sources.get(origin) else {
+            return;
+        };
+        let frame = Frame::Need {
+            src: key.src.clone(),
+            dst: key.dst.clone(),
+            stream: key.stream,
+            seq: key.seq,
+        }
+        .encode();
+        let sent = match source.via() {
+            Via::Mqtt => self
+                .mqtt
+                .as_ref()
+                .is_some_and(|tx| tx.try_send((key.src.clone(), frame)).is_ok()),
+            Via::Nats => self
+                .nats
+                .as_ref()
+                .is_some_and(|tx| tx.try_send((key.src.clone(), frame)).is_ok()),
+            Via::Tcp => self
+                .tcp
+                .get(&key.src)
+                .is_some_and(|(_, tx)| tx.try_send(frame).is_ok()),
+        };
+        if sent {
+            Counters::add(&self.counters.needs_forwarded, 1);
+        }
+        debug!(
+            queue,
+            src = key.src,
+            seq = key.seq,
+            forwarded = sent,
+            "the device needs an entry the mailbox does not hold: asked its sender"
+        );
     }
 
     /// Pushes overdue in-flight entries again, pushes queues whose hop became reachable, and
@@ -760,9 +1020,34 @@ impl Router {
             self.push(&q).await;
         }
         let presence = self.presence;
+        for st in self.queues.values_mut() {
+            st.wanted
+                .retain(|_, at| now.saturating_duration_since(*at) < WANTED_TTL);
+        }
         self.queues
             .retain(|_, st| !st.inflight.is_empty() || st.more || st.online(now, presence));
     }
+}
+
+/// For a `Need`: the entry needed, if the mailbox holds it, followed by those of the next
+/// `run - 1` sequence numbers of the same sender and stream that it holds (empty if the
+/// entry needed is not there).
+fn look_up_run(mb: &Mailbox, need: &Need) -> Result<Vec<Entry>, keav_store::Error> {
+    let Some(first) = mb.find(&need.queue, &need.key)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = vec![first];
+    let mut key = need.key.clone();
+    for _ in 1..need.run {
+        let Some(next) = key.seq.checked_add(1) else {
+            break;
+        };
+        key.seq = next;
+        if let Some(e) = mb.find(&need.queue, &key)? {
+            out.push(e);
+        }
+    }
+    Ok(out)
 }
 
 /// For a refusal of a body that is not a durable payload: its stream byte and sequence number

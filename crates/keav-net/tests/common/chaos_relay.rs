@@ -4,7 +4,7 @@
 //! acknowledges custody with `Stored` frames), but with seeded chaos: it drops, duplicates,
 //! holds back, delays and replays frames, and sometimes acknowledges custody of a frame it
 //! then drops (a lying custody ack). It keeps no mailbox and ignores `Pull` (it pushes at
-//! once) and the devices' `Stored` answers.
+//! once), the devices' `Stored` answers and their flow control (`Refused { Later }`, `Need`).
 //!
 //! Included with `#[path]` by the tests that use it; it needs `mod common` in the test crate.
 #![allow(dead_code)]
@@ -94,6 +94,8 @@ pub struct ChaosStats {
     pub pulls: u64,
     /// `Stored` frames from devices (ignored).
     pub device_acks: u64,
+    /// `Refused { Later }` and `Need` frames from devices (ignored).
+    pub flow: u64,
     /// Anything else: undecodable, other kinds, a `Forward` whose `src` is not its sender.
     pub odd: u64,
 }
@@ -111,6 +113,7 @@ struct Counters {
     custody_acks: AtomicU64,
     pulls: AtomicU64,
     device_acks: AtomicU64,
+    flow: AtomicU64,
     odd: AtomicU64,
 }
 
@@ -266,6 +269,11 @@ impl Worker {
             }
             Frame::Pull { .. } => bump(&c.pulls),
             Frame::Stored { .. } => bump(&c.device_acks),
+            Frame::Refused {
+                reason: keav_proto::route::RefuseReason::Later,
+                ..
+            }
+            | Frame::Need { .. } => bump(&c.flow),
             _ => bump(&c.odd),
         }
     }
@@ -379,6 +387,7 @@ impl ChaosRelay {
             custody_acks: l(&c.custody_acks),
             pulls: l(&c.pulls),
             device_acks: l(&c.device_acks),
+            flow: l(&c.flow),
             odd: l(&c.odd),
         }
     }
