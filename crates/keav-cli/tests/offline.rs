@@ -142,7 +142,10 @@ fn offline_peer_gets_every_message_once_in_order_through_a_relay_killed_twice() 
         assert_eq!(kills, 2);
         // Every message got its own sequence number; map them back to bodies.
         seqs.sort_unstable();
-        assert!(seqs.iter().enumerate().all(|(s, (seq, _))| *seq == s as u64));
+        assert!(seqs
+            .iter()
+            .enumerate()
+            .all(|(s, (seq, _))| *seq == s as u64));
         eprintln!("sent {n} in {:.1} s", started.elapsed().as_secs_f64());
 
         // The phone comes back and drains its mailbox.
@@ -151,7 +154,9 @@ fn offline_peer_gets_every_message_once_in_order_through_a_relay_killed_twice() 
         for (expect_seq, k) in &seqs {
             let msg = tokio::time::timeout(Duration::from_secs(120), p.recv())
                 .await
-                .unwrap_or_else(|_| panic!("message {expect_seq} did not arrive; stats {:?}", p.stats()))
+                .unwrap_or_else(|_| {
+                    panic!("message {expect_seq} did not arrive; stats {:?}", p.stats())
+                })
                 .expect("recv");
             assert_eq!(msg.seq, *expect_seq, "in order");
             assert_eq!(msg.from, mon);
@@ -160,13 +165,21 @@ fn offline_peer_gets_every_message_once_in_order_through_a_relay_killed_twice() 
                 p.ack(&msg).await.expect("ack");
             }
         }
-        eprintln!("received {n} in {:.1} s; phone {:?}", started.elapsed().as_secs_f64(), p.stats());
+        eprintln!(
+            "received {n} in {:.1} s; phone {:?}",
+            started.elapsed().as_secs_f64(),
+            p.stats()
+        );
         // Nothing more: no duplicate is released.
         assert!(
-            tokio::time::timeout(Duration::from_secs(2), p.recv()).await.is_err(),
+            tokio::time::timeout(Duration::from_secs(2), p.recv())
+                .await
+                .is_err(),
             "a message was released twice"
         );
-        m.flush(&phone, Duration::from_secs(120)).await.expect("every message acknowledged end to end");
+        m.flush(&phone, Duration::from_secs(120))
+            .await
+            .expect("every message acknowledged end to end");
         m.shutdown().await.unwrap();
         p.shutdown().await.unwrap();
     });

@@ -58,8 +58,9 @@
 //! - **Device queues** are pushed only while the device is online: it sent `Pull { window }`
 //!   within [`RelayConfig::presence`]. They are pushed over the carrier the last `Pull` came
 //!   on (over TCP: the device's newest attached connection). A `Pull` pushes at once; a
-//!   `Pull` from a device that was offline (or that changed carrier) first pushes every
-//!   in-flight entry again.
+//!   `Pull` from a device that was offline, that changed carrier, or with entries in flight for
+//!   250 ms or more (it restarted within the presence window) first pushes every in-flight
+//!   entry again.
 //! - **Relay queues** are pushed whenever the next relay is connected (TCP) or always
 //!   (MQTT, NATS). When a TCP connection to a hop ends, its in-flight entries are pushed again
 //!   on the next connection.

@@ -90,8 +90,15 @@ impl Broker {
             }
             Kind::Nats => {
                 let mut c = Command::new("nats-server");
-                c.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-                    .arg(self.dir.join("jetstream"));
+                c.args([
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-js",
+                    "-sd",
+                ])
+                .arg(self.dir.join("jetstream"));
                 c
             }
         };
@@ -108,7 +115,11 @@ impl Broker {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("the private {:?} broker never listened on {}", self.kind, self.addr());
+        panic!(
+            "the private {:?} broker never listened on {}",
+            self.kind,
+            self.addr()
+        );
     }
 
     fn kill(&mut self) {
@@ -214,7 +225,10 @@ async fn outage(kind: Kind) {
         }
     }
     assert_eq!(kills, 2);
-    assert!(sent.keys().copied().eq(0..n), "sequence numbers 0..n, once each");
+    assert!(
+        sent.keys().copied().eq(0..n),
+        "sequence numbers 0..n, once each"
+    );
     eprintln!(
         "{kind:?}: {n} sent in {:.1} s, broker killed twice; sender {:?}",
         started.elapsed().as_secs_f64(),
@@ -242,7 +256,9 @@ async fn outage(kind: Kind) {
         b.stats()
     );
     assert!(
-        tokio::time::timeout(Duration::from_secs(2), b.recv()).await.is_err(),
+        tokio::time::timeout(Duration::from_secs(2), b.recv())
+            .await
+            .is_err(),
         "a message was released twice"
     );
     a.flush(&idb, Duration::from_secs(180))

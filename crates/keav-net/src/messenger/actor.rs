@@ -539,6 +539,9 @@ impl Actor {
             }
             Ok(Received::Deferred { .. }) => {
                 bump(&c.deferred, 1);
+                // Tell the sender where this inbox stands: an ack that does not move is its
+                // cue to resend from the gap at once (keav_proto::durable, fast retransmit).
+                batch.ack_to.insert(src.to_string());
                 Outcome::Deferred
             }
             Ok(Received::Ack { upto, .. }) => {

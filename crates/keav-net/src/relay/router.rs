@@ -135,6 +135,10 @@ struct Flight {
     sent: Instant,
 }
 
+/// On a `Pull`, in-flight entries pushed at least this long ago count as lost (the device
+/// restarted) and are pushed again at once.
+const STALE_ON_PULL: Duration = Duration::from_millis(250);
+
 /// A device's last Pull.
 struct Pull {
     at: Instant,
@@ -734,7 +738,13 @@ impl Router {
             let st = self.queues.entry(queue.clone()).or_insert_with(Queue::new);
             let was_online =
                 st.online(now, presence) && st.pull.as_ref().is_some_and(|p| p.via == via);
-            if !was_online {
+            // A device that restarted within the presence window lost what was in flight to
+            // it: entries unacknowledged for a while are pushed again now, not after `resend`.
+            let stale = st
+                .inflight
+                .values()
+                .any(|f| now.saturating_duration_since(f.sent) >= STALE_ON_PULL);
+            if !was_online || stale {
                 st.rewind();
             }
             st.pull = Some(Pull {
