@@ -28,17 +28,21 @@ pub enum Scenario {
     Memory,
     /// Bytes on the wire per handshake, per mode, beside TLS and Noise.
     Wire,
+    /// Messages per second end to end through an MQTT broker and a NATS server beside plain
+    /// clients on the same broker, and the mailbox drain rate after an offline period.
+    Broker,
 }
 
 impl Scenario {
     /// All scenarios in the order a run executes them.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Wire,
         Scenario::Cpu,
         Scenario::Records,
         Scenario::Throughput,
         Scenario::Memory,
         Scenario::Latency,
+        Scenario::Broker,
     ];
 
     /// The name used on the command line and in the report.
@@ -50,6 +54,7 @@ impl Scenario {
             Scenario::Throughput => "throughput",
             Scenario::Memory => "memory",
             Scenario::Wire => "wire",
+            Scenario::Broker => "broker",
         }
     }
 }
@@ -228,6 +233,15 @@ pub struct Options {
     pub verify_every: u32,
     /// Idle sessions held by the memory scenario.
     pub memory_sessions: u32,
+    /// Messages per measurement of the broker scenario (each size, each broker, and the
+    /// mailbox drain).
+    pub broker_messages: u32,
+    /// MQTT broker `host:port` of the broker scenario; `None`: an embedded broker (rumqttd)
+    /// on a free loopback port.
+    pub mqtt: Option<String>,
+    /// NATS server `host:port` of the broker scenario; `None`: NATS is skipped (noted in the
+    /// report).
+    pub nats: Option<String>,
     /// Fewer iterations in the CPU, record and throughput scenarios (a smoke run).
     pub quick: bool,
     /// Where the report goes.
@@ -243,6 +257,9 @@ impl Default for Options {
             links: vec![LinkModel::INTERNET, LinkModel::LOCAL],
             verify_every: 10,
             memory_sessions: 100_000,
+            broker_messages: DEFAULT_BROKER_MESSAGES,
+            mqtt: None,
+            nats: None,
             quick: false,
             out_dir: PathBuf::from("bench-report"),
         }
@@ -255,6 +272,42 @@ pub const MAX_REPS: u32 = 1000;
 pub const MAX_SESSIONS: u32 = 1000;
 /// See [`MAX_REPS`].
 pub const MAX_MEMORY_SESSIONS: u32 = 2_000_000;
+/// See [`MAX_REPS`].
+pub const MAX_BROKER_MESSAGES: u32 = 1_000_000;
+/// Messages per broker measurement by default.
+pub const DEFAULT_BROKER_MESSAGES: u32 = 20_000;
+/// Messages per broker measurement with `--quick`.
+pub const QUICK_BROKER_MESSAGES: u32 = 2_000;
+
+/// Checks a broker address: `HOST:PORT` with an optional `scheme://` prefix (`mqtt://`,
+/// `nats://`); returns `HOST:PORT`. IPv6 hosts in brackets: `[::1]:1883`.
+pub fn parse_broker_addr(s: &str, scheme: &str) -> Result<String, BenchError> {
+    let t = s.trim();
+    let bad = || {
+        BenchError::InvalidOption(format!(
+            "bad broker address {s:?}: expected HOST:PORT or {scheme}://HOST:PORT"
+        ))
+    };
+    let rest = t.strip_prefix(&format!("{scheme}://")).unwrap_or(t);
+    if rest.contains("://") || rest.len() > 255 {
+        return Err(bad());
+    }
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 && host_ok => Ok(rest.to_string()),
+        _ => Err(bad()),
+    }
+}
 
 impl Options {
     /// Whether `s` is selected.
@@ -284,6 +337,21 @@ impl Options {
             return bad(format!(
                 "--memory-sessions must be between 1 and {MAX_MEMORY_SESSIONS}"
             ));
+        }
+        if !(1..=MAX_BROKER_MESSAGES).contains(&self.broker_messages) {
+            return bad(format!(
+                "--broker-messages must be between 1 and {MAX_BROKER_MESSAGES}"
+            ));
+        }
+        for (flag, scheme, v) in [
+            ("--mqtt", "mqtt", &self.mqtt),
+            ("--nats", "nats", &self.nats),
+        ] {
+            if let Some(a) = v {
+                if let Err(e) = parse_broker_addr(a, scheme) {
+                    return bad(format!("{flag}: {e}"));
+                }
+            }
         }
         if self.out_dir.exists() && !self.out_dir.is_dir() {
             return bad(format!(
@@ -335,6 +403,38 @@ mod tests {
     }
 
     #[test]
+    fn broker_addresses() {
+        assert_eq!(
+            parse_broker_addr("127.0.0.1:1883", "mqtt").unwrap(),
+            "127.0.0.1:1883"
+        );
+        assert_eq!(
+            parse_broker_addr(" nats://localhost:4222 ", "nats").unwrap(),
+            "localhost:4222"
+        );
+        assert_eq!(
+            parse_broker_addr("[::1]:1883", "mqtt").unwrap(),
+            "[::1]:1883"
+        );
+        for bad in [
+            "",
+            "localhost",
+            ":1883",
+            "host:0",
+            "host:65536",
+            "host:port",
+            "nats://h:4222",
+            "mqtt://mqtt://h:1",
+            "[::1:1883",
+            "[zz]:1883",
+            "a b:1883",
+            "h/x:1883",
+        ] {
+            assert!(parse_broker_addr(bad, "mqtt").is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn validate_rejects_impossible_values() {
         let ok = Options::default();
         ok.validate().unwrap();
@@ -347,6 +447,20 @@ mod tests {
         let mut o = ok.clone();
         o.verify_every = 0;
         assert!(o.validate().is_err());
+        let mut o = ok.clone();
+        o.broker_messages = 0;
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--broker-messages"));
+        let mut o = ok.clone();
+        o.nats = Some("localhost".into());
+        assert!(o.validate().unwrap_err().to_string().contains("--nats"));
+        let mut o = ok.clone();
+        o.mqtt = Some("127.0.0.1:1883".into());
+        o.nats = Some("nats://127.0.0.1:4222".into());
+        o.validate().unwrap();
         let f = tempfile::NamedTempFile::new().unwrap();
         let mut o = ok;
         o.out_dir = f.path().to_path_buf();

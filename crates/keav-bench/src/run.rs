@@ -81,14 +81,18 @@ pub fn run(
             progress,
             cancel,
         };
-        let r = match s {
+        // A scenario that panics (a bug, or a dependency's unimplemented stub) fails like one
+        // that returns an error: the rows it pushed so far and the other scenarios are kept.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match s {
             Scenario::Latency => scenario::latency::run(&mut ctx),
             Scenario::Cpu => scenario::cpu::run(&mut ctx),
             Scenario::Records => scenario::datapath::run_records(&mut ctx),
             Scenario::Throughput => scenario::datapath::run_throughput(&mut ctx),
             Scenario::Memory => scenario::memory::run(&mut ctx),
             Scenario::Wire => scenario::wire::run(&mut ctx),
-        };
+            Scenario::Broker => scenario::broker::run(&mut ctx),
+        }))
+        .unwrap_or_else(|p| Err(BenchError::Report(panic_message(p.as_ref()))));
         match r {
             Ok(()) => {}
             Err(BenchError::Cancelled) => {
@@ -111,6 +115,16 @@ pub fn run(
     }
     report.meta.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// What a caught panic said, for the report.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("panicked: {what}")
 }
 
 fn meta(command: &str) -> Meta {
@@ -163,6 +177,14 @@ pub fn rfc3339_utc(t: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn panics_become_messages() {
+        let p = std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err();
+        assert_eq!(panic_message(p.as_ref()), "panicked: boom 7");
+        let p = std::panic::catch_unwind(|| panic!("static")).unwrap_err();
+        assert_eq!(panic_message(p.as_ref()), "panicked: static");
+    }
 
     #[test]
     fn rfc3339() {

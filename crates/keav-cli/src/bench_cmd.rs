@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use keav_bench::options::{parse_links, parse_scenarios, Options, Scenario};
+use keav_bench::options::{
+    parse_broker_addr, parse_links, parse_scenarios, Options, Scenario, QUICK_BROKER_MESSAGES,
+};
 use keav_bench::{BenchError, Progress};
 
 /// Exit status after an interrupted (but written) run, as a shell reports SIGINT.
@@ -26,7 +28,8 @@ const EXIT_USAGE: u8 = 2;
 /// selected scenarios can be rejected.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Scenarios, comma-separated: latency, cpu, records, throughput, memory, wire (default: all).
+    /// Scenarios, comma-separated: latency, cpu, records, throughput, memory, wire, broker
+    /// (default: all).
     #[arg(long, value_name = "LIST")]
     scenarios: Option<String>,
     /// Repetitions of each latency series (default 10; 3 with --quick). Latency only.
@@ -45,6 +48,16 @@ pub struct BenchArgs {
     /// Idle sessions held by the memory scenario (default 100000). Memory only.
     #[arg(long, value_name = "N")]
     memory_sessions: Option<u32>,
+    /// Messages per broker measurement (default 20000; 2000 with --quick). Broker only.
+    #[arg(long, value_name = "N")]
+    broker_messages: Option<u32>,
+    /// MQTT broker HOST:PORT (default: an embedded broker on a free loopback port). Broker
+    /// only.
+    #[arg(long, value_name = "HOST:PORT")]
+    mqtt: Option<String>,
+    /// NATS server HOST:PORT (default: NATS is not measured). Broker only.
+    #[arg(long, value_name = "HOST:PORT")]
+    nats: Option<String>,
     /// A smoke run: few iterations, finishes quickly; numbers are rough.
     #[arg(long)]
     quick: bool,
@@ -94,12 +107,39 @@ fn options(a: &BenchArgs) -> Result<Options, String> {
             selected()
         ));
     }
+    if !o.has(Scenario::Broker) {
+        let given: Vec<&str> = [
+            ("--broker-messages", a.broker_messages.is_some()),
+            ("--mqtt", a.mqtt.is_some()),
+            ("--nats", a.nats.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, g)| g.then_some(f))
+        .collect();
+        if !given.is_empty() {
+            return Err(format!(
+                "{} only {} to the broker scenario, which is not selected (--scenarios {}); \
+                 add broker to --scenarios or drop the {}",
+                given.join(", "),
+                if given.len() == 1 { "applies" } else { "apply" },
+                selected(),
+                if given.len() == 1 { "flag" } else { "flags" }
+            ));
+        }
+    }
+    if let Some(m) = &a.mqtt {
+        o.mqtt = Some(parse_broker_addr(m, "mqtt").map_err(|e| format!("--mqtt: {e}"))?);
+    }
+    if let Some(n) = &a.nats {
+        o.nats = Some(parse_broker_addr(n, "nats").map_err(|e| format!("--nats: {e}"))?);
+    }
     if let Some(l) = &a.link {
         o.links = parse_links(l).map_err(|e| format!("--link: {e}"))?;
     }
     o.quick = a.quick;
     if a.quick {
         o.reps = 3;
+        o.broker_messages = QUICK_BROKER_MESSAGES;
     }
     if let Some(n) = a.reps {
         o.reps = n;
@@ -112,6 +152,9 @@ fn options(a: &BenchArgs) -> Result<Options, String> {
     }
     if let Some(n) = a.memory_sessions {
         o.memory_sessions = n;
+    }
+    if let Some(n) = a.broker_messages {
+        o.broker_messages = n;
     }
     if let Some(d) = &a.out {
         o.out_dir = d.clone();
@@ -352,5 +395,53 @@ mod tests {
         assert!(e.contains("--reps"), "{e}");
         let e = opts(&["--link", "70"]).unwrap_err();
         assert!(e.contains("--link"), "{e}");
+    }
+
+    #[test]
+    fn broker_flags() {
+        let o = opts(&[]).unwrap();
+        assert!(o.has(Scenario::Broker));
+        assert_eq!(
+            (o.broker_messages, o.mqtt.clone(), o.nats.clone()),
+            (20_000, None, None)
+        );
+        let o = opts(&["--scenarios", "broker", "--quick"]).unwrap();
+        assert_eq!(o.broker_messages, 2_000);
+        let o = opts(&[
+            "--scenarios",
+            "broker",
+            "--quick",
+            "--broker-messages",
+            "500",
+            "--mqtt",
+            "mqtt://127.0.0.1:1883",
+            "--nats",
+            "127.0.0.1:4222",
+        ])
+        .unwrap();
+        assert_eq!(o.broker_messages, 500);
+        assert_eq!(o.mqtt.as_deref(), Some("127.0.0.1:1883"));
+        assert_eq!(o.nats.as_deref(), Some("127.0.0.1:4222"));
+        let e = opts(&["--scenarios", "cpu", "--nats", "127.0.0.1:4222"]).unwrap_err();
+        assert!(e.contains("--nats") && e.contains("broker scenario"), "{e}");
+        let e = opts(&[
+            "--scenarios",
+            "wire",
+            "--broker-messages",
+            "5",
+            "--mqtt",
+            "h:1",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--broker-messages, --mqtt") && e.contains("apply"),
+            "{e}"
+        );
+        let e = opts(&["--scenarios", "broker", "--broker-messages", "0"]).unwrap_err();
+        assert!(e.contains("--broker-messages"), "{e}");
+        let e = opts(&["--scenarios", "broker", "--nats", "localhost"]).unwrap_err();
+        assert!(e.contains("--nats") && e.contains("HOST:PORT"), "{e}");
+        let e = opts(&["--scenarios", "broker", "--mqtt", "nats://h:4222"]).unwrap_err();
+        assert!(e.contains("--mqtt"), "{e}");
     }
 }

@@ -47,6 +47,73 @@ fn latency_flags_without_latency_are_rejected() {
 }
 
 #[test]
+fn broker_flags_without_broker_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let o = bench(&out, &["--scenarios", "cpu", "--nats", "127.0.0.1:4222"]);
+    assert_usage_error(&o, &out, "--nats");
+    assert!(o.stderr.contains("broker"), "{}", o.stderr);
+    let o = bench(&out, &["--scenarios", "wire", "--broker-messages", "10"]);
+    assert_usage_error(&o, &out, "--broker-messages");
+    let o = bench(&out, &["--scenarios", "broker", "--mqtt", "localhost"]);
+    assert_usage_error(&o, &out, "--mqtt");
+    let o = bench(&out, &["--scenarios", "broker", "--broker-messages", "0"]);
+    assert_usage_error(&o, &out, "--broker-messages");
+}
+
+/// Depends on the messenger and the relay (stubs until merged, when this run is marked
+/// failed). MQTT: the embedded broker; NATS: the local server at 127.0.0.1:4222.
+#[test]
+fn broker_run_measures_both_brokers_and_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let o = bench(
+        &out,
+        &[
+            "--scenarios",
+            "broker",
+            "--broker-messages",
+            "300",
+            "--nats",
+            "127.0.0.1:4222",
+        ],
+    );
+    assert!(o.status.success(), "stderr: {}", o.stderr);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Messages through brokers"), "{md}");
+    assert!(
+        md.contains("### Mailbox drain after an offline period"),
+        "{md}"
+    );
+    assert!(!md.contains("PARTIAL"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let rows = json["broker"].as_array().expect("broker rows");
+    // Two sizes on each broker.
+    assert_eq!(rows.len(), 4, "{json}");
+    for r in rows {
+        assert_eq!(r["messages"], 300, "{r}");
+        assert!(r["keav_msgs_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["plain_msgs_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(rows
+        .iter()
+        .any(|r| r["broker"] == "MQTT (embedded rumqttd)"));
+    assert!(rows.iter().any(|r| r["broker"] == "NATS 127.0.0.1:4222"));
+    let drain = json["drain"].as_array().expect("drain rows");
+    assert_eq!(drain.len(), 2, "{json}");
+    for d in drain {
+        assert_eq!(d["held"], 300, "{d}");
+        assert!(d["drain_msgs_per_s"].as_f64().unwrap() > 0.0, "{d}");
+    }
+    assert!(
+        o.stdout.contains("end-to-end encrypted messages/s"),
+        "{}",
+        o.stdout
+    );
+}
+
+#[test]
 fn impossible_values_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report");

@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use super::stats::{mean, std_dev};
-use super::{CpuRow, LatencySample, RecordRow, Report, Subject};
-use crate::options::LinkModel;
+use super::{BrokerRow, CpuRow, DrainRow, LatencySample, RecordRow, Report, Subject};
+use crate::options::{LinkModel, Scenario};
 
 // ---------------------------------------------------------------------------------------
 // Latency aggregation (shared with the plots)
@@ -310,16 +310,16 @@ impl Verdict {
 #[derive(Clone, Debug)]
 pub(crate) struct Goal {
     /// The goal in words.
-    pub goal: &'static str,
+    pub goal: String,
     /// What was measured.
     pub measured: String,
     /// Met or not.
     pub verdict: Verdict,
 }
 
-fn not_measured(goal: &'static str, why: &str) -> Goal {
+fn not_measured(goal: &str, why: &str) -> Goal {
     Goal {
-        goal,
+        goal: goal.into(),
         measured: why.into(),
         verdict: Verdict::NotMeasured,
     }
@@ -350,7 +350,7 @@ pub(crate) fn goals(r: &Report) -> Vec<Goal> {
         ) {
             (Some(k), Some(t)) => match ratio(cpu_total(k), cpu_total(t)) {
                 Some(x) => Goal {
-                    goal: G1,
+                    goal: G1.into(),
                     // Three decimals: a ratio that rounds to 1.00 can still miss.
                     measured: format!(
                         "{x:.3}× ({} µs vs {} µs, both sides)",
@@ -374,7 +374,7 @@ pub(crate) fn goals(r: &Report) -> Vec<Goal> {
         ) {
             (Some(k), Some(t)) => match ratio(cpu_total(k), cpu_total(t)) {
                 Some(x) => Goal {
-                    goal: G2,
+                    goal: G2.into(),
                     measured: format!(
                         "{x:.2}× ({} µs vs {} µs, both sides)",
                         num(cpu_total(k)),
@@ -414,7 +414,7 @@ pub(crate) fn goals(r: &Report) -> Vec<Goal> {
                     .fold(f64::NEG_INFINITY, f64::max);
                 let t = mean(&tls);
                 Goal {
-                    goal: G3,
+                    goal: G3.into(),
                     measured: format!(
                         "keav at most {worst:.1} RTT (sessions {}–{}), TLS resumed {t:.1} RTT",
                         keav.first().map_or(0, |s| s.session),
@@ -449,7 +449,7 @@ pub(crate) fn goals(r: &Report) -> Vec<Goal> {
             match worst {
                 None => not_measured(G4, "no verified sessions with a without-verification twin"),
                 Some((d, subj, n)) => Goal {
-                    goal: G4,
+                    goal: G4.into(),
                     measured: format!("at most +{d:.1} RTT ({}, session {n})", subj.name()),
                     verdict: Verdict::from_bool(d <= 1.0 + 1e-9),
                 },
@@ -481,7 +481,7 @@ pub(crate) fn goals(r: &Report) -> Vec<Goal> {
             ));
         }
         Goal {
-            goal: G5,
+            goal: G5.into(),
             measured: parts.join("; "),
             verdict: Verdict::from_bool(ok),
         }
@@ -502,7 +502,7 @@ pub(crate) fn goals(r: &Report) -> Vec<Goal> {
     out.push(match keav_mem {
         None => not_measured(G6, "no keav memory row"),
         Some(m) => Goal {
-            goal: G6,
+            goal: G6.into(),
             measured: format!(
                 "{:.0} B per session ({}, {} sessions)",
                 m.bytes_per_session, m.subject, m.sessions
@@ -510,6 +510,97 @@ pub(crate) fn goals(r: &Report) -> Vec<Goal> {
             verdict: Verdict::from_bool(m.bytes_per_session <= 1024.0),
         },
     });
+
+    // 7. Per broker: keav end-to-end messages/s ≥ 0.9× plain clients on the same broker, at
+    //    every measured size.
+    out.extend(broker_goals(r));
+    out
+}
+
+/// keav end to end / plaintext messages per second the broker goal asks for, at least.
+pub(crate) const BROKER_GOAL_RATIO: f64 = 0.9;
+
+/// Brokers of the broker rows, in first-seen order.
+pub(crate) fn brokers(r: &Report) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for b in r.broker.iter().map(|x| x.broker.as_str()) {
+        if !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// `64 B`, `1 KiB`.
+pub(crate) fn size_label(size: usize) -> String {
+    if size >= 1024 && size % 1024 == 0 {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+/// A rate as a whole number.
+fn count(x: f64) -> String {
+    format!("{:.0}", x.max(0.0))
+}
+
+fn broker_goal_text(broker: &str) -> String {
+    format!("{broker}: end-to-end encrypted messages/s ≥ {BROKER_GOAL_RATIO}× plaintext")
+}
+
+/// One goal per measured broker; NATS not measured when the run had no `--nats`.
+fn broker_goals(r: &Report) -> Vec<Goal> {
+    let mut out = Vec::new();
+    for b in brokers(r) {
+        let rows: Vec<&BrokerRow> = r.broker.iter().filter(|x| x.broker == b).collect();
+        let mut parts = Vec::new();
+        let mut verdict = Verdict::Met;
+        for x in &rows {
+            match x.ratio {
+                Some(q) => {
+                    if q < BROKER_GOAL_RATIO {
+                        verdict = Verdict::Missed;
+                    }
+                    parts.push(format!(
+                        "{}: {q:.2}× ({} vs {} msg/s{})",
+                        size_label(x.size),
+                        count(x.keav_msgs_per_s),
+                        count(x.plain_msgs_per_s),
+                        if x.plain_lost > 0 {
+                            format!(", plaintext lost {}", x.plain_lost)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+                None => {
+                    if verdict == Verdict::Met {
+                        verdict = Verdict::NotMeasured;
+                    }
+                    parts.push(format!("{}: no plaintext rate", size_label(x.size)));
+                }
+            }
+        }
+        out.push(Goal {
+            goal: broker_goal_text(b),
+            measured: parts.join("; "),
+            verdict,
+        });
+    }
+    let broker_run = r.options.as_ref().filter(|o| o.has(Scenario::Broker));
+    if broker_run.is_some_and(|o| o.nats.is_none()) {
+        out.push(not_measured(
+            &broker_goal_text("NATS"),
+            "no --nats HOST:PORT given",
+        ));
+    }
+    if out.is_empty() {
+        out.push(not_measured(
+            &broker_goal_text("brokers"),
+            "no broker measurements",
+        ));
+    }
     out
 }
 
@@ -566,6 +657,15 @@ fn section_meta(out: &mut String, r: &Report) {
             o.memory_sessions,
             if o.quick { ", quick" } else { "" }
         );
+        if o.has(Scenario::Broker) {
+            let _ = writeln!(
+                out,
+                "| Brokers | {} messages per measurement; MQTT {}; NATS {} |",
+                o.broker_messages,
+                o.mqtt.as_deref().unwrap_or("embedded rumqttd"),
+                o.nats.as_deref().unwrap_or("not measured")
+            );
+        }
     }
     out.push('\n');
 }
@@ -915,6 +1015,123 @@ fn section_wire(out: &mut String, r: &Report, plots: &[PathBuf]) {
     embed(out, plots, "wire", "bytes on the wire");
 }
 
+fn section_broker(out: &mut String, r: &Report, plots: &[PathBuf]) {
+    let _ = writeln!(
+        out,
+        "## Messages through brokers (end to end vs plaintext)\n"
+    );
+    let _ = writeln!(
+        out,
+        "keav: two devices paired over the broker (durable channel, direct delivery, stores on \
+         disk); the sender `send`s every message (up to {} in flight, each returning once \
+         committed), the receiver `recv`s them in order and `ack`s every {}; timed from the \
+         first `send` to the last `recv`. Plaintext: plain clients of the same broker \
+         (MQTT: rumqttc, QoS 1; NATS: async-nats core publish) publish the same number of \
+         messages of the same size to a subscriber; timed from the first publish to the last \
+         message received. One run each, in the same process and run. Goal: keav ≥ {}× \
+         plaintext. \"keav paced\" (not the goal's number) is the same with flow control by \
+         the application: bursts of {} messages, each acknowledged end to end (`flush`) \
+         before the next.\n",
+        crate::scenario::broker::SEND_WINDOW,
+        crate::scenario::broker::ACK_EVERY,
+        BROKER_GOAL_RATIO,
+        crate::scenario::broker::PACE_BURST
+    );
+    if !r.broker.is_empty() {
+        let _ = writeln!(
+            out,
+            "| Broker | Size | Messages | keav e2e (msg/s) | Plaintext (msg/s) | keav / plaintext \
+             | keav paced (msg/s) | paced / plaintext |\n|---|---|---|---|---|---|---|---|"
+        );
+        for x in &r.broker {
+            let paced = x.keav_paced_msgs_per_s;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                x.broker,
+                size_label(x.size),
+                x.messages,
+                count(x.keav_msgs_per_s),
+                count(x.plain_msgs_per_s),
+                fmt_ratio(x.ratio),
+                paced.map_or_else(|| "—".into(), count),
+                fmt_ratio(paced.and_then(|p| ratio(p, x.plain_msgs_per_s)))
+            );
+        }
+        out.push('\n');
+        let _ = writeln!(
+            out,
+            "<details><summary>Where keav's time goes</summary>\n\n\
+             Process CPU: the whole bench process during the keav measurement (both devices; \
+             the embedded broker too when it runs). Resent: payloads the sender transmitted \
+             again (no end-to-end ack in time; the first resend waits 2 s, doubling). \
+             Deferred: payloads the receiver could not take yet (reorder window or receive \
+             queue full). Dropped: payloads the devices' links dropped (queue full). A broker \
+             may drop too (Mosquitto: `max_queued_messages`, default 1000 per client).\n\n\
+             | Broker | Size | keav time (s) | Process CPU (s) | Resent | Deferred | Dropped | \
+             Plaintext time (s) | Plaintext lost |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        for x in &r.broker {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                x.broker,
+                size_label(x.size),
+                num(x.keav_secs),
+                x.keav_cpu_secs.map_or_else(|| "—".into(), num),
+                x.keav_resent,
+                x.keav_deferred,
+                x.keav_link_dropped,
+                num(x.plain_secs),
+                x.plain_lost
+            );
+        }
+        let _ = writeln!(out, "\n</details>\n");
+    }
+    for g in broker_goals(r) {
+        let _ = writeln!(
+            out,
+            "- {}: **{}** — {}",
+            g.goal,
+            g.verdict.text(),
+            g.measured
+        );
+    }
+    out.push('\n');
+    if !r.drain.is_empty() {
+        let _ = writeln!(out, "### Mailbox drain after an offline period\n");
+        let _ = writeln!(
+            out,
+            "A relay on the same broker (default settings) holds the messages sent while the \
+             receiver was offline, for longer than the relay's presence window; timed from the \
+             receiver's messenger start (broker connection already up) to its last `recv`.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| Broker | Messages held | Size | Offline (s) | Drain (msg/s) | Drain time (s) | First message after (ms) |\n\
+             |---|---|---|---|---|---|---|"
+        );
+        for d in &r.drain {
+            let _ = writeln!(out, "{}", drain_line(d));
+        }
+        out.push('\n');
+    }
+    embed(out, plots, "broker", "messages per second through brokers");
+}
+
+fn drain_line(d: &DrainRow) -> String {
+    format!(
+        "| {} | {} | {} | {:.0} | {} | {} | {} |",
+        d.broker,
+        d.held,
+        size_label(d.size),
+        d.offline_secs,
+        count(d.drain_msgs_per_s),
+        num(d.drain_secs),
+        num(d.first_ms)
+    )
+}
+
 const HOW_TO_READ: &str = "## How to read these numbers\n\n\
 - CPU, record and throughput figures are **medians** over batches; the range next to each is \
   the fastest and slowest batch, so a wide range means a noisy machine, not a precise number.\n\
@@ -925,7 +1142,10 @@ const HOW_TO_READ: &str = "## How to read these numbers\n\n\
   numbers, across machines.\n\
 - The benchmark machine may be shared and small (2 cores): both ends of each handshake, the \
   link proxy and the peers compete for the same CPUs, so absolute timings carry noise of \
-  several percent. Goals are reported, never asserted.\n";
+  several percent. Goals are reported, never asserted.\n\
+- Broker rates are single runs of every message through a real broker on the same machine \
+  (broker, both clients and, for keav, their stores share the CPUs and the disk); rerun before \
+  reading much into a few percent.\n";
 
 /// Renders the whole report.
 pub fn render(r: &Report, plots: &[PathBuf], plot_errors: &[String]) -> String {
@@ -957,6 +1177,9 @@ pub fn render(r: &Report, plots: &[PathBuf], plot_errors: &[String]) -> String {
     }
     if !r.wire.is_empty() {
         section_wire(&mut out, r, plots);
+    }
+    if !r.broker.is_empty() || !r.drain.is_empty() {
+        section_broker(&mut out, r, plots);
     }
     if !plot_errors.is_empty() {
         let _ = writeln!(out, "## Plots not drawn\n");
@@ -1043,6 +1266,24 @@ pub fn summary(r: &Report) -> String {
             m.subject, m.bytes_per_session
         ));
     }
+    for x in &r.broker {
+        head.push(format!(
+            "broker {} {}: keav {} msg/s, plaintext {} msg/s ({})",
+            x.broker,
+            size_label(x.size),
+            count(x.keav_msgs_per_s),
+            count(x.plain_msgs_per_s),
+            fmt_ratio(x.ratio)
+        ));
+    }
+    for d in &r.drain {
+        head.push(format!(
+            "drain {}: {} messages held, {} msg/s",
+            d.broker,
+            d.held,
+            count(d.drain_msgs_per_s)
+        ));
+    }
     if !head.is_empty() {
         out.push('\n');
         for h in head {
@@ -1056,6 +1297,31 @@ pub fn summary(r: &Report) -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::report::{MemoryRow, WireRow};
+
+    pub(crate) fn broker_row(broker: &str, size: usize, keav: f64, plain: f64) -> BrokerRow {
+        BrokerRow {
+            broker: broker.into(),
+            carrier: if broker.starts_with("NATS") {
+                "nats"
+            } else {
+                "mqtt"
+            }
+            .into(),
+            size,
+            messages: 2000,
+            keav_msgs_per_s: keav,
+            keav_secs: 2000.0 / keav,
+            keav_resent: 0,
+            keav_deferred: 0,
+            keav_link_dropped: 0,
+            keav_cpu_secs: Some(0.25),
+            keav_paced_msgs_per_s: Some(keav * 1.5),
+            plain_msgs_per_s: plain,
+            plain_secs: 2000.0 / plain,
+            plain_lost: 0,
+            ratio: Some(keav / plain),
+        }
+    }
 
     #[allow(clippy::too_many_arguments)]
     fn sample(
@@ -1191,6 +1457,22 @@ pub(crate) mod tests {
             responder_bytes: 380,
             flights: 6,
         }];
+        r.broker = vec![
+            broker_row("MQTT 127.0.0.1:1883", 64, 9500.0, 10000.0),
+            broker_row("MQTT 127.0.0.1:1883", 1024, 9000.0, 9500.0),
+            broker_row("NATS 127.0.0.1:4222", 64, 40000.0, 42000.0),
+            broker_row("NATS 127.0.0.1:4222", 1024, 30000.0, 31000.0),
+        ];
+        r.drain = vec![DrainRow {
+            broker: "MQTT 127.0.0.1:1883".into(),
+            carrier: "mqtt".into(),
+            size: 64,
+            held: 2000,
+            offline_secs: 16.2,
+            drain_msgs_per_s: 5000.0,
+            drain_secs: 0.4,
+            first_ms: 12.5,
+        }];
         r
     }
 
@@ -1288,7 +1570,17 @@ pub(crate) mod tests {
     fn goals_met_and_missed() {
         let r = synthetic();
         let g = goals(&r);
-        assert_eq!(g.len(), 6);
+        assert_eq!(g.len(), 8);
+        assert!(g[6].goal.starts_with("MQTT 127.0.0.1:1883: "), "{:?}", g[6]);
+        assert!(g[7].goal.starts_with("NATS 127.0.0.1:4222: "), "{:?}", g[7]);
+        assert!(
+            g[6].measured.contains("64 B: 0.95× (9500 vs 10000 msg/s)")
+                && g[6].measured.contains("1 KiB: 0.95×"),
+            "{}",
+            g[6].measured
+        );
+        assert_eq!(g[6].verdict, Verdict::Met, "{:?}", g[6]);
+        assert_eq!(g[7].verdict, Verdict::Met, "{:?}", g[7]);
         // dh+cpace 610 vs 800 → met; preshared 10 vs 300 = 0.033 → met.
         assert_eq!(g[0].verdict, Verdict::Met, "{:?}", g[0]);
         assert!(g[0].measured.starts_with("0.762×"), "{}", g[0].measured);
@@ -1312,6 +1604,9 @@ pub(crate) mod tests {
         }
         bad.records[0].ns_median = 130.0;
         bad.memory[0].bytes_per_session = 2048.0;
+        // One size below 0.9× misses the broker's goal; 0.9× exactly meets it.
+        bad.broker[1] = broker_row("MQTT 127.0.0.1:1883", 1024, 8000.0, 9500.0);
+        bad.broker[2] = broker_row("NATS 127.0.0.1:4222", 64, 100.0, 42000.0);
         let g = goals(&bad);
         for x in &g {
             assert_eq!(x.verdict, Verdict::Missed, "{x:?}");
@@ -1351,5 +1646,91 @@ pub(crate) mod tests {
         let s = summary(&r);
         assert!(s.starts_with("PARTIAL: interrupted"), "{s}");
         assert!(s.contains("met"), "{s}");
+    }
+
+    #[test]
+    fn broker_section_goals_and_summary() {
+        // Only broker rows, from a run that was not given --nats.
+        let mut r = Report {
+            broker: vec![
+                broker_row("MQTT (embedded rumqttd)", 64, 9000.0, 10000.0),
+                broker_row("MQTT (embedded rumqttd)", 1024, 8000.0, 10000.0),
+            ],
+            drain: synthetic().drain,
+            ..Report::default()
+        };
+        r.drain[0].broker = "MQTT (embedded rumqttd)".into();
+        r.options = Some(crate::options::Options {
+            scenarios: [Scenario::Broker].into_iter().collect(),
+            ..crate::options::Options::default()
+        });
+        let g = broker_goals(&r);
+        assert_eq!(g.len(), 2, "{g:?}");
+        assert_eq!(g[0].verdict, Verdict::Missed, "{:?}", g[0]);
+        assert!(g[0].measured.contains("64 B: 0.90×"), "{}", g[0].measured);
+        assert!(g[0].measured.contains("1 KiB: 0.80×"), "{}", g[0].measured);
+        assert_eq!(g[1].verdict, Verdict::NotMeasured);
+        assert!(g[1].goal.starts_with("NATS"), "{:?}", g[1]);
+        assert!(g[1].measured.contains("--nats"), "{:?}", g[1]);
+
+        let plot = PathBuf::from("/x/broker.png");
+        let md = render(&r, std::slice::from_ref(&plot), &[]);
+        for h in [
+            "## Messages through brokers (end to end vs plaintext)",
+            "| MQTT (embedded rumqttd) | 64 B | 2000 | 9000 | 10000 | 0.90× | 13500 | 1.35× |",
+            "| MQTT (embedded rumqttd) | 1 KiB | 2000 | 8000 | 10000 | 0.80× | 12000 | 1.20× |",
+            "| MQTT (embedded rumqttd) | 1 KiB | 0.250 | 0.250 | 0 | 0 | 0 | 0.200 | 0 |",
+            "- MQTT (embedded rumqttd): end-to-end encrypted messages/s ≥ 0.9× plaintext: **missed**",
+            "- NATS: end-to-end encrypted messages/s ≥ 0.9× plaintext: **not measured** — no --nats",
+            "### Mailbox drain after an offline period",
+            "| MQTT (embedded rumqttd) | 2000 | 64 B | 16 | 5000 | 0.400 | 12.50 |",
+            "![messages per second through brokers](broker.png)",
+            "| Brokers | 20000 messages per measurement; MQTT embedded rumqttd; NATS not measured |",
+        ] {
+            assert!(md.contains(h), "missing {h:?} in\n{md}");
+        }
+        // The goals table carries the same verdicts.
+        assert!(
+            md.contains("| MQTT (embedded rumqttd): end-to-end encrypted messages/s ≥ 0.9× plaintext | 64 B: 0.90×"),
+            "{md}"
+        );
+        let s = summary(&r);
+        assert!(
+            s.contains("broker MQTT (embedded rumqttd) 1 KiB: keav 8000 msg/s, plaintext 10000 msg/s (0.80×)"),
+            "{s}"
+        );
+        assert!(
+            s.contains("drain MQTT (embedded rumqttd): 2000 messages held, 5000 msg/s"),
+            "{s}"
+        );
+
+        // A lost plaintext message is shown; a zero plaintext rate is no verdict.
+        r.broker[0].plain_lost = 7;
+        r.broker[1].ratio = None;
+        r.options = None;
+        let g = broker_goals(&r);
+        assert_eq!(g.len(), 1);
+        assert!(
+            g[0].measured.contains("plaintext lost 7"),
+            "{}",
+            g[0].measured
+        );
+        assert!(
+            g[0].measured.contains("no plaintext rate"),
+            "{}",
+            g[0].measured
+        );
+        assert_eq!(g[0].verdict, Verdict::NotMeasured);
+        r.broker[0].ratio = Some(0.5);
+        assert_eq!(broker_goals(&r)[0].verdict, Verdict::Missed);
+        // No broker data at all: one goal, not measured; no section.
+        let empty = Report::default();
+        let g = broker_goals(&empty);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].verdict, Verdict::NotMeasured);
+        assert!(!render(&empty, &[], &[]).contains("## Messages through brokers"));
+        assert_eq!(size_label(64), "64 B");
+        assert_eq!(size_label(1024), "1 KiB");
+        assert_eq!(size_label(1000), "1000 B");
     }
 }

@@ -175,6 +175,69 @@ pub struct WireRow {
     pub flights: u32,
 }
 
+/// Messages per second through one broker: keav end to end ([`keav_net::messenger`]) beside
+/// plain clients publishing the same messages on the same broker.
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerRow {
+    /// The broker as the report names it, e.g. `MQTT (embedded rumqttd)`, `NATS 127.0.0.1:4222`.
+    pub broker: String,
+    /// `mqtt` or `nats`.
+    pub carrier: String,
+    /// Message body bytes (what the application sends).
+    pub size: usize,
+    /// Messages per measurement.
+    pub messages: u64,
+    /// keav: messages per second from the first `send` to the last `recv`.
+    pub keav_msgs_per_s: f64,
+    /// keav: seconds from the first `send` to the last `recv`.
+    pub keav_secs: f64,
+    /// keav: payloads the sender put on the broker again (no end-to-end ack in time).
+    pub keav_resent: u64,
+    /// keav: payloads the receiver could not take yet (its reorder window or receive queue
+    /// was full); the sender resends them.
+    pub keav_deferred: u64,
+    /// keav: payloads the two devices' links dropped because a queue was full.
+    pub keav_link_dropped: u64,
+    /// keav: CPU seconds of the whole bench process during the keav measurement (both
+    /// devices; the embedded broker too when it runs), if known.
+    pub keav_cpu_secs: Option<f64>,
+    /// keav with flow control by the application: bursts acknowledged end to end
+    /// (`flush`) before the next, messages per second from the first `send` to the last
+    /// `recv` (`None`: not measured).
+    pub keav_paced_msgs_per_s: Option<f64>,
+    /// Plain client: messages received per second, from the first publish to the last
+    /// message received.
+    pub plain_msgs_per_s: f64,
+    /// Plain client: seconds from the first publish to the last message received.
+    pub plain_secs: f64,
+    /// Plain client: messages the subscriber never received (core NATS and a full broker
+    /// queue may drop; nothing resends them). The rate counts received messages only.
+    pub plain_lost: u64,
+    /// keav / plain messages per second (`None` if the plain rate is zero).
+    pub ratio: Option<f64>,
+}
+
+/// How fast a device that comes back online receives what its relay's mailbox held.
+#[derive(Clone, Debug, Serialize)]
+pub struct DrainRow {
+    /// The broker the relay and the devices use (as in [`BrokerRow::broker`]).
+    pub broker: String,
+    /// `mqtt` or `nats`.
+    pub carrier: String,
+    /// Message body bytes.
+    pub size: usize,
+    /// Messages the relay held for the device when it came back.
+    pub held: u64,
+    /// Seconds the device was offline.
+    pub offline_secs: f64,
+    /// Messages per second from the device's messenger start to its last `recv`.
+    pub drain_msgs_per_s: f64,
+    /// Seconds from the messenger start to the last `recv`.
+    pub drain_secs: f64,
+    /// Milliseconds from the messenger start to the first `recv`.
+    pub first_ms: f64,
+}
+
 /// Where and how the run happened.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Meta {
@@ -220,6 +283,10 @@ pub struct Report {
     pub memory: Vec<MemoryRow>,
     /// Bytes on the wire per handshake.
     pub wire: Vec<WireRow>,
+    /// Messages per second through brokers, keav beside plain clients.
+    pub broker: Vec<BrokerRow>,
+    /// Mailbox drain after an offline period.
+    pub drain: Vec<DrainRow>,
     /// Errors and remarks collected during the run (shown in the report).
     pub notes: Vec<String>,
 }

@@ -12,7 +12,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::markdown::{file_stem, latency_links, peer_mean_ms, session_stats};
+use super::markdown::{file_stem, latency_links, peer_mean_ms, session_stats, size_label};
 use super::stats::{mean, std_dev};
 use super::{Report, Subject};
 
@@ -95,6 +95,7 @@ pub fn draw_all(r: &Report, dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
         ("records.png", !r.records.is_empty()),
         ("wire.png", !r.wire.is_empty()),
         ("memory.png", !r.memory.is_empty()),
+        ("broker.png", !r.broker.is_empty() || !r.drain.is_empty()),
     ] {
         if has {
             wanted.push(name.into());
@@ -125,6 +126,9 @@ pub fn draw_all(r: &Report, dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
     }
     if !r.memory.is_empty() {
         attempt("memory.png", dir, &mut ok, &mut errs, |p| memory(r, p));
+    }
+    if !r.broker.is_empty() || !r.drain.is_empty() {
+        attempt("broker.png", dir, &mut ok, &mut errs, |p| broker(r, p));
     }
     (ok, errs)
 }
@@ -499,6 +503,47 @@ fn memory(r: &Report, path: &Path) -> Result<(), String> {
     )
 }
 
+/// Messages per second: keav end to end beside plaintext per broker and size, then the
+/// mailbox drains (keav only).
+fn broker(r: &Report, path: &Path) -> Result<(), String> {
+    let mut cats: Vec<String> = Vec::new();
+    let (mut keav, mut paced, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    for x in &r.broker {
+        cats.push(format!("{} {}", x.broker, size_label(x.size)));
+        keav.push(Some(x.keav_msgs_per_s));
+        paced.push(x.keav_paced_msgs_per_s);
+        plain.push(Some(x.plain_msgs_per_s));
+    }
+    for d in &r.drain {
+        cats.push(format!("{} mailbox drain ({} held)", d.broker, d.held));
+        keav.push(Some(d.drain_msgs_per_s));
+        paced.push(None);
+        plain.push(None);
+    }
+    let (lo, hi) = keav
+        .iter()
+        .chain(paced.iter())
+        .chain(plain.iter())
+        .flatten()
+        .copied()
+        .filter(|v| *v > 0.0)
+        .fold((f64::INFINITY, 0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let log = hi / lo > 30.0;
+    let series = vec![
+        ("keav end to end".to_string(), keav),
+        ("keav paced (flush every burst)".to_string(), paced),
+        ("plaintext (same broker)".to_string(), plain),
+    ];
+    hbar(
+        path,
+        "Messages per second through brokers",
+        if log { "msg/s (log scale)" } else { "msg/s" },
+        &cats,
+        &series,
+        log,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,7 +571,8 @@ mod tests {
                 "cpu.png",
                 "records.png",
                 "wire.png",
-                "memory.png"
+                "memory.png",
+                "broker.png"
             ]
         );
         for p in &ok {
