@@ -272,6 +272,14 @@ struct Entry {
     due_ms: u64,
     /// Delay used for the next resend.
     rto_ms: u64,
+    /// Transmitted at least once (or a hop took custody of it): in `due`, not in `unsent`.
+    sent: bool,
+    /// Covered without an end-to-end ack: a hop took custody of it, or it was transmitted
+    /// while first transmissions count as custody ([`Outbox::set_cover_on_send`]).
+    covered: bool,
+    /// The current due time was brought forward ([`Outbox::make_due`],
+    /// [`Outbox::make_due_from`], [`Outbox::resend_all`]) rather than set by the backoff.
+    expedited: bool,
 }
 
 /// Sender side: keeps sealed records until an end-to-end ack covers them, resending with
@@ -280,6 +288,15 @@ struct Entry {
 /// Every operation on one record costs O(log n) in the number of records held (durable
 /// outboxes hold up to a million): the records are kept in sequence order and indexed by due
 /// time. Only [`Outbox::resend_all`] touches every record.
+///
+/// # Flow window
+///
+/// A record is *in flight* when it was transmitted, is not acknowledged end to end and is not
+/// *covered* (no hop took custody of it, [`Outbox::on_custody`]; with
+/// [`Outbox::set_cover_on_send`] a first transmission covers it at once).
+/// [`Outbox::poll_transmit`] hands out a never-sent record only while fewer than the window
+/// ([`Outbox::set_window`], unlimited by default) are in flight; resends are not limited. The
+/// count ([`Outbox::in_flight`]) is kept up to date by every operation, in O(1) per record.
 #[derive(Clone)]
 pub struct Outbox {
     limits: OutboxLimits,
@@ -287,13 +304,24 @@ pub struct Outbox {
     entries: VecDeque<Entry>,
     /// Sequence numbers of the held records never transmitted (they go out first, in order).
     unsent: BTreeSet<u64>,
-    /// `(due_ms, seq)` of every held record, kept in step with `entries`.
+    /// `(due_ms, seq)` of every held record never transmitted (its push time, or as moved by
+    /// [`Outbox::make_due`] and [`Outbox::resend_all`]).
+    unsent_due: BTreeSet<(u64, u64)>,
+    /// `(due_ms, seq)` of every held record transmitted at least once (its resend time).
     due: BTreeSet<(u64, u64)>,
     bytes: usize,
     /// Highest cumulative ack applied.
     acked: u64,
     /// One above the last sequence number pushed (0 before any push).
     end: u64,
+    /// Held records that are sent and not covered.
+    in_flight: usize,
+    /// Most records in flight before new ones wait.
+    window: usize,
+    /// A first transmission covers the record (brokers that queue for offline peers).
+    cover_on_send: bool,
+    /// Resends whose due time came from the backoff or a custody delay.
+    timer_resends: u64,
 }
 
 impl core::fmt::Debug for Outbox {
@@ -302,6 +330,8 @@ impl core::fmt::Debug for Outbox {
             .field("limits", &self.limits)
             .field("records", &self.entries.len())
             .field("unsent", &self.unsent.len())
+            .field("in_flight", &self.in_flight)
+            .field("window", &self.window)
             .field("bytes", &self.bytes)
             .field("acked", &self.acked)
             .field("end", &self.end)
@@ -329,10 +359,15 @@ impl Outbox {
             limits,
             entries: VecDeque::new(),
             unsent: BTreeSet::new(),
+            unsent_due: BTreeSet::new(),
             due: BTreeSet::new(),
             bytes: 0,
             acked: 0,
             end: 0,
+            in_flight: 0,
+            window: usize::MAX,
+            cover_on_send: false,
+            timer_resends: 0,
         })
     }
 
@@ -350,6 +385,40 @@ impl Outbox {
     /// The limits this outbox enforces.
     pub fn limits(&self) -> OutboxLimits {
         self.limits
+    }
+
+    /// Sets the flow window: [`Outbox::poll_transmit`] hands out a never-sent record only
+    /// while fewer than `window` records are in flight (see the type's docs). Refuses 0
+    /// ([`DeliveryError::BadLimits`]): nothing new would ever leave.
+    pub fn set_window(&mut self, window: usize) -> Result<(), DeliveryError> {
+        if window == 0 {
+            return Err(DeliveryError::BadLimits("window"));
+        }
+        self.window = window;
+        Ok(())
+    }
+
+    /// The flow window (`usize::MAX` unless set).
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// When `on`, a record's first transmission covers it as custody would (for carriers
+    /// that queue for an offline peer without acknowledging each message): from then on it
+    /// no longer counts against the window. Records transmitted before keep their state.
+    pub fn set_cover_on_send(&mut self, on: bool) {
+        self.cover_on_send = on;
+    }
+
+    /// Records transmitted, not acknowledged end to end and not covered by custody.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Resends so far whose due time came from the backoff or a custody delay (not from
+    /// [`Outbox::make_due`], [`Outbox::make_due_from`] or [`Outbox::resend_all`]).
+    pub fn timer_resends(&self) -> u64 {
+        self.timer_resends
     }
 
     /// Number of records held.
@@ -409,9 +478,12 @@ impl Outbox {
             record,
             due_ms: now_ms,
             rto_ms: self.limits.rto_initial_ms,
+            sent: false,
+            covered: false,
+            expedited: false,
         });
         self.unsent.insert(seq);
-        self.due.insert((now_ms, seq));
+        self.unsent_due.insert((now_ms, seq));
         self.end = seq.saturating_add(1);
         Ok(())
     }
@@ -424,17 +496,48 @@ impl Outbox {
     /// Moves record `idx`'s due time to `due_ms`, keeping the index in step.
     fn set_due(&mut self, idx: usize, due_ms: u64) {
         if let Some(e) = self.entries.get_mut(idx) {
-            self.due.remove(&(e.due_ms, e.seq));
+            let index = if e.sent {
+                &mut self.due
+            } else {
+                &mut self.unsent_due
+            };
+            index.remove(&(e.due_ms, e.seq));
             e.due_ms = due_ms;
-            self.due.insert((due_ms, e.seq));
+            index.insert((due_ms, e.seq));
         }
     }
 
+    /// Record `idx` leaves the never-sent records (transmitted, or a hop holds it).
+    fn mark_sent(&mut self, idx: usize) {
+        if let Some(e) = self.entries.get_mut(idx) {
+            if e.sent {
+                return;
+            }
+            self.unsent.remove(&e.seq);
+            self.unsent_due.remove(&(e.due_ms, e.seq));
+            self.due.insert((e.due_ms, e.seq));
+            e.sent = true;
+            if !e.covered {
+                self.in_flight += 1;
+            }
+        }
+    }
+
+    /// Whether [`Outbox::poll_transmit`] may hand out a never-sent record now.
+    fn may_send_new(&self) -> bool {
+        self.in_flight < self.window
+    }
+
     /// The next record to put on the carrier at `now_ms`: never-sent records first (in
-    /// order), then the record whose resend time passed earliest. Each resend doubles the
-    /// record's delay, up to `rto_max_ms`.
+    /// order) while the flow window allows, then the record whose resend time passed
+    /// earliest. Each resend doubles the record's delay, up to `rto_max_ms`.
     pub fn poll_transmit(&mut self, now_ms: u64) -> Option<(u64, &[u8])> {
-        let seq = match self.unsent.pop_first() {
+        let fresh = if self.may_send_new() {
+            self.unsent.first().copied()
+        } else {
+            None
+        };
+        let seq = match fresh {
             Some(seq) => seq,
             None => {
                 let &(due, seq) = self.due.first()?;
@@ -445,31 +548,72 @@ impl Outbox {
             }
         };
         let idx = self.index_of(seq)?;
+        if fresh.is_some() {
+            if self.cover_on_send {
+                if let Some(e) = self.entries.get_mut(idx) {
+                    e.covered = true;
+                }
+            }
+            self.mark_sent(idx);
+        } else if self.entries.get(idx).is_some_and(|e| !e.expedited) {
+            self.timer_resends += 1;
+        }
         let rto = self.entries.get(idx)?.rto_ms;
         self.set_due(idx, now_ms.saturating_add(rto));
         let max = self.limits.rto_max_ms;
         let e = self.entries.get_mut(idx)?;
+        e.expedited = false;
         e.rto_ms = e.rto_ms.saturating_mul(2).min(max);
         Some((e.seq, e.record.as_slice()))
     }
 
     /// Earliest time at which [`Outbox::poll_transmit`] has something to send (a never-sent
-    /// record is due from its push time), or `None` when the outbox is empty.
+    /// record is due from its push time, if the flow window lets it go), or `None` when
+    /// nothing is held.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.due.first().map(|&(due, _)| due)
+        let resend = self.due.first().map(|&(due, _)| due);
+        let fresh = if self.may_send_new() {
+            self.unsent_due.first().map(|&(due, _)| due)
+        } else {
+            None
+        };
+        match (resend, fresh) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// A hop took custody of record `seq` (it holds it and will deliver it): its next resend
-    /// moves to `until_ms` if that is later than it was due. A record never sent by this
-    /// outbox (after a restore) now counts as sent, since the hop holds it. Unknown sequence
-    /// numbers (acknowledged or never pushed) are ignored.
+    /// moves to `until_ms` if that is later than it was due, and it no longer counts against
+    /// the flow window. A record never sent by this outbox (after a restore) now counts as
+    /// sent, since the hop holds it. Unknown sequence numbers (acknowledged or never pushed)
+    /// are ignored.
     pub fn on_custody(&mut self, seq: u64, until_ms: u64) {
         let Some(idx) = self.index_of(seq) else {
             return;
         };
-        self.unsent.remove(&seq);
+        if let Some(e) = self.entries.get_mut(idx) {
+            if e.sent && !e.covered {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            e.covered = true;
+        }
+        self.mark_sent(idx);
         if self.entries.get(idx).is_some_and(|e| until_ms > e.due_ms) {
             self.set_due(idx, until_ms);
+            if let Some(e) = self.entries.get_mut(idx) {
+                e.expedited = false;
+            }
+        }
+    }
+
+    /// Brings record `idx`'s due time forward to `now_ms` (if it was due later).
+    fn expedite(&mut self, idx: usize, now_ms: u64) {
+        if self.entries.get(idx).is_some_and(|e| e.due_ms > now_ms) {
+            self.set_due(idx, now_ms);
+            if let Some(e) = self.entries.get_mut(idx) {
+                e.expedited = true;
+            }
         }
     }
 
@@ -481,22 +625,58 @@ impl Outbox {
         let Some(idx) = self.index_of(seq) else {
             return false;
         };
-        if self.entries.get(idx).is_some_and(|e| e.due_ms > now_ms) {
-            self.set_due(idx, now_ms);
+        self.expedite(idx, now_ms);
+        true
+    }
+
+    /// Fast retransmit: if record `from` is held and was transmitted, every transmitted
+    /// record numbered in `from .. from + count` becomes due at `now_ms` (unless due earlier
+    /// already; backoffs are left as they are) and `true` is returned. Otherwise nothing
+    /// changes and `false` is returned. O(count · log n).
+    pub fn make_due_from(&mut self, from: u64, count: usize, now_ms: u64) -> bool {
+        let Some(start) = self.index_of(from) else {
+            return false;
+        };
+        if !self.entries.get(start).is_some_and(|e| e.sent) {
+            return false;
+        }
+        let stop = from.saturating_add(u64::try_from(count).unwrap_or(u64::MAX));
+        let mut idx = start;
+        while let Some(e) = self.entries.get(idx) {
+            if e.seq >= stop {
+                break;
+            }
+            if e.sent {
+                self.expedite(idx, now_ms);
+            }
+            idx += 1;
         }
         true
     }
 
     /// Every held record becomes due at `now_ms` and its backoff restarts at
-    /// `rto_initial_ms` (the carrier reconnected or the peer came back). O(n).
+    /// `rto_initial_ms` (the carrier reconnected or the peer came back). Custody and the
+    /// flow window's count are unchanged. O(n).
     pub fn resend_all(&mut self, now_ms: u64) {
         let rto = self.limits.rto_initial_ms;
         for e in self.entries.iter_mut() {
             e.due_ms = now_ms;
             e.rto_ms = rto;
+            e.expedited = true;
         }
-        // In sequence order, so already sorted: the set is built in linear time.
-        self.due = self.entries.iter().map(|e| (now_ms, e.seq)).collect();
+        // In sequence order, so already sorted: the sets are built in linear time.
+        self.due = self
+            .entries
+            .iter()
+            .filter(|e| e.sent)
+            .map(|e| (now_ms, e.seq))
+            .collect();
+        self.unsent_due = self
+            .entries
+            .iter()
+            .filter(|e| !e.sent)
+            .map(|e| (now_ms, e.seq))
+            .collect();
     }
 
     /// Applies a cumulative ack: every record numbered below `cumulative` is dropped; returns
@@ -516,8 +696,15 @@ impl Outbox {
                 break;
             }
             self.bytes -= e.record.len();
-            self.unsent.remove(&e.seq);
-            self.due.remove(&(e.due_ms, e.seq));
+            if e.sent {
+                self.due.remove(&(e.due_ms, e.seq));
+                if !e.covered {
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                }
+            } else {
+                self.unsent.remove(&e.seq);
+                self.unsent_due.remove(&(e.due_ms, e.seq));
+            }
             self.entries.pop_front();
             dropped += 1;
         }
@@ -938,6 +1125,75 @@ mod tests {
     }
 
     #[test]
+    fn outbox_window_holds_back_new_records_only() {
+        let mut ob = outbox(8, 100);
+        assert_eq!(ob.set_window(0), Err(DeliveryError::BadLimits("window")));
+        assert_eq!(ob.window(), usize::MAX);
+        ob.set_window(2).unwrap();
+        for s in 0..5 {
+            ob.push(s, vec![s as u8], 0).unwrap();
+        }
+        assert_eq!(ob.poll_transmit(0).map(|t| t.0), Some(0));
+        assert_eq!(ob.poll_transmit(0).map(|t| t.0), Some(1));
+        assert_eq!(ob.in_flight(), 2);
+        // The window is full: nothing new, and no timeout for the waiting records.
+        assert_eq!(ob.poll_transmit(0), None);
+        assert_eq!(ob.poll_timeout(), Some(100));
+        // Resends are not limited.
+        assert_eq!(ob.poll_transmit(100).map(|t| t.0), Some(0));
+        assert_eq!(ob.timer_resends(), 1);
+        // Custody covers 1: one more new record may go.
+        ob.on_custody(1, 150);
+        assert_eq!(ob.in_flight(), 1);
+        assert_eq!(ob.poll_timeout(), Some(0));
+        assert_eq!(ob.poll_transmit(100).map(|t| t.0), Some(2));
+        assert_eq!(ob.poll_transmit(100).map(|t| t.0), None);
+        // Custody of a never-sent record covers it without it counting.
+        ob.on_custody(4, 150);
+        assert_eq!(ob.in_flight(), 2);
+        // The ack frees 0 and 1; only 0 counted (1 was covered).
+        assert_eq!(ob.on_ack(2), Ok(2));
+        assert_eq!(ob.in_flight(), 1);
+        assert_eq!(ob.poll_transmit(100).map(|t| t.0), Some(3));
+        assert_eq!(ob.in_flight(), 2);
+        assert_eq!(ob.on_ack(5), Ok(3));
+        assert_eq!((ob.in_flight(), ob.poll_timeout()), (0, None));
+        // Cover on send: the window never fills.
+        ob.set_cover_on_send(true);
+        for s in 5..9 {
+            ob.push(s, vec![s as u8], 200).unwrap();
+        }
+        for s in 5..9 {
+            assert_eq!(ob.poll_transmit(200).map(|t| t.0), Some(s));
+        }
+        assert_eq!(ob.in_flight(), 0);
+    }
+
+    #[test]
+    fn outbox_make_due_from_brings_a_run_forward() {
+        let mut ob = outbox(8, 1000);
+        for s in 0..6 {
+            ob.push(s, vec![s as u8], 0).unwrap();
+        }
+        for _ in 0..4 {
+            ob.poll_transmit(0).unwrap();
+        }
+        // 4 and 5 were never sent; 6 is not held.
+        assert!(!ob.make_due_from(4, 3, 10));
+        assert!(!ob.make_due_from(6, 3, 10));
+        assert_eq!(ob.poll_timeout(), Some(0)); // 4 and 5 may go
+        assert_eq!(ob.poll_transmit(10).map(|t| t.0), Some(4));
+        assert_eq!(ob.poll_transmit(10).map(|t| t.0), Some(5));
+        assert!(ob.make_due_from(1, 2, 10));
+        let got: Vec<_> = std::iter::from_fn(|| ob.poll_transmit(10).map(|t| t.0)).collect();
+        assert_eq!(got, [1, 2]);
+        // Resends brought forward are not timer resends.
+        assert_eq!(ob.timer_resends(), 0);
+        assert_eq!(ob.poll_transmit(100).map(|t| t.0), Some(0));
+        assert_eq!(ob.timer_resends(), 1);
+    }
+
+    #[test]
     fn outbox_resume_and_room() {
         let mut ob = Outbox::resume(
             OutboxLimits {
@@ -971,44 +1227,93 @@ mod tests {
         .is_err());
     }
 
+    /// One record of the model.
+    #[derive(Clone, Copy)]
+    struct M {
+        seq: u64,
+        len: usize,
+        due: u64,
+        rto: u64,
+        sent: bool,
+        covered: bool,
+        expedited: bool,
+    }
+
     /// The straightforward O(n) outbox the indexed one must behave like.
-    #[derive(Default)]
     struct Model {
-        /// (seq, len, due, rto, sent)
-        e: Vec<(u64, usize, u64, u64, bool)>,
+        e: Vec<M>,
         acked: u64,
         end: u64,
+        window: usize,
+        cover_on_send: bool,
+        timer_resends: u64,
     }
 
     impl Model {
+        fn new(window: usize, cover_on_send: bool) -> Model {
+            Model {
+                e: Vec::new(),
+                acked: 0,
+                end: 0,
+                window,
+                cover_on_send,
+                timer_resends: 0,
+            }
+        }
+        fn in_flight(&self) -> usize {
+            self.e.iter().filter(|x| x.sent && !x.covered).count()
+        }
         fn push(&mut self, seq: u64, len: usize, now: u64, l: OutboxLimits) -> bool {
-            let bytes: usize = self.e.iter().map(|x| x.1).sum::<usize>() + len;
+            let bytes: usize = self.e.iter().map(|x| x.len).sum::<usize>() + len;
             if seq < self.end || seq < self.acked || seq == u64::MAX {
                 return false;
             }
             if self.e.len() >= l.max_records || bytes > l.max_bytes {
                 return false;
             }
-            self.e.push((seq, len, now, l.rto_initial_ms, false));
+            self.e.push(M {
+                seq,
+                len,
+                due: now,
+                rto: l.rto_initial_ms,
+                sent: false,
+                covered: false,
+                expedited: false,
+            });
             self.end = seq + 1;
             true
         }
         fn poll(&mut self, now: u64, l: OutboxLimits) -> Option<u64> {
-            let i = match self.e.iter().position(|x| !x.4) {
+            let fresh = if self.in_flight() < self.window {
+                self.e.iter().position(|x| !x.sent)
+            } else {
+                None
+            };
+            let i = match fresh {
                 Some(i) => i,
                 None => {
-                    let i = (0..self.e.len()).min_by_key(|&i| (self.e[i].2, self.e[i].0))?;
-                    if self.e[i].2 > now {
+                    let i = (0..self.e.len())
+                        .filter(|&i| self.e[i].sent)
+                        .min_by_key(|&i| (self.e[i].due, self.e[i].seq))?;
+                    if self.e[i].due > now {
                         return None;
+                    }
+                    if !self.e[i].expedited {
+                        self.timer_resends += 1;
                     }
                     i
                 }
             };
+            let cover = self.cover_on_send;
             let x = &mut self.e[i];
-            x.4 = true;
-            x.2 = now.saturating_add(x.3);
-            x.3 = (x.3 * 2).min(l.rto_max_ms);
-            Some(x.0)
+            if !x.sent && cover {
+                x.covered = true;
+            }
+            x.sent = true;
+            x.expedited = false;
+            x.due = now.saturating_add(x.rto);
+            x.rto = (x.rto * 2).min(l.rto_max_ms);
+            Some(x.seq)
         }
         fn ack(&mut self, c: u64) -> Result<usize, DeliveryError> {
             if c < self.acked {
@@ -1019,46 +1324,98 @@ mod tests {
             }
             self.acked = c;
             let before = self.e.len();
-            self.e.retain(|x| x.0 >= c);
+            self.e.retain(|x| x.seq >= c);
             Ok(before - self.e.len())
         }
         fn custody(&mut self, seq: u64, until: u64) {
-            if let Some(x) = self.e.iter_mut().find(|x| x.0 == seq) {
-                x.4 = true;
-                x.2 = x.2.max(until);
+            if let Some(x) = self.e.iter_mut().find(|x| x.seq == seq) {
+                x.sent = true;
+                x.covered = true;
+                if until > x.due {
+                    x.due = until;
+                    x.expedited = false;
+                }
             }
+        }
+        fn make_due(&mut self, seq: u64, now: u64) -> bool {
+            match self.e.iter_mut().find(|x| x.seq == seq) {
+                Some(x) => {
+                    if x.due > now {
+                        x.due = now;
+                        x.expedited = true;
+                    }
+                    true
+                }
+                None => false,
+            }
+        }
+        fn make_due_from(&mut self, from: u64, count: usize, now: u64) -> bool {
+            if !self.e.iter().any(|x| x.seq == from && x.sent) {
+                return false;
+            }
+            for x in &mut self.e {
+                if x.seq >= from
+                    && x.seq < from.saturating_add(count as u64)
+                    && x.sent
+                    && x.due > now
+                {
+                    x.due = now;
+                    x.expedited = true;
+                }
+            }
+            true
         }
         fn resend_all(&mut self, now: u64, l: OutboxLimits) {
             for x in &mut self.e {
-                x.2 = now;
-                x.3 = l.rto_initial_ms;
+                x.due = now;
+                x.rto = l.rto_initial_ms;
+                x.expedited = true;
             }
         }
         fn timeout(&self) -> Option<u64> {
-            self.e.iter().map(|x| x.2).min()
+            let fresh = self.in_flight() < self.window;
+            self.e
+                .iter()
+                .filter(|x| x.sent || fresh)
+                .map(|x| x.due)
+                .min()
         }
     }
 
     proptest! {
-        /// The indexed outbox answers exactly like the O(n) model, whatever the operations.
+        /// The indexed outbox answers exactly like the O(n) model, whatever the operations:
+        /// order of transmissions, timeouts, the flow window's in-flight count (custody and
+        /// cover-on-send included) and the count of timer-driven resends.
         #[test]
         fn outbox_matches_the_linear_model(
-            ops in proptest::collection::vec((0u8..5, 0u64..40, 0usize..6, 0u64..3000), 0..300),
+            ops in proptest::collection::vec((0u8..8, 0u64..40, 0usize..6, 0u64..3000), 0..300),
+            window in prop_oneof![Just(usize::MAX), 1usize..5],
+            cover_on_send in any::<bool>(),
         ) {
             let mut ob = outbox(6, 20);
+            ob.set_window(window).unwrap();
+            ob.set_cover_on_send(cover_on_send);
             let l = ob.limits();
-            let mut m = Model::default();
+            let mut m = Model::new(window, cover_on_send);
             for (op, seq, len, now) in ops {
                 match op {
-                    0 => prop_assert_eq!(ob.push(seq, vec![0; len], now).is_ok(), m.push(seq, len, now, l)),
-                    1 => prop_assert_eq!(ob.on_ack(seq), m.ack(seq)),
-                    2 => prop_assert_eq!(ob.poll_transmit(now).map(|t| t.0), m.poll(now, l)),
-                    3 => { ob.on_custody(seq, now); m.custody(seq, now); }
+                    0 | 1 => prop_assert_eq!(ob.push(seq, vec![0; len], now).is_ok(), m.push(seq, len, now, l)),
+                    2 => prop_assert_eq!(ob.on_ack(seq), m.ack(seq)),
+                    3 | 4 => prop_assert_eq!(ob.poll_transmit(now).map(|t| t.0), m.poll(now, l)),
+                    5 => { ob.on_custody(seq, now); m.custody(seq, now); }
+                    6 => if len % 2 == 0 {
+                        prop_assert_eq!(ob.make_due(seq, now), m.make_due(seq, now));
+                    } else {
+                        prop_assert_eq!(ob.make_due_from(seq, len, now), m.make_due_from(seq, len, now));
+                    },
                     _ => { ob.resend_all(now); m.resend_all(now, l); }
                 }
                 prop_assert_eq!(ob.poll_timeout(), m.timeout());
                 prop_assert_eq!(ob.len(), m.e.len());
-                prop_assert_eq!(ob.records().map(|r| r.0).collect::<Vec<_>>(), m.e.iter().map(|x| x.0).collect::<Vec<_>>());
+                prop_assert_eq!(ob.in_flight(), m.in_flight());
+                prop_assert!(ob.in_flight() <= window);
+                prop_assert_eq!(ob.timer_resends(), m.timer_resends);
+                prop_assert_eq!(ob.records().map(|r| r.0).collect::<Vec<_>>(), m.e.iter().map(|x| x.seq).collect::<Vec<_>>());
             }
         }
     }

@@ -39,9 +39,46 @@
 //! # Receiving
 //!
 //! Cheap checks before any AEAD work: tag, stream, length, then (data) the inbox admission
-//! ([`crate::delivery::Inbox::admit`]) and the epoch rule — a data record is opened only when
-//! its epoch is the epoch of the next message to release, so the opener never moves past a
-//! message the inbox still needs (a later-epoch record is deferred; the sender resends it).
+//! ([`crate::delivery::Inbox::admit`], the one authority on duplicates) and the epoch rule.
+//! With `N` the epoch of the next message to release (`next_expected >> DATA_RATCHET_LOG2`):
+//!
+//! - a record of epoch `N` is opened by the data opener, which so never moves past an epoch
+//!   the inbox still needs a message of (it only ratchets once `next_expected` crossed into
+//!   the new epoch);
+//! - a record of epoch `N + 1` is opened by a *lookahead* opener, a copy of the data opener
+//!   made on the spot ([`Opener::from_state`]) that derives epoch `N + 1`'s key, so a reorder
+//!   window straddling an epoch boundary keeps flowing. It is cached while the data opener's
+//!   epoch stays the same and dropped when it moves; it is never persisted (its replay window
+//!   need not be: the inbox refuses duplicates before anything is opened). It is used only
+//!   while the data opener is at epoch `N`; if the data opener is still at `N - 1` (every
+//!   message of epoch `N` it saw came through the lookahead), the record is deferred until
+//!   a record of epoch `N` moved it;
+//! - after a restore the data opener may be ahead of `N` (the application had not
+//!   acknowledged every released message): records of its own epoch are opened by it;
+//! - any other epoch is deferred ([`Received::Deferred`]; the sender resends it).
+//!
+//! Since records of epoch `N + 1` leave no trace in the persisted data opener, the inbox rows
+//! of a restored channel may lie above the opener's highest record, up to the end of the
+//! epoch after the opener's ([`DurableChannel::restore`]).
+//!
+//! # Flow control
+//!
+//! A receiver defers what it cannot take (beyond its reorder window of
+//! [`InboxLimits::max_pending`] messages, or more than one epoch ahead), and deferred
+//! records come back only with the sender's resends. So the sender keeps at most
+//! [`DurableConfig::window`] records *in flight* — transmitted, not acknowledged end to end,
+//! not in a hop's custody — before it transmits new ones ([`DurableChannel::poll_transmit`];
+//! resends are never held back). Custody ([`DurableChannel::on_custody`]) takes a record out
+//! of the count, so through a relay or a persistent queue the sender keeps filling the
+//! mailbox while the peer is offline; [`DurableConfig::broker_custody`] does the same at the
+//! first transmission, for carriers that queue without acknowledging each message.
+//!
+//! Fast retransmit: an end-to-end ack that frees nothing while the outbox holds the record
+//! it names (the receiver is still waiting for it) makes the transmitted records
+//! `[upto, upto + window)` due at once, at most once per `rto_initial_ms`
+//! ([`DurableChannel::fast_retransmits`] counts them). A receiver should therefore answer
+//! [`Received::Deferred`] and [`Received::Duplicate`] payloads with an ack too (after its
+//! pending commits), not only [`Received::Data`].
 //!
 //! # Persistence contract
 //!
@@ -163,11 +200,25 @@ pub struct DurableConfig {
     /// After a hop took custody of a record ([`DurableChannel::on_custody`]), resend it only
     /// after this long (milliseconds) if no end-to-end ack came.
     pub custody_ms: u64,
+    /// Flow window: most records in flight (transmitted, not acknowledged end to end, not in
+    /// custody) before [`DurableChannel::poll_transmit`] holds new ones back (see the module
+    /// docs). Must be greater than 0, and should be at most the *peer's* reorder window
+    /// (its `inbox.max_pending`, capped at 2^[`DATA_RATCHET_LOG2`]): records sent beyond it
+    /// are deferred by the peer and come back only with resends.
+    pub window: usize,
+    /// When `true`, a record counts as covered (out of the flow window) as soon as it was
+    /// transmitted once, as custody would make it: for brokers that queue for offline peers
+    /// without a per-message acknowledgement (MQTT persistent sessions, QoS 1). The window
+    /// then no longer limits the sender; only end-to-end acks and resends pace it.
+    pub broker_custody: bool,
+    /// Fast retransmit on an ack that frees nothing (see the module docs); `true` by default.
+    pub fast_retransmit: bool,
 }
 
 impl Default for DurableConfig {
     /// Outbox 1,000,000 records / 256 MiB, first resend after 2 s doubling up to 60 s; inbox
-    /// 256 messages / 4 MiB; custody 10 minutes.
+    /// 256 messages / 4 MiB; custody 10 minutes; window 256 records, no broker custody, fast
+    /// retransmit on.
     fn default() -> Self {
         DurableConfig {
             outbox: OutboxLimits {
@@ -178,6 +229,9 @@ impl Default for DurableConfig {
             },
             inbox: InboxLimits::new(256, 4 << 20),
             custody_ms: 600_000,
+            window: 256,
+            broker_custody: false,
+            fast_retransmit: true,
         }
     }
 }
@@ -190,6 +244,14 @@ impl DurableConfig {
             max_pending: self.inbox.max_pending.min(cap),
             ..self.inbox
         }
+    }
+
+    /// An empty outbox continuing after `acked`, with the flow settings.
+    fn outbox(&self, acked: u64) -> Result<Outbox, DurableError> {
+        let mut outbox = Outbox::resume(self.outbox, acked)?;
+        outbox.set_window(self.window)?;
+        outbox.set_cover_on_send(self.broker_custody);
+        Ok(outbox)
     }
 }
 
@@ -210,8 +272,9 @@ pub enum Received {
         /// The record's sequence number.
         seq: u64,
     },
-    /// Not taken now (beyond the reorder window, a later epoch, or no room): the sender
-    /// resends it later. Nothing to persist, no ack needed.
+    /// Not taken now (beyond the reorder window, an epoch too far ahead, or no room): the
+    /// sender resends it later. Nothing to persist; answer with an ack anyway (after any
+    /// pending commit), so the sender's fast retransmit sends what is missing.
     Deferred {
         /// The record's sequence number.
         seq: u64,
@@ -427,11 +490,24 @@ pub struct DurableChannel {
     cfg: DurableConfig,
     data_sealer: Sealer,
     data_opener: Opener,
+    /// Opens records of the epoch after the next message to release (module docs).
+    lookahead: Option<Lookahead>,
     control_sealer: Sealer,
     control_opener: Opener,
     /// Whole data payloads, by sequence number.
     outbox: Outbox,
     inbox: Inbox,
+    /// Fast retransmits made.
+    fast_retransmits: u64,
+    /// When the last fast retransmit was made.
+    last_fast_ms: Option<u64>,
+}
+
+/// A copy of the data opener, for records of the next epoch; never persisted.
+struct Lookahead {
+    /// The data opener's epoch when the copy was made (valid while it stays there).
+    base_epoch: u32,
+    opener: Opener,
 }
 
 impl core::fmt::Debug for DurableChannel {
@@ -444,6 +520,8 @@ impl core::fmt::Debug for DurableChannel {
             .field("inbox_next", &self.inbox.next_expected())
             .field("inbox_ack", &self.inbox.ack())
             .field("inbox_pending", &self.inbox.pending())
+            .field("in_flight", &self.outbox.in_flight())
+            .field("lookahead", &self.lookahead.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -471,13 +549,16 @@ impl DurableChannel {
             now_ms,
         );
         Ok(DurableChannel {
-            outbox: Outbox::new(cfg.outbox)?,
+            outbox: cfg.outbox(0)?,
             inbox: Inbox::new(0, cfg.inbox_limits())?,
             cfg,
             data_sealer,
             data_opener,
+            lookahead: None,
             control_sealer,
             control_opener,
+            fast_retransmits: 0,
+            last_fast_ms: None,
         })
     }
 
@@ -488,9 +569,11 @@ impl DurableChannel {
     /// Refuses with [`DurableError::BadState`] what the persistence contract cannot produce:
     /// outbox rows that are not data payloads numbered as their row, repeated, with a gap, or
     /// not ending just below the data sealer's next sequence number (a missing row would
-    /// never be resent); inbox rows or a `delivered` mark above what the data opener
-    /// accepted, or the opener's highest record missing from the rows; rows the limits in
-    /// `cfg` cannot hold. Limits [`Outbox::new`] or [`Inbox::new`] refuse are
+    /// never be resent); inbox rows or a `delivered` mark beyond the end of the epoch after
+    /// the data opener's (records of that epoch may have been taken by the lookahead opener,
+    /// which the persisted opener does not record), or the opener's highest record missing
+    /// from the rows; rows the limits in `cfg` cannot hold. Limits [`Outbox::new`] or
+    /// [`Inbox::new`] refuse (and a zero [`DurableConfig::window`]) are
     /// [`DurableError::Delivery`].
     pub fn restore(
         state: &DurableState,
@@ -510,21 +593,32 @@ impl DurableChannel {
         let control_opener =
             Opener::from_state(parts.control_opener, now_ms).map_err(part_err("control opener"))?;
 
-        let outbox = rebuild_outbox(outbox, data_sealer.records_sent(), cfg.outbox, now_ms)?;
+        let outbox = rebuild_outbox(outbox, data_sealer.records_sent(), &cfg, now_ms)?;
         let accepted_end = parts
             .data_opener
             .highest_sequence()
             .map_or(0, |h| h.saturating_add(1));
-        let inbox = rebuild_inbox(inbox, delivered, accepted_end, cfg.inbox_limits())?;
+        // The end of the epoch after the opener's (epochs fit in u32, so no overflow).
+        let lookahead_end = (u64::from(parts.data_opener.epoch()) + 2) << DATA_RATCHET_LOG2;
+        let inbox = rebuild_inbox(
+            inbox,
+            delivered,
+            accepted_end,
+            lookahead_end,
+            cfg.inbox_limits(),
+        )?;
 
         Ok(DurableChannel {
             cfg,
             data_sealer,
             data_opener,
+            lookahead: None,
             control_sealer,
             control_opener,
             outbox,
             inbox,
+            fast_retransmits: 0,
+            last_fast_ms: None,
         })
     }
 
@@ -586,8 +680,13 @@ impl DurableChannel {
             Admission::Duplicate => return Ok(Received::Duplicate { seq }),
             Admission::TooFarAhead | Admission::NoRoom => return Ok(Received::Deferred { seq }),
         }
-        // The epoch rule: only the epoch of the next message to release is opened.
-        if u64::from(h.epoch) != self.inbox.next_expected() >> DATA_RATCHET_LOG2 {
+        // The epoch rule (module docs).
+        let main_epoch = self.data_opener.epoch().ok_or(RecordError::Closed)?;
+        let release = self.inbox.next_expected() >> DATA_RATCHET_LOG2;
+        let (t, m) = (u64::from(h.epoch), u64::from(main_epoch));
+        let by_main = t == release || (t == m && m > release);
+        let by_lookahead = !by_main && m == release && t == release.saturating_add(1);
+        if !by_main && !by_lookahead {
             return Ok(Received::Deferred { seq });
         }
         let mut rec = record_of(payload).to_vec();
@@ -596,13 +695,45 @@ impl DurableChannel {
         if rec.len().saturating_sub(RECORD_OVERHEAD) > self.inbox.limits().max_payload {
             return Err(DeliveryError::PayloadTooLong.into());
         }
-        let body = match self.data_opener.open(&mut rec, now_ms)? {
+        let opener = if by_main {
+            &mut self.data_opener
+        } else {
+            self.lookahead(main_epoch, now_ms)?
+        };
+        let body = match opener.open(&mut rec, now_ms)? {
             Opened::Data(body) => body.to_vec(),
             // Not reached: `parse_header` accepts data records only.
             Opened::Close => return Err(DurableError::Malformed("record type")),
         };
+        if self.data_opener.epoch() != Some(main_epoch) {
+            // The data opener moved on: the copy of its old epoch is stale.
+            self.lookahead = None;
+        }
         self.inbox.insert(seq, body.clone())?;
         Ok(Received::Data { seq, body })
+    }
+
+    /// The lookahead opener for a data opener at `main_epoch` (made now if missing or
+    /// stale).
+    fn lookahead(&mut self, main_epoch: u32, now_ms: u64) -> Result<&mut Opener, DurableError> {
+        if self
+            .lookahead
+            .as_ref()
+            .is_some_and(|l| l.base_epoch != main_epoch)
+        {
+            self.lookahead = None;
+        }
+        let l = match self.lookahead.take() {
+            Some(l) => l,
+            None => {
+                let state = self.data_opener.export_state().ok_or(RecordError::Closed)?;
+                Lookahead {
+                    base_epoch: main_epoch,
+                    opener: Opener::from_state(&state, now_ms)?,
+                }
+            }
+        };
+        Ok(&mut self.lookahead.insert(l).opener)
     }
 
     fn receive_control(&mut self, payload: &[u8], now_ms: u64) -> Result<Received, DurableError> {
@@ -620,9 +751,33 @@ impl DurableChannel {
             Opened::Close => return Err(DurableError::Malformed("record type")),
         };
         match self.outbox.on_ack(upto) {
-            Ok(freed) => Ok(Received::Ack { upto, freed }),
+            Ok(freed) => {
+                if freed == 0 {
+                    self.fast_retransmit(upto, now_ms);
+                }
+                Ok(Received::Ack { upto, freed })
+            }
             Err(DeliveryError::StaleAck) => Ok(Received::StaleAck),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// An ack that freed nothing: if the outbox holds `upto` and transmitted it, the
+    /// receiver waits for it; resend the window from there now (rate-limited).
+    fn fast_retransmit(&mut self, upto: u64, now_ms: u64) {
+        if !self.cfg.fast_retransmit {
+            return;
+        }
+        let gap = self.cfg.outbox.rto_initial_ms;
+        if self
+            .last_fast_ms
+            .is_some_and(|t| now_ms < t.saturating_add(gap))
+        {
+            return;
+        }
+        if self.outbox.make_due_from(upto, self.cfg.window, now_ms) {
+            self.fast_retransmits += 1;
+            self.last_fast_ms = Some(now_ms);
         }
     }
 
@@ -647,8 +802,9 @@ impl DurableChannel {
         self.inbox.ack()
     }
 
-    /// The next outbox payload due at `now_ms` (new ones first, then resends), with its
-    /// sequence number.
+    /// The next outbox payload due at `now_ms` (new ones first while fewer than
+    /// [`DurableConfig::window`] records are in flight, then resends), with its sequence
+    /// number.
     pub fn poll_transmit(&mut self, now_ms: u64) -> Option<(u64, Vec<u8>)> {
         self.outbox
             .poll_transmit(now_ms)
@@ -662,7 +818,8 @@ impl DurableChannel {
     }
 
     /// A hop (relay, broker with a persistent queue) took custody of data record `seq`: its
-    /// next resend moves to `now_ms + custody_ms`. Unknown sequence numbers are ignored.
+    /// next resend moves to `now_ms + custody_ms`, and it no longer counts against the flow
+    /// window. Unknown sequence numbers are ignored.
     pub fn on_custody(&mut self, seq: u64, now_ms: u64) {
         self.outbox
             .on_custody(seq, now_ms.saturating_add(self.cfg.custody_ms));
@@ -684,6 +841,24 @@ impl DurableChannel {
     /// Records in the outbox (sent, not yet acknowledged end to end).
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Records in flight: transmitted, not acknowledged end to end, not in custody (at most
+    /// [`DurableConfig::window`], unless a restore or custody changes brought more back).
+    pub fn in_flight(&self) -> usize {
+        self.outbox.in_flight()
+    }
+
+    /// Fast retransmits made so far (by this process; see the module docs).
+    pub fn fast_retransmits(&self) -> u64 {
+        self.fast_retransmits
+    }
+
+    /// Resends so far driven by the backoff timer or a custody delay (by this process), as
+    /// opposed to fast retransmits, [`DurableChannel::on_need`] and
+    /// [`DurableChannel::resend_all`].
+    pub fn timer_resends(&self) -> u64 {
+        self.outbox.timer_resends()
     }
 
     /// Highest end-to-end ack received (every message below it is in the peer's inbox).
@@ -712,13 +887,13 @@ impl DurableChannel {
 fn rebuild_outbox(
     mut rows: Vec<(u64, Vec<u8>)>,
     next_seq: u64,
-    limits: OutboxLimits,
+    cfg: &DurableConfig,
     now_ms: u64,
 ) -> Result<Outbox, DurableError> {
     rows.sort_unstable_by_key(|(seq, _)| *seq);
     // Acks delete rows from the front only: everything below the first row was acked.
     let floor = rows.first().map_or(next_seq, |(seq, _)| *seq);
-    let mut outbox = Outbox::resume(limits, floor)?;
+    let mut outbox = cfg.outbox(floor)?;
     let mut expect = floor;
     for (seq, payload) in rows {
         if seq >= next_seq {
@@ -751,15 +926,18 @@ fn rebuild_outbox(
 }
 
 /// The inbox of a restored channel: `delivered` and the rows at or above it must lie below
-/// `accepted_end` (one above the highest record the opener accepted), and the highest one
-/// must be among the rows unless the application already acknowledged it.
+/// `lookahead_end` (the end of the epoch after the data opener's: records up to there may
+/// have been taken by a lookahead opener, which the persisted opener does not record), and
+/// the opener's highest record (one below `accepted_end`) must be among the rows unless the
+/// application already acknowledged it.
 fn rebuild_inbox(
     mut rows: Vec<(u64, Vec<u8>)>,
     delivered: u64,
     accepted_end: u64,
+    lookahead_end: u64,
     limits: InboxLimits,
 ) -> Result<Inbox, DurableError> {
-    if delivered > accepted_end {
+    if delivered > accepted_end.max(lookahead_end) {
         return Err(DurableError::BadState(
             "delivered mark above the records received",
         ));
@@ -767,13 +945,19 @@ fn rebuild_inbox(
     let mut inbox = Inbox::new(delivered, limits)?;
     rows.retain(|(seq, _)| *seq >= delivered);
     rows.sort_unstable_by_key(|(seq, _)| *seq);
-    if rows.iter().any(|(seq, _)| *seq >= accepted_end) {
+    if rows
+        .iter()
+        .any(|(seq, _)| *seq >= accepted_end.max(lookahead_end))
+    {
         return Err(DurableError::BadState(
             "inbox row above the records received",
         ));
     }
+    let highest = accepted_end.saturating_sub(1);
     if accepted_end > delivered
-        && rows.last().map(|(seq, _)| seq.saturating_add(1)) != Some(accepted_end)
+        && rows
+            .binary_search_by_key(&highest, |(seq, _)| *seq)
+            .is_err()
     {
         return Err(DurableError::BadState(
             "the last record received is missing from the inbox rows",
