@@ -135,6 +135,8 @@ fn offline_peer_gets_every_message_once_in_order_through_a_relay_killed_twice() 
                 // Let the relay take part of the stream, then kill it mid-way.
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 relay.0.kill();
+                // Reaped, so the lock on its mailbox file is gone.
+                let _ = relay.0.child.wait();
                 kills += 1;
                 relay = start_relay(&relay_id, &mailbox);
             }

@@ -105,8 +105,12 @@
 //!   So a record a relay lost (killed before it committed it) comes back in a round trip,
 //!   not after the sender's backoff.
 //!
-//! JetStream mail is acknowledged to the server after the commit that took it, except
-//! deferred payloads (the server redelivers them).
+//! JetStream mail is acknowledged to the server after the commit that took it, deferred
+//! payloads included: unacknowledged, they would hold the consumer's `max_ack_pending` slots
+//! until `ack_wait` and stall it. Every deferred payload is answered with an end-to-end ack
+//! instead, which tells the sender where this inbox stands; an ack that does not move makes
+//! the sender resend from the gap at once (fast retransmit, `keav_proto::durable`), and the
+//! sender's flow window (`DurableConfig::window`) keeps deferrals rare in the first place.
 //!
 //! # Guarantees and their limits
 //!

@@ -487,14 +487,20 @@ impl Actor {
         batch.items += 1;
         let Mail { from, payload, ack } = mail;
         let done = match payload.first() {
-            Some(&PAYLOAD_TAG) => self.on_payload(&from, &payload, batch) != Outcome::Deferred,
+            // A deferred payload is acknowledged too: left unacknowledged it would hold one of
+            // the consumer's `max_ack_pending` slots until `ack_wait`, and enough of them stall
+            // the whole consumer. The receiver's ack tells the sender where the gap is and the
+            // sender resends from there at once (fast retransmit).
+            Some(&PAYLOAD_TAG) => {
+                self.on_payload(&from, &payload, batch);
+                true
+            }
             Some(&FRAME_TAG) => self.on_frame(&from, &payload, batch),
             _ => {
                 self.reject(&from, &"neither a durable payload nor a relay frame");
                 true
             }
         };
-        // A deferred payload is not acknowledged to JetStream: the server redelivers it.
         if let (Some(ack), true) = (ack, done) {
             batch.mail_acks.push(ack);
         }
