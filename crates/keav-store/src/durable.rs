@@ -227,6 +227,31 @@ fn delete_all(t: &mut Table<&'static [u8], &'static [u8]>, name: &str) -> Result
     Ok(())
 }
 
+/// Removes every durable channel whose peer is `zid`, with its outbox and inbox rows (inside
+/// the caller's transaction; used by [`Store::forget`]). Rows that fail their check are left
+/// alone: whose they are cannot be told.
+pub(crate) fn remove_peer(txn: &WriteTransaction, zid: &[u8; 12]) -> Result<(), Error> {
+    let mut rows = txn.open_table(DURABLE)?;
+    let mut names = Vec::new();
+    for entry in rows.iter()? {
+        let (k, v) = entry?;
+        let Ok(name) = core::str::from_utf8(k.value()) else {
+            continue;
+        };
+        if decode_row(name, v.value()).is_some_and(|r| &r.peer_zid == zid) {
+            names.push(name.to_string());
+        }
+    }
+    let mut outbox = txn.open_table(OUTBOX)?;
+    let mut inbox = txn.open_table(INBOX)?;
+    for name in names {
+        rows.remove(name.as_bytes())?;
+        delete_all(&mut outbox, &name)?;
+        delete_all(&mut inbox, &name)?;
+    }
+    Ok(())
+}
+
 fn apply(txn: &WriteTransaction, updates: &[DurableUpdate]) -> Result<(), Error> {
     let mut rows = txn.open_table(DURABLE)?;
     let mut outbox = txn.open_table(OUTBOX)?;

@@ -975,13 +975,20 @@ impl Store {
         })
     }
 
-    /// Removes the record, all its index entries and its channel states; returns whether the
-    /// record existed.
+    /// Removes the record, all its index entries, its channel states and its durable channels
+    /// (keys, outbox and inbox); returns whether the record existed.
     pub fn forget(&self, id: &PeerId) -> Result<bool, Error> {
+        // The peer's durable channels (messaging keys, queued messages) go with it. A damaged
+        // record has no readable ZID: its durable channels stay (`durable_delete` removes them
+        // by name).
+        let zid = self.peer(id).ok().flatten().and_then(|p| p.zid);
         self.write(|txn| {
             let existed = txn.open_table(PEERS)?.remove(id.as_slice())?.is_some();
             scrub_indexes(txn, id)?;
             channels::remove_peer(txn, id)?;
+            if let Some(zid) = &zid {
+                durable::remove_peer(txn, &zid.0)?;
+            }
             Ok(existed)
         })
     }

@@ -108,6 +108,36 @@ fn rows_outbox_and_inbox_round_trip_in_order_across_a_reopen() {
 }
 
 #[test]
+fn forgetting_a_peer_erases_its_durable_channels_and_only_those() {
+    let (_d, path) = tmp();
+    let s = Store::open(&path).unwrap();
+    let zid = keav_proto::cache::Zid([7; 12]);
+    let peer = s
+        .create_peer(Some(zid), Some("phone"), keav_proto::cache::Mode::NORMAL, 1)
+        .unwrap();
+    // Two channels with the forgotten peer (under two device names), one with another peer.
+    let mut batch = Vec::new();
+    for (name, n) in [("phone", 7u8), ("phone-2", 7), ("watch", 9)] {
+        let mut u = upd(name);
+        u.row = Some(row(n));
+        u.outbox_put = vec![(0, payload(name, 0)), (1, payload(name, 1))];
+        u.inbox_put = vec![(0, message(name, 0))];
+        batch.push(u);
+    }
+    s.durable_commit(&batch).unwrap();
+    assert!(s.forget(&peer).unwrap());
+    assert_eq!(s.durable_names().unwrap(), vec!["watch".to_string()]);
+    for gone in ["phone", "phone-2"] {
+        assert!(s.durable_row(gone).unwrap().is_none());
+        assert!(out_seqs(&s, gone).is_empty());
+        assert!(in_seqs(&s, gone).is_empty());
+    }
+    assert_eq!(out_seqs(&s, "watch"), vec![0, 1]);
+    assert_eq!(in_seqs(&s, "watch"), vec![0]);
+    assert_eq!(s.durable_row("watch").unwrap(), Some(row(9)));
+}
+
+#[test]
 fn names_are_isolated_from_their_prefixes_and_extensions() {
     let (_d, path) = tmp();
     let s = Store::open_at(&path, 1).unwrap();
