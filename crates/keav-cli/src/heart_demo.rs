@@ -233,24 +233,20 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
         delivery: Delivery::Relay(relay_id.into()),
         ..MessengerOptions::default()
     };
-    let device = |name: &str| -> Result<Device> {
-        let file = if name.starts_with("monitor") {
-            "monitor"
-        } else {
-            "phone"
-        };
-        Device::open(dir.join(format!("{file}.redb")), settings())
-            .with_context(|| format!("opening the {name}'s store"))
+    // Stores are named after the role (`monitor.redb`, `phone.redb`), whatever the broker ids.
+    let device = |role: &str| -> Result<Device> {
+        Device::open(dir.join(format!("{role}.redb")), settings())
+            .with_context(|| format!("opening the {role}'s store"))
     };
     let monitor = Messenger::start(
-        device(mon_id)?,
+        device("monitor")?,
         broker.link(mon_id, LinkOptions::default()).await?,
         opts.clone(),
     )
     .await
     .context("starting the monitor")?;
     let phone = Messenger::start(
-        device(phone_id)?,
+        device("phone")?,
         broker.link(phone_id, LinkOptions::default()).await?,
         opts.clone(),
     )
@@ -334,7 +330,7 @@ async fn scenario(args: &HeartArgs) -> Result<()> {
 
     // 4. The phone comes back: same store, new process state.
     let phone = Messenger::start(
-        device(phone_id)?,
+        device("phone")?,
         broker.link(phone_id, LinkOptions::default()).await?,
         opts.clone(),
     )
