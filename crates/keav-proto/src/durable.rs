@@ -61,6 +61,21 @@
 //! of a restored channel may lie above the opener's highest record, up to the end of the
 //! epoch after the opener's ([`DurableChannel::restore`]).
 //!
+//! # Early arrivals
+//!
+//! A deferred data payload is not thrown away: the channel keeps it, unopened, in a bounded
+//! in-memory stash ([`DurableConfig::early_records`], [`DurableConfig::early_bytes`]; when
+//! full, lower sequence numbers push out higher ones, which are needed later) and
+//! [`DurableChannel::next_early`] feeds it back through the same checks once the gap before
+//! it has filled. Over a broker queue (JetStream, MQTT persistent sessions) everything queued
+//! behind a lost message arrives before its resend can, and without the stash each of those
+//! would have to be resent too. Nothing in the stash is authenticated yet, so it changes no
+//! key state and is never persisted: after a crash the sender's resends bring it back (it is
+//! still in the sender's outbox, as nothing beyond the cumulative ack was acknowledged). A
+//! forged payload can take a sequence number's place in the stash (the first copy stays); it
+//! fails to open when its turn comes and is dropped, and the genuine record comes with the
+//! sender's resend: a delay, never a loss or a forgery.
+//!
 //! # Flow control
 //!
 //! A receiver defers what it cannot take (beyond its reorder window of
@@ -94,6 +109,8 @@
 //!   `upto`.
 //! - The application's acknowledgement of released messages: the new `delivered` mark and
 //!   the deletion of inbox rows below it.
+
+use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
@@ -202,9 +219,11 @@ pub struct DurableConfig {
     pub custody_ms: u64,
     /// Flow window: most records in flight (transmitted, not acknowledged end to end, not in
     /// custody) before [`DurableChannel::poll_transmit`] holds new ones back (see the module
-    /// docs). Must be greater than 0, and should be at most the *peer's* reorder window
-    /// (its `inbox.max_pending`, capped at 2^[`DATA_RATCHET_LOG2`]): records sent beyond it
-    /// are deferred by the peer and come back only with resends.
+    /// docs). Must be greater than 0. Records beyond the *peer's* reorder window (its
+    /// `inbox.max_pending`, capped at 2^[`DATA_RATCHET_LOG2`]) wait unopened in the peer's
+    /// early-arrival stash, so the window should stay well within the peer's
+    /// `early_records`; records the peer can neither open nor stash come back only with
+    /// resends.
     pub window: usize,
     /// When `true`, a record counts as covered (out of the flow window) as soon as it was
     /// transmitted once, as custody would make it: for brokers that queue for offline peers
@@ -213,12 +232,18 @@ pub struct DurableConfig {
     pub broker_custody: bool,
     /// Fast retransmit on an ack that frees nothing (see the module docs); `true` by default.
     pub fast_retransmit: bool,
+    /// Early arrivals kept in memory (whole payloads, unopened) beyond the reorder window,
+    /// at most this many records (see "Early arrivals" in the module docs); 0 turns the
+    /// stash off.
+    pub early_records: usize,
+    /// ... and at most this many payload bytes.
+    pub early_bytes: usize,
 }
 
 impl Default for DurableConfig {
     /// Outbox 1,000,000 records / 256 MiB, first resend after 2 s doubling up to 60 s; inbox
-    /// 256 messages / 4 MiB; custody 10 minutes; window 256 records, no broker custody, fast
-    /// retransmit on.
+    /// 256 messages / 4 MiB; custody 10 minutes; window 1,024 records, no broker custody, fast
+    /// retransmit on; early arrivals 131,072 records / 16 MiB.
     fn default() -> Self {
         DurableConfig {
             outbox: OutboxLimits {
@@ -229,9 +254,11 @@ impl Default for DurableConfig {
             },
             inbox: InboxLimits::new(256, 4 << 20),
             custody_ms: 600_000,
-            window: 256,
+            window: 1024,
             broker_custody: false,
             fast_retransmit: true,
+            early_records: 1 << 17,
+            early_bytes: 16 << 20,
         }
     }
 }
@@ -501,6 +528,23 @@ pub struct DurableChannel {
     fast_retransmits: u64,
     /// When the last fast retransmit was made.
     last_fast_ms: Option<u64>,
+    /// Early arrivals: deferred data payloads, unopened, by sequence number (module docs).
+    early: BTreeMap<u64, Vec<u8>>,
+    /// Bytes held in `early`.
+    early_bytes: usize,
+}
+
+/// What the cheap checks decided about a data record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataCheck {
+    /// Already taken or released.
+    Duplicate,
+    /// Not now (beyond the reorder window, no room, or an epoch out of reach).
+    Defer,
+    /// Open with the data opener.
+    Main,
+    /// Open with the lookahead opener of a data opener at this epoch.
+    Lookahead(u32),
 }
 
 /// A copy of the data opener, for records of the next epoch; never persisted.
@@ -522,6 +566,7 @@ impl core::fmt::Debug for DurableChannel {
             .field("inbox_pending", &self.inbox.pending())
             .field("in_flight", &self.outbox.in_flight())
             .field("lookahead", &self.lookahead.is_some())
+            .field("early", &self.early.len())
             .finish_non_exhaustive()
     }
 }
@@ -559,6 +604,8 @@ impl DurableChannel {
             control_opener,
             fast_retransmits: 0,
             last_fast_ms: None,
+            early: BTreeMap::new(),
+            early_bytes: 0,
         })
     }
 
@@ -619,6 +666,8 @@ impl DurableChannel {
             inbox,
             fast_retransmits: 0,
             last_fast_ms: None,
+            early: BTreeMap::new(),
+            early_bytes: 0,
         })
     }
 
@@ -668,6 +717,25 @@ impl DurableChannel {
         }
     }
 
+    /// The cheap checks of a data record (module docs): inbox admission, then the epoch rule.
+    fn check_data(&self, h: &PayloadHeader) -> Result<DataCheck, DurableError> {
+        match self.inbox.admit(h.seq) {
+            Admission::Accept => {}
+            Admission::Duplicate => return Ok(DataCheck::Duplicate),
+            Admission::TooFarAhead | Admission::NoRoom => return Ok(DataCheck::Defer),
+        }
+        let main_epoch = self.data_opener.epoch().ok_or(RecordError::Closed)?;
+        let release = self.inbox.next_expected() >> DATA_RATCHET_LOG2;
+        let (t, m) = (u64::from(h.epoch), u64::from(main_epoch));
+        Ok(if t == release || (t == m && m > release) {
+            DataCheck::Main
+        } else if m == release && t == release.saturating_add(1) {
+            DataCheck::Lookahead(main_epoch)
+        } else {
+            DataCheck::Defer
+        })
+    }
+
     fn receive_data(
         &mut self,
         h: PayloadHeader,
@@ -675,31 +743,24 @@ impl DurableChannel {
         now_ms: u64,
     ) -> Result<Received, DurableError> {
         let seq = h.seq;
-        match self.inbox.admit(seq) {
-            Admission::Accept => {}
-            Admission::Duplicate => return Ok(Received::Duplicate { seq }),
-            Admission::TooFarAhead | Admission::NoRoom => return Ok(Received::Deferred { seq }),
-        }
-        // The epoch rule (module docs).
-        let main_epoch = self.data_opener.epoch().ok_or(RecordError::Closed)?;
-        let release = self.inbox.next_expected() >> DATA_RATCHET_LOG2;
-        let (t, m) = (u64::from(h.epoch), u64::from(main_epoch));
-        let by_main = t == release || (t == m && m > release);
-        let by_lookahead = !by_main && m == release && t == release.saturating_add(1);
-        if !by_main && !by_lookahead {
-            return Ok(Received::Deferred { seq });
-        }
-        let mut rec = record_of(payload).to_vec();
         // The inbox must take whatever the opener accepts: a body longer than it allows is
-        // refused before opening (the opener would mark it as seen).
-        if rec.len().saturating_sub(RECORD_OVERHEAD) > self.inbox.limits().max_payload {
+        // refused before opening (the opener would mark it as seen), and never stashed.
+        let body_len = record_of(payload).len().saturating_sub(RECORD_OVERHEAD);
+        let check = self.check_data(&h)?;
+        if check != DataCheck::Duplicate && body_len > self.inbox.limits().max_payload {
             return Err(DeliveryError::PayloadTooLong.into());
         }
-        let opener = if by_main {
-            &mut self.data_opener
-        } else {
-            self.lookahead(main_epoch, now_ms)?
+        let main_epoch = self.data_opener.epoch().ok_or(RecordError::Closed)?;
+        let opener = match check {
+            DataCheck::Duplicate => return Ok(Received::Duplicate { seq }),
+            DataCheck::Defer => {
+                self.stash(seq, payload);
+                return Ok(Received::Deferred { seq });
+            }
+            DataCheck::Main => &mut self.data_opener,
+            DataCheck::Lookahead(main_epoch) => self.lookahead(main_epoch, now_ms)?,
         };
+        let mut rec = record_of(payload).to_vec();
         let body = match opener.open(&mut rec, now_ms)? {
             Opened::Data(body) => body.to_vec(),
             // Not reached: `parse_header` accepts data records only.
@@ -711,6 +772,74 @@ impl DurableChannel {
         }
         self.inbox.insert(seq, body.clone())?;
         Ok(Received::Data { seq, body })
+    }
+
+    /// Keeps a deferred data payload for when the gap before it fills (module docs, "Early
+    /// arrivals"). The first copy of a sequence number stays; when full, the highest
+    /// sequence numbers make room for lower ones.
+    fn stash(&mut self, seq: u64, payload: &[u8]) {
+        if self.early.contains_key(&seq) || payload.len() > self.cfg.early_bytes {
+            return;
+        }
+        while self.early.len() >= self.cfg.early_records
+            || self.early_bytes.saturating_add(payload.len()) > self.cfg.early_bytes
+        {
+            match self.early.last_key_value() {
+                Some((&top, _)) if top > seq => {
+                    if let Some((_, p)) = self.early.pop_last() {
+                        self.early_bytes -= p.len();
+                    }
+                }
+                _ => return,
+            }
+        }
+        self.early_bytes += payload.len();
+        self.early.insert(seq, payload.to_vec());
+    }
+
+    /// Whether [`DurableChannel::next_early`] has something to do now: the lowest early
+    /// arrival passes the cheap checks (or is a duplicate to drop).
+    pub fn early_ready(&self) -> bool {
+        self.early.first_key_value().is_some_and(|(_, p)| {
+            parse_header(p).map_or(true, |h| {
+                !matches!(self.check_data(&h), Ok(DataCheck::Defer))
+            })
+        })
+    }
+
+    /// Takes the lowest early arrival if the inbox can take it now, as [`DurableChannel::receive`]
+    /// would have: `Some(Ok(Received::Data { .. }))` (same persistence duty), or the error of
+    /// a stashed payload that does not open (it is dropped: only an attacker makes one, and
+    /// the sender still resends the genuine record). Duplicates are dropped silently. `None`
+    /// when the stash is empty or its lowest record must still wait. Call it until `None`
+    /// after every [`Received::Data`] and whenever the application popped messages.
+    pub fn next_early(&mut self, now_ms: u64) -> Option<Result<Received, DurableError>> {
+        loop {
+            if !self.early_ready() {
+                return None;
+            }
+            let (seq, payload) = self.early.pop_first()?;
+            self.early_bytes -= payload.len();
+            let h = match parse_header(&payload) {
+                Ok(h) => h,
+                Err(e) => return Some(Err(e)),
+            };
+            match self.receive_data(h, &payload, now_ms) {
+                Ok(Received::Duplicate { .. }) => continue,
+                Ok(Received::Deferred { .. }) => {
+                    // Not reached (`early_ready` said it passes); keep it for later.
+                    self.early_bytes += payload.len();
+                    self.early.insert(seq, payload);
+                    return None;
+                }
+                other => return Some(other),
+            }
+        }
+    }
+
+    /// Early arrivals held (records, bytes).
+    pub fn early_len(&self) -> (usize, usize) {
+        (self.early.len(), self.early_bytes)
     }
 
     /// The lookahead opener for a data opener at `main_epoch` (made now if missing or

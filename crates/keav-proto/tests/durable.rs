@@ -838,6 +838,8 @@ struct Side {
     wire: HashMap<(u8, u64), Vec<u8>>,
     crashes: usize,
     deferred: usize,
+    /// Messages taken from the early-arrival stash.
+    early: usize,
     stale: usize,
     /// Restores whose inbox rows lie above the persisted data opener's highest record (taken
     /// by the lookahead opener), and those with rows in the epoch after the opener's.
@@ -870,6 +872,7 @@ impl Side {
             wire: HashMap::new(),
             crashes: 0,
             deferred: 0,
+            early: 0,
             stale: 0,
             restores_above_highest: 0,
             restores_next_epoch: 0,
@@ -1019,13 +1022,27 @@ impl Sim {
                 Err(e) => panic!("receive: {e}"),
             }
         }
-        // The application takes what is ready and acknowledges it at once.
-        while let Some((seq, body)) = self.sides[i].ch.pop() {
+        // The application takes what is ready and acknowledges it at once; what that makes
+        // room for comes out of the early-arrival stash (committed like any new message).
+        loop {
+            while let Some((seq, body)) = self.sides[i].ch.pop() {
+                let s = &mut self.sides[i];
+                assert_eq!(seq, s.got.len() as u64, "out of order or repeated");
+                s.got.push(body);
+                s.store.delivered = seq + 1;
+                s.store.inbox = s.store.inbox.split_off(&(seq + 1));
+            }
             let s = &mut self.sides[i];
-            assert_eq!(seq, s.got.len() as u64, "out of order or repeated");
-            s.got.push(body);
-            s.store.delivered = seq + 1;
-            s.store.inbox = s.store.inbox.split_off(&(seq + 1));
+            match s.ch.next_early(now) {
+                Some(Ok(Received::Data { seq, body })) => {
+                    s.commit_state();
+                    s.store.inbox.insert(seq, body);
+                    s.early += 1;
+                    need_ack = true;
+                }
+                Some(other) => panic!("next_early: {other:?}"),
+                None => break,
+            }
         }
         if need_ack {
             let ack = self.sides[i].ch.ack_payload(now).unwrap();
@@ -1136,6 +1153,7 @@ fn lossy_link_delivers_exactly_once_in_order_both_ways() {
             assert_eq!(s.got.len(), n);
             if beyond {
                 assert!(s.deferred > 0, "the window never deferred");
+                assert!(s.early > 0, "nothing came from the stash");
             }
         }
         assert!(fast > 0, "no fast retransmit");
@@ -1758,4 +1776,146 @@ mod properties {
             prop_assert_eq!(snapshot(&b), before);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Early arrivals (the stash)
+// ---------------------------------------------------------------------------------------------
+
+/// Drains the stash: every record it releases, as (seq, body), and the errors it reported.
+fn drain_early(b: &mut DurableChannel) -> (Vec<(u64, Vec<u8>)>, Vec<DurableError>) {
+    let (mut got, mut errs) = (Vec::new(), Vec::new());
+    loop {
+        while let Some((seq, body)) = b.pop() {
+            got.push((seq, body));
+        }
+        match b.next_early(0) {
+            Some(Ok(Received::Data { .. })) => {}
+            Some(Ok(other)) => panic!("next_early gave {other:?}"),
+            Some(Err(e)) => errs.push(e),
+            None => break,
+        }
+    }
+    while let Some((seq, body)) = b.pop() {
+        got.push((seq, body));
+    }
+    (got, errs)
+}
+
+#[test]
+fn a_backlog_behind_a_gap_is_released_from_the_stash_without_resends() {
+    let n = 3 * (1u64 << DATA_RATCHET_LOG2) + 17;
+    let (mut a, mut b) = pair(cfg());
+    let p: Vec<_> = (0..n).map(|i| a.send(&body(i), 0).unwrap().1).collect();
+    // Everything but record 3 arrives, far beyond the reorder window and across epochs.
+    let mut released = Vec::new();
+    for (i, q) in p.iter().enumerate() {
+        if i == 3 {
+            continue;
+        }
+        match b.receive(q, 0).unwrap() {
+            Received::Data { .. } | Received::Deferred { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        while let Some(m) = b.pop() {
+            released.push(m);
+        }
+    }
+    assert_eq!(released.len(), 3, "only 0..3 before the gap");
+    assert!(!b.early_ready(), "the stash waits for the gap");
+    let (held, _) = b.early_len();
+    assert!(held as u64 >= n - 4 - 256, "held {held}");
+    // Nothing in the stash is persisted: the key state did not move past the gap.
+    assert_eq!(b.inbox_ack(), 3);
+
+    // The gap fills: the whole backlog comes out of the stash, once, in order.
+    data(&mut b, &p[3]);
+    while let Some(m) = b.pop() {
+        released.push(m);
+    }
+    assert!(b.early_ready(), "room in the window again");
+    let (got, errs) = drain_early(&mut b);
+    assert!(errs.is_empty(), "{errs:?}");
+    released.extend(got);
+    let seqs: Vec<u64> = released.iter().map(|m| m.0).collect();
+    assert_eq!(seqs, (0..n).collect::<Vec<_>>());
+    assert!(released.iter().all(|(s, b2)| *b2 == body(*s)));
+    assert_eq!(b.inbox_ack(), n);
+    assert_eq!(b.early_len(), (0, 0));
+    // Late copies are duplicates.
+    assert_eq!(
+        b.receive(&p[n as usize - 1], 0),
+        Ok(Received::Duplicate { seq: n - 1 })
+    );
+}
+
+#[test]
+fn the_stash_is_bounded_and_keeps_the_lowest_sequence_numbers() {
+    let mut c = cfg();
+    c.early_records = 10;
+    let (mut a, mut b) = pair(c);
+    let p: Vec<_> = (0..400u64)
+        .map(|i| a.send(&body(i), 0).unwrap().1)
+        .collect();
+    // Arrive in reverse order (highest first), without record 0.
+    for q in p[1..].iter().rev() {
+        assert!(matches!(
+            b.receive(q, 0),
+            Ok(Received::Data { .. } | Received::Deferred { .. })
+        ));
+    }
+    // The window holds 1..256; the stash the 10 lowest beyond it.
+    assert_eq!(b.early_len().0, 10);
+    data(&mut b, &p[0]);
+    let (got, errs) = drain_early(&mut b);
+    assert!(errs.is_empty());
+    let last = got.last().unwrap().0;
+    assert_eq!(got.len() as u64, last + 1);
+    assert_eq!(last, 255 + 10, "window, then exactly the stashed ten");
+    // The rest comes with resends.
+    for q in &p[last as usize + 1..] {
+        data(&mut b, q);
+    }
+    let (rest, _) = drain_early(&mut b);
+    assert_eq!(rest.first().unwrap().0, last + 1);
+    assert_eq!(rest.last().unwrap().0, 399);
+
+    // Off: nothing is stashed.
+    let mut off = cfg();
+    off.early_records = 0;
+    let (mut a, mut b) = pair(off);
+    let p: Vec<_> = (0..300u64)
+        .map(|i| a.send(&body(i), 0).unwrap().1)
+        .collect();
+    assert_eq!(b.receive(&p[299], 0), Ok(Received::Deferred { seq: 299 }));
+    assert_eq!(b.early_len(), (0, 0));
+}
+
+#[test]
+fn a_forged_stashed_record_delays_but_neither_forges_nor_loses() {
+    let (mut a, mut b) = pair(cfg());
+    let p: Vec<_> = (0..600u64)
+        .map(|i| a.send(&body(i), 0).unwrap().1)
+        .collect();
+    // An attacker plants a forgery of record 300 before the genuine one arrives.
+    let mut forged = p[300].clone();
+    *forged.last_mut().unwrap() ^= 1;
+    let before = snapshot(&b);
+    assert_eq!(b.receive(&forged, 0), Ok(Received::Deferred { seq: 300 }));
+    assert_eq!(snapshot(&b), before, "a stashed payload changes no state");
+    for q in &p[1..] {
+        b.receive(q, 0).unwrap();
+    }
+    data(&mut b, &p[0]);
+    let (got, errs) = drain_early(&mut b);
+    // Released up to the forgery's place, which fails to open and is dropped.
+    assert_eq!(got.last().unwrap().0, 299);
+    assert_eq!(errs, vec![DurableError::Record(RecordError::BadTag)]);
+    // The sender's resend of 300 fills it; the rest follows from the stash, in order.
+    data(&mut b, &p[300]);
+    let (rest, errs) = drain_early(&mut b);
+    assert!(errs.is_empty());
+    let seqs: Vec<u64> = rest.iter().map(|m| m.0).collect();
+    assert_eq!(seqs, (300..600).collect::<Vec<_>>());
+    assert!(rest.iter().all(|(s, b2)| *b2 == body(*s)));
 }
