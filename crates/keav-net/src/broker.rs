@@ -47,6 +47,12 @@ use keav_proto::route::FRAME_TAG;
 
 /// Datagrams queued per peer route.
 const PEER_QUEUE: usize = 256;
+/// When a peer route's queue is full, the receive loop waits this long for room (the
+/// channel's reader is taking records: flow control back to the broker, as a plain
+/// subscriber has) before it drops the message; a route that stalled this long drops
+/// without waiting until its queue has room again, so a reader that stopped reading cannot
+/// hold up the link.
+const STALL: Duration = Duration::from_millis(250);
 /// Incoming handshakes waiting for `accept`.
 const ACCEPT_QUEUE: usize = 16;
 /// Incoming mail waiting for the taker of [`Hub::take_mail`].
@@ -239,7 +245,8 @@ pub struct LinkStats {
     pub dropped_malformed: u64,
     /// Dropped: from a sender with no route, and not a Hello that could start one.
     pub dropped_unrouted: u64,
-    /// Dropped: a route's queue, the accept queue or the peer table was full.
+    /// Dropped: a route's queue stayed full (its reader took nothing for 250 ms, or had
+    /// stalled before), or the accept queue, the mail queue or the peer table was full.
     pub dropped_busy: u64,
 }
 
@@ -476,6 +483,8 @@ struct Pending {
 /// Where one peer's messages go.
 struct Route {
     tx: mpsc::Sender<Vec<u8>>,
+    /// Set when the queue stayed full for [`STALL`]; cleared once it takes a message again.
+    stalled: Arc<AtomicBool>,
     /// Set once this route's handshake completed.
     established: Arc<AtomicBool>,
     /// The peer's Hello message in this route's session.
@@ -487,11 +496,19 @@ impl Route {
         let established = Arc::new(AtomicBool::new(false));
         let r = Route {
             tx,
+            stalled: Arc::new(AtomicBool::new(false)),
             established: established.clone(),
             hello,
         };
         (r, established)
     }
+}
+
+/// A message for a route whose queue is full: [`Feed::deliver`] waits for room.
+struct Blocked {
+    tx: mpsc::Sender<Vec<u8>>,
+    stalled: Arc<AtomicBool>,
+    payload: Vec<u8>,
 }
 
 /// `payload` if it is a well-formed Hello message.
@@ -603,19 +620,24 @@ impl Router {
         }
     }
 
-    /// Routes one incoming message.
-    fn route(&self, topic: &str, payload: &[u8], retained: bool, accept: &mpsc::Sender<Pending>) {
+    /// Routes one incoming message; a message for a route whose queue is full (and that has
+    /// not stalled) is given back to wait for room.
+    fn route(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        retained: bool,
+        accept: &mpsc::Sender<Pending>,
+    ) -> Option<Blocked> {
         let (c, carrier) = (&self.counters, self.scheme.name);
         if self.mail_source == MailSource::Consumer && !retained && is_mail(payload) {
             // The JetStream consumer delivers (and counts) it.
-            return;
+            return None;
         }
-        let Some(from) = self.check(topic, payload) else {
-            return;
-        };
+        let from = self.check(topic, payload)?;
         if !retained && is_mail(payload) {
             self.mail(from, payload);
-            return;
+            return None;
         }
         if retained
             || !matches!(
@@ -625,7 +647,7 @@ impl Router {
         {
             bump(&c.malformed);
             debug!(carrier, from, retained, "unclassifiable payload dropped");
-            return;
+            return None;
         }
         let hello = match payload.first() {
             Some(&BARE_MESSAGE) => hello_message(payload),
@@ -654,11 +676,21 @@ impl Router {
                 routes.remove(from);
             } else {
                 match r.tx.try_send(payload.to_vec()) {
-                    Ok(()) => return,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        bump(&c.busy);
-                        debug!(carrier, from, "peer queue full: message dropped");
-                        return;
+                    Ok(()) => {
+                        r.stalled.store(false, Ordering::Relaxed);
+                        return None;
+                    }
+                    Err(mpsc::error::TrySendError::Full(payload)) => {
+                        if r.stalled.load(Ordering::Relaxed) {
+                            bump(&c.busy);
+                            debug!(carrier, from, "peer queue stalled: message dropped");
+                            return None;
+                        }
+                        return Some(Blocked {
+                            tx: r.tx.clone(),
+                            stalled: r.stalled.clone(),
+                            payload,
+                        });
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         routes.remove(from);
@@ -672,14 +704,14 @@ impl Router {
                 carrier,
                 from, "message from a sender with no route is not a Hello: dropped"
             );
-            return;
+            return None;
         };
         if routes.len() >= self.max_peers {
             routes.retain(|_, r| !r.tx.is_closed());
             if routes.len() >= self.max_peers {
                 bump(&c.busy);
                 debug!(carrier, from, "peer table full: Hello dropped");
-                return;
+                return None;
             }
         }
         let (qtx, qrx) = mpsc::channel(PEER_QUEUE);
@@ -696,9 +728,10 @@ impl Router {
                 carrier,
                 from, "accept queue full: Hello dropped (the peer retransmits)"
             );
-            return;
+            return None;
         }
         routes.insert(from.to_string(), route);
+        None
     }
 }
 
@@ -721,8 +754,24 @@ pub(crate) struct Feed {
 
 impl Feed {
     /// Counts, checks and routes one incoming message (`retained`: an MQTT retained message).
-    pub(crate) fn deliver(&self, subject: &str, payload: &[u8], retained: bool) {
-        self.router.route(subject, payload, retained, &self.accept);
+    /// Waits up to [`STALL`] while the route's queue is full.
+    pub(crate) async fn deliver(&self, subject: &str, payload: &[u8], retained: bool) {
+        let Some(b) = self.router.route(subject, payload, retained, &self.accept) else {
+            return;
+        };
+        let (c, carrier) = (&self.router.counters, self.router.scheme.name);
+        match b.tx.send_timeout(b.payload, STALL).await {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                b.stalled.store(true, Ordering::Relaxed);
+                bump(&c.busy);
+                debug!(carrier, "peer queue full for {STALL:?}: message dropped");
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                bump(&c.unrouted);
+                debug!(carrier, "peer route closed while waiting: message dropped");
+            }
+        }
     }
 
     /// Counts one (re)connection acknowledged by the broker (MQTT ConnAck).
@@ -1100,6 +1149,78 @@ mod tests {
         assert_eq!(MQTT.inbox_filter("d"), "keav/v1/d/from/#");
         assert_eq!(NATS.subject("p", "d"), "keav.v1.p.from.d");
         assert_eq!(NATS.inbox_filter("d"), "keav.v1.d.from.>");
+    }
+
+    /// A hub with no broker behind it (the client is never polled) and a route to `peer`
+    /// whose queue holds two messages.
+    fn hub_with_route(peer: &str) -> (Hub, Feed, mpsc::Receiver<Vec<u8>>) {
+        let (client, _eventloop) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 9), 4);
+        let (hub, feed) = Hub::new(
+            &MQTT,
+            "me",
+            1024,
+            4,
+            Publisher::Mqtt(client),
+            MailSource::Inbox,
+            None,
+        );
+        let (qtx, qrx) = mpsc::channel(2);
+        let (route, established) = Route::new(qtx, None);
+        established.store(true, Ordering::Release);
+        hub.router.routes().insert(peer.to_string(), route);
+        (hub, feed, qrx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_route_waits_for_its_reader_and_a_stalled_one_drops() {
+        let (hub, feed, mut q) = hub_with_route("peer");
+        let topic = MQTT.subject("me", "peer");
+        let rec = |i: u8| vec![RECORD_DATA, i];
+        feed.deliver(&topic, &rec(0), false).await;
+        feed.deliver(&topic, &rec(1), false).await;
+        // The queue is full: the third waits until the reader takes one, then goes in.
+        let (t0, r2) = (Instant::now(), rec(2));
+        let (_, first) = tokio::join!(feed.deliver(&topic, &r2, false), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            q.recv().await
+        });
+        assert_eq!(first, Some(rec(0)));
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+        assert_eq!(hub.stats().dropped_busy, 0);
+        // Nobody reads: after STALL the message is dropped and counted, and the route is
+        // stalled: the next one is dropped at once.
+        let t0 = Instant::now();
+        feed.deliver(&topic, &rec(3), false).await;
+        assert!((STALL..STALL + Duration::from_millis(10)).contains(&t0.elapsed()));
+        assert_eq!(hub.stats().dropped_busy, 1);
+        let t0 = Instant::now();
+        feed.deliver(&topic, &rec(4), false).await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(hub.stats().dropped_busy, 2);
+        // Once the reader takes something, the route takes messages (and waits) again.
+        assert_eq!(q.recv().await, Some(rec(1)));
+        feed.deliver(&topic, &rec(5), false).await;
+        assert_eq!(hub.stats().dropped_busy, 2);
+        let r6 = rec(6);
+        let (_, next) = tokio::join!(feed.deliver(&topic, &r6, false), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            q.recv().await
+        });
+        assert_eq!(next, Some(rec(2)));
+        let got: Vec<_> = [q.recv().await, q.recv().await].into();
+        assert_eq!(got, [Some(rec(5)), Some(rec(6))]);
+        assert_eq!(hub.stats().dropped_busy, 2);
+        // A route whose reader is gone while a message waits: counted as unrouted.
+        feed.deliver(&topic, &rec(7), false).await;
+        feed.deliver(&topic, &rec(8), false).await;
+        let r9 = rec(9);
+        let (_, ()) = tokio::join!(feed.deliver(&topic, &r9, false), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(q);
+        });
+        assert_eq!(hub.stats().dropped_unrouted, 1);
+        assert_eq!(hub.stats().dropped_busy, 2);
     }
 
     #[test]

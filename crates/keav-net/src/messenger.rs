@@ -309,8 +309,12 @@ pub struct MessengerStats {
     pub duplicates: u64,
     /// Payloads dropped: failed authentication or malformed.
     pub rejected: u64,
-    /// Payloads not taken now (reorder window, epoch rule): the sender resends.
+    /// Payloads not taken on arrival (reorder window, epoch rule): kept in the channel's
+    /// early-arrival stash while it has room, else the sender resends them.
     pub deferred: u64,
+    /// Messages taken from the early-arrival stash once the gap before them filled (also
+    /// counted in `received`).
+    pub early: u64,
     /// Entries a relay refused (mailbox full, no route).
     pub refused: u64,
     /// `Need` frames sent to the relay (this device missed a message of a peer).
@@ -329,6 +333,7 @@ struct Counters {
     duplicates: AtomicU64,
     rejected: AtomicU64,
     deferred: AtomicU64,
+    early: AtomicU64,
     refused: AtomicU64,
     needs: AtomicU64,
     need_resends: AtomicU64,
@@ -594,6 +599,7 @@ impl Messenger {
             duplicates: l(&c.duplicates),
             rejected: l(&c.rejected),
             deferred: l(&c.deferred),
+            early: l(&c.early),
             refused: l(&c.refused),
             needs: l(&c.needs),
             need_resends: l(&c.need_resends),

@@ -36,6 +36,12 @@
 //! (a broker may lose messages across a reconnect), and records that fail to open — forged,
 //! replayed, or QoS 1 duplicates — are dropped and counted
 //! ([`Channel::dropped_records`](crate::session::Channel::dropped_records)), never delivered.
+//! Flow control: each peer's incoming records wait in a queue of 256; when it is full the
+//! event loop waits up to 250 ms for the channel's reader to take one (so a reader that is
+//! merely slower than the broker slows the link down, as a plain subscriber would, and loses
+//! nothing), then drops the record and counts it as `dropped_busy`; a route that stalled
+//! that long drops at once until its reader takes something again, so a reader that stopped
+//! reading cannot hold the link up.
 //!
 //! [`Link`] is one MQTT connection of one device; everything but the MQTT client is shared
 //! with the NATS carrier ([`crate::nats`]). Its event loop (a tokio task) routes each
@@ -200,7 +206,7 @@ async fn event_loop(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                feed.deliver(&p.topic, &p.payload, p.retain);
+                feed.deliver(&p.topic, &p.payload, p.retain).await;
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);

@@ -363,7 +363,7 @@ async fn consume(consumer: PullConsumer, feed: Feed) {
 
 async fn receive(mut inbox: async_nats::Subscriber, feed: Feed) {
     while let Some(m) = inbox.next().await {
-        feed.deliver(m.subject.as_str(), &m.payload, false);
+        feed.deliver(m.subject.as_str(), &m.payload, false).await;
     }
     debug!("NATS inbox subscription ended");
 }

@@ -230,7 +230,11 @@ impl Spy {
     }
 
     async fn nats() -> Spy {
-        let client = async_nats::connect(NATS).await.unwrap();
+        Spy::nats_at(NATS).await
+    }
+
+    async fn nats_at(addr: &str) -> Spy {
+        let client = async_nats::connect(addr).await.unwrap();
         let mut sub = client.subscribe("keav.>").await.unwrap();
         client.flush().await.unwrap();
         let log = SpyLog::default();
@@ -498,18 +502,21 @@ async fn nats_pairing_returns_equal_sessions_and_the_responder_lingers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_pairing_with_jetstream_on() {
-    if !listening(NATS, "NATS server") {
+    // Its own server: a JetStream stream must not stay behind on the shared one.
+    let Some(server) = common::private_nats::PrivateNats::start() else {
+        eprintln!("skipped: nats-server is not installed");
         return;
-    }
+    };
+    let nats = server.addr();
     let sfx = suffix();
-    let spy = Spy::nats().await;
+    let spy = Spy::nats_at(nats).await;
     let o = LinkOptions {
         jetstream: Some(JetStreamOptions::default()),
         ..LinkOptions::default()
     };
-    pairing::<keav_net::nats::Link>(NATS, spy, &sfx, o).await;
+    pairing::<keav_net::nats::Link>(nats, spy, &sfx, o).await;
     for id in [format!("ha-{sfx}"), format!("hb-{sfx}")] {
-        delete_consumer(NATS, "KEAV", &id).await;
+        delete_consumer(nats, "KEAV", &id).await;
     }
 }
 
@@ -636,9 +643,12 @@ async fn delete_consumer(server: &str, stream: &str, id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_mail() {
-    if !listening(NATS, "NATS server") {
+    // Its own server: a JetStream stream must not stay behind on the shared one.
+    let Some(server) = common::private_nats::PrivateNats::start() else {
+        eprintln!("skipped: nats-server is not installed");
         return;
-    }
+    };
+    let nats = server.addr();
     type L = keav_net::nats::Link;
     let sfx = suffix();
     let (ida, idb) = (format!("ja-{sfx}"), format!("jb-{sfx}"));
@@ -650,9 +660,9 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
         ..LinkOptions::default()
     };
     // B's consumer is created, then B goes offline.
-    let lb = L::connect(NATS, &idb, js.clone()).await.unwrap();
+    let lb = L::connect(nats, &idb, js.clone()).await.unwrap();
     drop(lb);
-    let la = L::connect(NATS, &ida, js.clone()).await.unwrap();
+    let la = L::connect(nats, &ida, js.clone()).await.unwrap();
     const N: usize = 100;
     let sent: Vec<Vec<u8>> = (0..N)
         .map(|i| mail_body(if i % 3 == 0 { 0x52 } else { 0x44 }, i, &sfx))
@@ -662,7 +672,7 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
     }
 
     // B comes back and gets all of it; it acknowledges the even ones only.
-    let lb = L::connect(NATS, &idb, js.clone()).await.unwrap();
+    let lb = L::connect(nats, &idb, js.clone()).await.unwrap();
     let mut rx = lb.take_mail().unwrap();
     let mut got = BTreeSet::new();
     let mut acked = BTreeSet::new();
@@ -685,7 +695,7 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
     drop(lb);
 
     // B again: only the unacknowledged ones come back.
-    let lb = L::connect(NATS, &idb, js.clone()).await.unwrap();
+    let lb = L::connect(nats, &idb, js.clone()).await.unwrap();
     let mut rx = lb.take_mail().unwrap();
     let mut again = BTreeSet::new();
     while again.len() < N / 2 {
@@ -715,7 +725,7 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
         assert!(!acked.contains(&i), "acked mail {i} was redelivered");
     }
     // Once the server has nothing pending for B, nothing else can arrive.
-    let c = async_nats::connect(NATS).await.unwrap();
+    let c = async_nats::connect(nats).await.unwrap();
     let stream = async_nats::jetstream::new(c)
         .get_stream("KEAV")
         .await
@@ -741,8 +751,8 @@ async fn jetstream_keeps_mail_for_an_offline_device_and_redelivers_only_unacked_
     }
     assert_eq!(lb.stats().dropped_busy, 0);
     drop((la, lb));
-    delete_consumer(NATS, "KEAV", &idb).await;
-    delete_consumer(NATS, "KEAV", &ida).await;
+    delete_consumer(nats, "KEAV", &idb).await;
+    delete_consumer(nats, "KEAV", &ida).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

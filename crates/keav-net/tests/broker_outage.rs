@@ -278,9 +278,6 @@ async fn mqtt_persistent_session_broker_killed_twice_offline_device_gets_all_onc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: after a loss the receiver defers (and acks) everything queued behind it, \
-            so each lost record costs a pass over the stream; needs a durable early-arrival \
-            store on the receiver (see docs/MESSAGING.md, limits)"]
 async fn jetstream_server_killed_twice_offline_device_gets_all_once_in_order() {
     outage(Kind::Nats).await;
 }

@@ -69,6 +69,16 @@ async fn link(b: Broker, id: &str) -> (Carrier, Weakling) {
 }
 
 async fn link_with(b: Broker, id: &str, opts: LinkOptions) -> (Carrier, Weakling) {
+    link_at(b, None, id, opts).await
+}
+
+/// A link to `b`, at `nats` instead of the shared NATS server if given.
+async fn link_at(
+    b: Broker,
+    nats: Option<&str>,
+    id: &str,
+    opts: LinkOptions,
+) -> (Carrier, Weakling) {
     match b {
         Broker::Mqtt => {
             let l = Arc::new(keav_net::mqtt::Link::connect(MQTT, id, opts).await.unwrap());
@@ -76,7 +86,8 @@ async fn link_with(b: Broker, id: &str, opts: LinkOptions) -> (Carrier, Weakling
             (Carrier::Mqtt(l), w)
         }
         Broker::Nats => {
-            let l = Arc::new(keav_net::nats::Link::connect(NATS, id, opts).await.unwrap());
+            let addr = nats.unwrap_or(NATS);
+            let l = Arc::new(keav_net::nats::Link::connect(addr, id, opts).await.unwrap());
             let w = Weakling::Nats(Arc::downgrade(&l));
             (Carrier::Nats(l), w)
         }
@@ -102,6 +113,8 @@ struct Node {
     broker: Broker,
     opts: MessengerOptions,
     link_opts: LinkOptions,
+    /// A private NATS server's address instead of the shared one.
+    nats: Option<String>,
     m: Option<Messenger>,
     link: Option<Weakling>,
 }
@@ -114,6 +127,7 @@ impl Node {
             broker,
             opts,
             link_opts: LinkOptions::default(),
+            nats: None,
             m: None,
             link: None,
         }
@@ -121,7 +135,13 @@ impl Node {
 
     async fn start(&mut self) {
         assert!(self.m.is_none());
-        let (carrier, weak) = link_with(self.broker, &self.id, self.link_opts.clone()).await;
+        let (carrier, weak) = link_at(
+            self.broker,
+            self.nats.as_deref(),
+            &self.id,
+            self.link_opts.clone(),
+        )
+        .await;
         let m = Messenger::start(self.device.clone(), carrier, self.opts.clone())
             .await
             .unwrap();
@@ -686,6 +706,17 @@ async fn unknown_peers_long_messages_and_bad_options_are_refused() {
 /// deliver what was sent while the receiver was away.
 async fn broker_queue_is_the_mailbox(broker: Broker) {
     const N: usize = 300;
+    // JetStream on a server of its own: the stream must not stay behind on the shared one.
+    let private = match broker {
+        Broker::Nats => match common::private_nats::PrivateNats::start() {
+            Some(p) => Some(p),
+            None => {
+                eprintln!("skipped: nats-server is not installed");
+                return;
+            }
+        },
+        Broker::Mqtt => None,
+    };
     let (ida, idb, sfx) = ids();
     let dir = TempDir::new().unwrap();
     let mut slow = MessengerOptions::default();
@@ -705,6 +736,9 @@ async fn broker_queue_is_the_mailbox(broker: Broker) {
     let mut b = Node::new(&dir, &idb, broker, slow);
     a.link_opts = lo.clone();
     b.link_opts = lo;
+    let nats = private.as_ref().map(|p| p.addr().to_string());
+    a.nats = nats.clone();
+    b.nats = nats;
     a.start().await;
     b.start().await;
     pair(&a, &b).await;

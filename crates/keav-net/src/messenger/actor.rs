@@ -391,6 +391,9 @@ impl Actor {
     }
 
     fn next_wake(&self) -> Instant {
+        if self.peers.values().any(|p| p.ch.early_ready()) {
+            return Instant::now();
+        }
         let due = self
             .peers
             .values()
@@ -522,20 +525,7 @@ impl Actor {
                     .inbox_put
                     .push((seq, Zeroizing::new(body)));
                 batch.ack_to.insert(src.to_string());
-                // Release what is in order now (it reaches the application only after the
-                // commit), so the reorder window moves on within the batch.
-                while self.ready.len() + batch.staged.len() < READY_MAX {
-                    let Some((seq, body)) = p.ch.pop() else {
-                        break;
-                    };
-                    p.released = seq.saturating_add(1);
-                    batch.staged.push(Message {
-                        from: src.to_string(),
-                        peer_zid: p.zid,
-                        seq,
-                        body,
-                    });
-                }
+                self.take_early(src, batch);
                 Outcome::Done
             }
             Ok(Received::Duplicate { .. }) => {
@@ -560,6 +550,47 @@ impl Actor {
             Err(e) => {
                 self.reject(src, &e);
                 Outcome::Rejected
+            }
+        }
+    }
+
+    /// After a message was taken from `src`: releases what is in order now (it reaches the
+    /// application only after the commit), so the reorder window moves on within the batch,
+    /// and takes early arrivals the channel stashed while they were beyond its window.
+    fn take_early(&mut self, src: &str, batch: &mut Batch) {
+        let now = self.now();
+        let Some(p) = self.peers.get_mut(src) else {
+            return;
+        };
+        loop {
+            while self.ready.len() + batch.staged.len() < READY_MAX {
+                let Some((seq, body)) = p.ch.pop() else {
+                    break;
+                };
+                p.released = seq.saturating_add(1);
+                batch.staged.push(Message {
+                    from: src.to_string(),
+                    peer_zid: p.zid,
+                    seq,
+                    body,
+                });
+            }
+            match p.ch.next_early(now) {
+                Some(Ok(Received::Data { seq, body })) => {
+                    bump(&self.shared.counters.received, 1);
+                    bump(&self.shared.counters.early, 1);
+                    batch
+                        .update(src)
+                        .inbox_put
+                        .push((seq, Zeroizing::new(body)));
+                    batch.ack_to.insert(src.to_string());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    bump(&self.shared.counters.rejected, 1);
+                    debug!(device = %self.id, from = src, reason = %e, "stashed payload rejected");
+                }
+                None => break,
             }
         }
     }
@@ -688,6 +719,15 @@ impl Actor {
 
     /// Seals the acks, commits the batch, then does everything that had to wait for it.
     async fn finish(&mut self, mut batch: Batch) -> Result<(), Error> {
+        let ready: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.ch.early_ready())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in ready {
+            self.take_early(&name, &mut batch);
+        }
         let now = self.now();
         let mut acks = Vec::new();
         for name in std::mem::take(&mut batch.ack_to) {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod private_nats;
 pub mod spy;
 
 use std::time::Duration;
