@@ -1,0 +1,536 @@
+//! The operator's C2 routes, served beside the identity service's (every route needs
+//! `Authorization: Bearer <operator token>`, compared in constant time):
+//!
+//! | route | does | answer |
+//! | --- | --- | --- |
+//! | `POST /v1/c2/command` | action, data, generic or ID request to a device or a group | 200 [`SentBody`] |
+//! | `POST /v1/c2/update` | update initiate to a device or a group | 200 [`SentBody`] |
+//! | `POST /v1/c2/activate` | activate a verified update | 200 [`SentBody`] |
+//! | `GET /v1/c2/responses/{token}` | where a token stands | 200 [`TokenBody`] |
+//! | `POST /v1/c2/responses` | several tokens at once | 200 [`TokenListBody`] |
+//! | `GET /v1/c2/joins` | pending joins (with words) | 200 [`JoinsBody`] |
+//! | `POST /v1/c2/joins/{id}` | accept or refuse a join | 200 [`DecidedBody`] |
+//! | `POST /v1/c2/devices/{id}/join` | join command | 200 [`SentBody`] |
+//! | `POST /v1/c2/devices/{id}/terminate` | terminate | 200 [`SentBody`] |
+//! | `POST /v1/c2/devices/{id}/deregister` | deregister command, then revocation | 200 [`SentBody`] |
+//! | `POST /v1/c2/devices/{id}/revoke` | revocation (registry, engine, broker) | 200 [`SentBody`] |
+//! | `POST /v1/c2/devices/{id}/confidential` | start/rekey a confidential session, set the policy ([`ConfidentialBody`], optional) | 200 [`SentBody`] (handshake tokens) |
+//! | `GET /v1/c2/devices/{id}/confidential` | where the device's confidentiality stands | 200 [`ConfidentialInfoBody`] |
+//! | `GET /v1/c2/stats` | counters | 200 [`StatsBody`] |
+//!
+//! Errors are the identity service's `{"error", "code"}` bodies.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::api::*;
+use super::{Sent, Server, ServerError};
+use crate::engine::{EngineError, JoinMethod, Outcome, Targets};
+use crate::identity::api::ErrorBody;
+use crate::keys::DeviceId;
+use crate::registry::Registry;
+use crate::wire::{Action, Body, Data, Generic, IdRequest, Status, Token, Value};
+
+/// Most tokens asked for in one call.
+const MAX_TOKENS: usize = 10_000;
+
+struct AppState<R> {
+    server: Server<R>,
+    operator_digest: [u8; 32],
+}
+
+/// The operator routes over `server` (merged into the identity service's router).
+pub fn router<R: Registry>(server: Server<R>, operator_token: &str) -> Router {
+    let st = Arc::new(AppState {
+        server,
+        operator_digest: Sha256::digest(operator_token.as_bytes()).into(),
+    });
+    Router::new()
+        .route("/v1/c2/command", post(command::<R>))
+        .route("/v1/c2/update", post(update::<R>))
+        .route("/v1/c2/activate", post(activate::<R>))
+        .route("/v1/c2/responses", post(responses_many::<R>))
+        .route("/v1/c2/responses/:token", get(responses_one::<R>))
+        .route("/v1/c2/joins", get(joins::<R>))
+        .route("/v1/c2/joins/:id", post(decide::<R>))
+        .route(
+            "/v1/c2/devices/:id/:verb",
+            post(device_verb::<R>).get(device_get::<R>),
+        )
+        .route("/v1/c2/stats", get(stats::<R>))
+        .layer(DefaultBodyLimit::max(1024 * 1024))
+        .with_state(st)
+}
+
+/// An error answer.
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(ErrorBody {
+            error: self.2,
+            code: self.1.to_string(),
+        });
+        if self.0 == StatusCode::UNAUTHORIZED {
+            (self.0, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+        } else {
+            (self.0, body).into_response()
+        }
+    }
+}
+
+fn bad(what: &'static str) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "invalid", what.to_string())
+}
+
+impl From<ServerError> for ApiError {
+    fn from(e: ServerError) -> ApiError {
+        match &e {
+            ServerError::Engine(EngineError::UnknownDevice(_)) | ServerError::UnknownDevice(_) => {
+                ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            ServerError::Engine(EngineError::BadExpiry { .. }) | ServerError::Invalid(_) => {
+                ApiError(StatusCode::BAD_REQUEST, "invalid", e.to_string())
+            }
+            ServerError::Engine(_)
+            | ServerError::Confidential(_)
+            | ServerError::ConfidentialRequired(_) => {
+                ApiError(StatusCode::CONFLICT, "refused", e.to_string())
+            }
+            ServerError::Registry(crate::registry::RegistryError::NotFound(_)) => {
+                ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            _ => {
+                tracing::error!(error = %e, "operator call failed");
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error".into(),
+                )
+            }
+        }
+    }
+}
+
+fn operator<R>(st: &AppState<R>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let unauthorized = || {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "operator token missing or wrong".into(),
+        )
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(unauthorized)?;
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    if bool::from(digest.ct_eq(&st.operator_digest)) {
+        Ok(())
+    } else {
+        Err(unauthorized())
+    }
+}
+
+fn device_id(s: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::from_hex(&s.to_ascii_lowercase()).ok_or_else(|| bad("device id"))
+}
+
+/// A token's hex form.
+pub fn token_hex(t: &Token) -> String {
+    t.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses a token's hex form.
+pub fn parse_token(s: &str) -> Option<Token> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    let bytes = bytes?;
+    if bytes.is_empty() {
+        return None;
+    }
+    Token::new(&bytes).ok()
+}
+
+/// Parses 64 hex digits.
+pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
+    let t = parse_token(s)?;
+    t.as_bytes().try_into().ok()
+}
+
+fn targets(device: &Option<String>, group: &Option<String>) -> Result<Targets, ApiError> {
+    match (device, group) {
+        (Some(d), None) => Ok(Targets::Devices(vec![device_id(d)?])),
+        (None, Some(g)) => {
+            crate::registry::validate_groups(std::slice::from_ref(g))
+                .map_err(|_| bad("group name"))?;
+            Ok(Targets::Group(g.clone()))
+        }
+        _ => Err(bad("give exactly one of device and group")),
+    }
+}
+
+fn b64(s: &str) -> Result<Vec<u8>, ApiError> {
+    STANDARD.decode(s.as_bytes()).map_err(|_| bad("base64"))
+}
+
+fn body_of(c: &CommandBody) -> Result<Body, ApiError> {
+    let n = usize::from(c.action.is_some())
+        + usize::from(c.data_id.is_some())
+        + usize::from(c.generic.is_some())
+        + usize::from(c.id_request);
+    if n != 1 {
+        return Err(bad(
+            "give exactly one of action, data_id, generic, id_request",
+        ));
+    }
+    if let Some(a) = c.action {
+        let args = c.args.as_deref().map(b64).transpose()?.unwrap_or_default();
+        return Ok(Body::Action(Action { action: a, args }));
+    }
+    if let Some(id) = &c.data_id {
+        let value = match c.value.as_ref().ok_or_else(|| bad("data needs a value"))? {
+            ValueBody::U64(v) => Value::U64(*v),
+            ValueBody::I64(v) => Value::I64(*v),
+            ValueBody::F64(v) => Value::F64(*v),
+            ValueBody::Bool(v) => Value::Bool(*v),
+            ValueBody::Text(v) => Value::Text(v.clone()),
+            ValueBody::Bytes(v) => Value::Bytes(b64(v)?),
+        };
+        return Ok(Body::Data(Data {
+            id: id.clone(),
+            value,
+        }));
+    }
+    if let Some(g) = &c.generic {
+        return Ok(Body::Generic(Generic { data: b64(g)? }));
+    }
+    Ok(Body::IdRequest(IdRequest))
+}
+
+fn sent_body(s: Sent) -> SentBody {
+    SentBody {
+        sent: s
+            .sent
+            .into_iter()
+            .map(|(d, t)| SentItem {
+                device: d.to_hex(),
+                token: token_hex(&t),
+            })
+            .collect(),
+        skipped: s
+            .skipped
+            .into_iter()
+            .map(|(d, reason)| SkippedItem {
+                device: d.to_hex(),
+                reason,
+            })
+            .collect(),
+    }
+}
+
+/// A status's name (`ActionSuccess`…).
+pub fn status_name(code: u8) -> String {
+    match Status::from_code(code) {
+        Status::Other(c) => format!("Other({c})"),
+        s => format!("{s:?}"),
+    }
+}
+
+async fn command<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+    Json(c): Json<CommandBody>,
+) -> Result<Json<SentBody>, ApiError> {
+    operator(&st, &headers)?;
+    let t = targets(&c.device, &c.group)?;
+    let body = body_of(&c)?;
+    if c.confidential {
+        let Body::Data(data) = body else {
+            return Err(bad("only data can be sent confidentially"));
+        };
+        let ids = match t {
+            Targets::Devices(v) => v,
+            Targets::Group(g) => st
+                .server
+                .registry()
+                .devices_in_group(g)
+                .await
+                .map_err(ServerError::from)?
+                .into_iter()
+                .map(|d| d.id)
+                .collect(),
+        };
+        let mut sent = Sent::default();
+        for id in ids {
+            match st.server.send_confidential(id, data.clone()).await {
+                Ok(tok) => sent.sent.push((id, tok)),
+                Err(e) => sent.skipped.push((id, e.to_string())),
+            }
+        }
+        return refuse_single(&c.device, sent);
+    }
+    let sent = st.server.command_group(&t, body, c.lifetime).await?;
+    refuse_single(&c.device, sent)
+}
+
+/// A command for one named device that was not sent is an error, not a report.
+fn refuse_single(device: &Option<String>, sent: Sent) -> Result<Json<SentBody>, ApiError> {
+    if device.is_some() {
+        if let Some((_, why)) = sent.skipped.first() {
+            return Err(ApiError(StatusCode::CONFLICT, "refused", why.clone()));
+        }
+    }
+    Ok(Json(sent_body(sent)))
+}
+
+async fn update<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+    Json(u): Json<UpdateBody>,
+) -> Result<Json<SentBody>, ApiError> {
+    operator(&st, &headers)?;
+    let t = targets(&u.device, &u.group)?;
+    let digest = parse_digest(&u.digest).ok_or_else(|| bad("digest must be 64 hex digits"))?;
+    if !u.url.starts_with("http://") || u.url.len() > crate::wire::MAX_URL_LEN {
+        return Err(bad("url must be http://…"));
+    }
+    let sent = st.server.initiate_update(&t, &u.url, digest).await?;
+    refuse_single(&u.device, sent)
+}
+
+async fn activate<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+    Json(a): Json<ActivateBody>,
+) -> Result<Json<SentBody>, ApiError> {
+    operator(&st, &headers)?;
+    let d = device_id(&a.device)?;
+    let t = parse_token(&a.token).ok_or_else(|| bad("token"))?;
+    st.server.activate(d, &t).await?;
+    Ok(Json(SentBody {
+        sent: vec![SentItem {
+            device: d.to_hex(),
+            token: a.token,
+        }],
+        skipped: vec![],
+    }))
+}
+
+async fn token_body<R: Registry>(server: &Server<R>, t: &Token) -> Result<TokenBody, ApiError> {
+    let outcome = match server.outcome(t).await {
+        None => "unknown",
+        Some(Outcome::Pending) => "pending",
+        Some(Outcome::Answered(_)) => "answered",
+        Some(Outcome::Expired) => "expired",
+    };
+    let responses = server
+        .responses(t)
+        .await?
+        .into_iter()
+        .map(|r| RecordedBody {
+            device: r.device.to_hex(),
+            status: r.status,
+            status_name: status_name(r.status),
+        })
+        .collect();
+    Ok(TokenBody {
+        token: token_hex(t),
+        outcome: outcome.to_string(),
+        responses,
+    })
+}
+
+async fn responses_one<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+    Path(token): Path<String>,
+) -> Result<Json<TokenBody>, ApiError> {
+    operator(&st, &headers)?;
+    let t = parse_token(&token).ok_or_else(|| bad("token"))?;
+    Ok(Json(token_body(&st.server, &t).await?))
+}
+
+async fn responses_many<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+    Json(b): Json<TokensBody>,
+) -> Result<Json<TokenListBody>, ApiError> {
+    operator(&st, &headers)?;
+    if b.tokens.len() > MAX_TOKENS {
+        return Err(bad("too many tokens"));
+    }
+    let mut out = Vec::with_capacity(b.tokens.len());
+    for s in &b.tokens {
+        let t = parse_token(s).ok_or_else(|| bad("token"))?;
+        out.push(token_body(&st.server, &t).await?);
+    }
+    Ok(Json(TokenListBody { tokens: out }))
+}
+
+/// A join method's name.
+pub fn method_name(m: JoinMethod) -> &'static str {
+    match m {
+        JoinMethod::Simple => "simple",
+        JoinMethod::Command => "command",
+        JoinMethod::Human => "human",
+        JoinMethod::Observed => "observed",
+    }
+}
+
+async fn joins<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+) -> Result<Json<JoinsBody>, ApiError> {
+    operator(&st, &headers)?;
+    let joins = st
+        .server
+        .pending_joins()
+        .await
+        .into_iter()
+        .map(|j| JoinBody {
+            device: j.device.to_hex(),
+            method: method_name(j.method).to_string(),
+            words: j.words.map(|w| w.into_iter().map(str::to_string).collect()),
+        })
+        .collect();
+    Ok(Json(JoinsBody { joins }))
+}
+
+async fn decide<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(d): Json<DecideBody>,
+) -> Result<Json<DecidedBody>, ApiError> {
+    operator(&st, &headers)?;
+    let id = device_id(&id)?;
+    if d.words.len() > 64 {
+        return Err(bad("too many words"));
+    }
+    let joined = st.server.decide(id, d.accept, &d.words).await?;
+    let reason = match (joined, d.accept) {
+        (true, _) => None,
+        (false, false) => Some("refused by the operator".to_string()),
+        (false, true) => Some("wrong words".to_string()),
+    };
+    Ok(Json(DecidedBody { joined, reason }))
+}
+
+fn no_route() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "not_found", "no such route".into())
+}
+
+async fn device_get<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+    Path((id, verb)): Path<(String, String)>,
+) -> Result<Json<ConfidentialInfoBody>, ApiError> {
+    operator(&st, &headers)?;
+    let id = device_id(&id)?;
+    if verb != "confidential" {
+        return Err(no_route());
+    }
+    let i = st.server.confidential_info(id).await?;
+    Ok(Json(ConfidentialInfoBody {
+        device: id.to_hex(),
+        required: i.required,
+        established: i.established,
+        handshaking: i.handshaking,
+        session: i
+            .session
+            .map(|s| s.0.iter().map(|b| format!("{b:02x}")).collect()),
+        sessions: i.sessions,
+        records_sealed: i.records_sealed,
+        records_opened: i.records_opened,
+    }))
+}
+
+async fn device_verb<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+    Path((id, verb)): Path<(String, String)>,
+    body: Option<Json<ConfidentialBody>>,
+) -> Result<Json<SentBody>, ApiError> {
+    operator(&st, &headers)?;
+    let id = device_id(&id)?;
+    if verb == "confidential" {
+        let b = body.map(|Json(b)| b).unwrap_or_default();
+        if let Some(r) = b.required {
+            st.server.set_confidential_required(id, r).await?;
+        }
+        let tokens = if b.start.unwrap_or(true) {
+            st.server.confidential_start(id).await?
+        } else {
+            Vec::new()
+        };
+        return Ok(Json(SentBody {
+            sent: tokens
+                .iter()
+                .map(|t| SentItem {
+                    device: id.to_hex(),
+                    token: token_hex(t),
+                })
+                .collect(),
+            skipped: vec![],
+        }));
+    }
+    let token = match verb.as_str() {
+        "join" => Some(st.server.join_command(id).await?),
+        "terminate" => Some(st.server.terminate(id).await?),
+        "deregister" => Some(st.server.deregister(id).await?),
+        "revoke" => {
+            st.server.revoke(id).await?;
+            None
+        }
+        _ => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route".into(),
+            ))
+        }
+    };
+    Ok(Json(SentBody {
+        sent: token
+            .map(|t| SentItem {
+                device: id.to_hex(),
+                token: token_hex(&t),
+            })
+            .into_iter()
+            .collect(),
+        skipped: vec![],
+    }))
+}
+
+async fn stats<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    headers: HeaderMap,
+) -> Result<Json<StatsBody>, ApiError> {
+    operator(&st, &headers)?;
+    let c = st.server.counters().await;
+    Ok(Json(StatsBody {
+        accepted: c.accepted(),
+        dropped: c
+            .nonzero()
+            .into_iter()
+            .map(|(r, n)| (r.name().to_string(), n))
+            .collect(),
+        oversized: st.server.oversized(),
+        confidential: st.server.confidential_counters().named(),
+    }))
+}

@@ -1,0 +1,862 @@
+//! Issue 6, end to end: a C2 server (`keav_c2::server`) that writes the Mosquitto
+//! configuration and starts a private broker on a free loopback port, its identity service
+//! and operator API over loopback HTTP, and device agents (`keav_c2::agent`) that register
+//! over HTTP, join, take commands and updates, and are revoked.
+//!
+//! Waits are bounded (a hang fails the test after `PATIENCE`); nothing asserts on timing.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keav_c2::acl::{hash_password, new_password, BrokerUser, Role};
+use keav_c2::agent::{
+    Agent, AgentNotice, AgentOptions, AgentStatus, Handlers, Identity, StateStore,
+};
+use keav_c2::engine::{DropReason, JoinPolicy, JoinRequestKind};
+use keav_c2::identity::api::EnrollmentRequestBody;
+use keav_c2::identity::Client;
+use keav_c2::keys::{Alg, DeviceId};
+use keav_c2::registry::{DeviceStatus, RedbRegistry, Registry};
+use keav_c2::server::api::{CommandBody, DecideBody, UpdateBody, ValueBody};
+use keav_c2::server::client::OperatorClient;
+use keav_c2::server::{Server, ServerNotice, ServerOptions};
+use keav_c2::wire::{Action, Body, Data, JoinCode, Status, Token};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+const OPERATOR: &str = "operator-token-for-tests-0123456789";
+
+/// Polls `f` until it gives `Some`, failing after [`PATIENCE`].
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (bounded) until `agent` stands at `want`.
+async fn reach(agent: &Agent, want: AgentStatus) {
+    let r = tokio::time::timeout(PATIENCE, agent.wait_status(|s| s == want)).await;
+    assert_eq!(
+        r.unwrap_or_else(|_| panic!("{} never reached {want:?}", agent.id())),
+        Some(want)
+    );
+}
+
+/// What a test device saw and did.
+#[derive(Default)]
+struct Log {
+    actions: Vec<(u16, Vec<u8>)>,
+    data: Vec<Data>,
+    words: Vec<Vec<String>>,
+    activated: Vec<Vec<u8>>,
+    joined: usize,
+    refused: Vec<Status>,
+    terminated: usize,
+    deregistered: usize,
+}
+
+/// Codes presented by joining devices, as observers could see them (a shared "screen").
+type Screen = Arc<Mutex<HashMap<DeviceId, JoinCode>>>;
+
+struct TestHandlers {
+    me: DeviceId,
+    log: Arc<Mutex<Log>>,
+    screen: Screen,
+    /// Joining devices this observer lies about (reports a wrong code).
+    lie_about: Vec<DeviceId>,
+}
+
+impl Handlers for TestHandlers {
+    fn on_action(&mut self, action: u16, args: &[u8]) -> Status {
+        self.log
+            .lock()
+            .unwrap()
+            .actions
+            .push((action, args.to_vec()));
+        if action == 7 {
+            Status::ActionSuccess
+        } else {
+            Status::ActionUnknown
+        }
+    }
+    fn on_data(&mut self, data: &Data, confidential: bool) -> Status {
+        assert!(!confidential, "no confidential session in these tests");
+        self.log.lock().unwrap().data.push(data.clone());
+        Status::DataSuccess
+    }
+    fn on_activate(&mut self, _digest: &[u8; 32], update: &[u8]) -> Status {
+        self.log.lock().unwrap().activated.push(update.to_vec());
+        Status::ActivateSuccess
+    }
+    fn on_show_words(&mut self, words: &[&'static str]) {
+        let w = words.iter().map(|s| s.to_string()).collect();
+        self.log.lock().unwrap().words.push(w);
+    }
+    fn on_present_code(&mut self, code: &JoinCode) {
+        self.screen.lock().unwrap().insert(self.me, code.clone());
+    }
+    fn on_observation(&mut self, joining: DeviceId) -> Option<JoinCode> {
+        // The joining device may not have shown its code yet: look for a while, as a
+        // person or a camera would.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let seen = loop {
+            if let Some(c) = self.screen.lock().unwrap().get(&joining).cloned() {
+                break c;
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if self.lie_about.contains(&joining) {
+            let mut b = seen.as_bytes().to_vec();
+            b[0] ^= 1;
+            return JoinCode::from_bytes(&b);
+        }
+        Some(seen)
+    }
+    fn on_joined(&mut self) {
+        self.log.lock().unwrap().joined += 1;
+    }
+    fn on_join_refused(&mut self, status: Status) {
+        self.log.lock().unwrap().refused.push(status);
+    }
+    fn on_terminated(&mut self) {
+        self.log.lock().unwrap().terminated += 1;
+    }
+    fn on_deregistered(&mut self) {
+        self.log.lock().unwrap().deregistered += 1;
+    }
+}
+
+/// A server with HTTP, its own broker, and a "tap" broker account with the server role (it
+/// may write to device topics: used to replay captured commands as a broker-level attacker).
+struct Fleet {
+    dir: tempfile::TempDir,
+    server: Server<RedbRegistry>,
+    op: OperatorClient,
+    http: String,
+    tap_password: Zeroizing<String>,
+    screen: Screen,
+}
+
+impl Fleet {
+    async fn start(policy: JoinPolicy) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = RedbRegistry::open(&dir.path().join("registry.redb")).unwrap();
+        let mut o = ServerOptions::new(dir.path().join("server"), Zeroizing::new(OPERATOR.into()));
+        o.http = Some("127.0.0.1:0".parse().unwrap());
+        o.engine.join_policy = policy;
+        let tap_password = new_password();
+        o.extra_broker_users.push(BrokerUser {
+            username: "tap".into(),
+            password_hash: hash_password(&tap_password).unwrap(),
+            role: Role::Server,
+        });
+        let server = Server::start(o, registry).await.unwrap();
+        let http = format!("http://{}", server.http_addr().unwrap());
+        let op = OperatorClient::new(&http, Zeroizing::new(OPERATOR.into())).unwrap();
+        Fleet {
+            dir,
+            server,
+            op,
+            http,
+            tap_password,
+            screen: Screen::default(),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.server
+            .broker_addr()
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .parse()
+            .unwrap()
+    }
+
+    /// Registers a new device over HTTP (enrollment token from the operator, proof of
+    /// possession) into its own data directory.
+    async fn enroll(&self, name: &str, groups: &[&str]) -> (Identity, std::path::PathBuf) {
+        let operator = Client::new(&self.http)
+            .unwrap()
+            .with_operator_token(Zeroizing::new(OPERATOR.into()));
+        let (token, _) = operator
+            .create_enrollment(&EnrollmentRequestBody {
+                ttl_secs: None,
+                name: Some(name.into()),
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+            })
+            .await
+            .unwrap();
+        let data = self.dir.path().join(name);
+        let id = Identity::enroll(&data, &self.http, &token, Alg::Ed25519)
+            .await
+            .unwrap();
+        (id, data)
+    }
+
+    async fn agent(
+        &self,
+        identity: Identity,
+        data: &Path,
+        join: Option<JoinRequestKind>,
+        lie_about: Vec<DeviceId>,
+    ) -> (Agent, Arc<Mutex<Log>>) {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let h = TestHandlers {
+            me: identity.device_id(),
+            log: log.clone(),
+            screen: self.screen.clone(),
+            lie_about,
+        };
+        let mut o = AgentOptions::new(StateStore::Dir(data.to_path_buf()));
+        o.join = join;
+        (Agent::start(identity, o, h).await.unwrap(), log)
+    }
+
+    /// A joined device: enrolled over HTTP, simple join approved by the operator over HTTP.
+    async fn joined(
+        &self,
+        name: &str,
+        groups: &[&str],
+    ) -> (Agent, Arc<Mutex<Log>>, std::path::PathBuf) {
+        let (id, data) = self.enroll(name, groups).await;
+        let dev = id.device_id();
+        let (agent, log) = self
+            .agent(id, &data, Some(JoinRequestKind::Simple), vec![])
+            .await;
+        eventually("the join request", || async {
+            let joins = self.op.joins().await.unwrap();
+            joins.iter().any(|j| j.device == dev.to_hex()).then_some(())
+        })
+        .await;
+        let d = self
+            .op
+            .decide(
+                &dev.to_hex(),
+                &DecideBody {
+                    accept: true,
+                    words: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        assert!(d.joined);
+        reach(&agent, AgentStatus::Joined).await;
+        (agent, log, data)
+    }
+
+    /// Waits until `token` has a recorded response and returns its status code.
+    async fn response(&self, token: &str) -> u8 {
+        eventually("a response", || async {
+            let t = self.op.responses(&[token.to_string()]).await.unwrap();
+            t[0].responses.first().map(|r| r.status)
+        })
+        .await
+    }
+
+    async fn shutdown(self) {
+        self.server.shutdown().await;
+    }
+}
+
+/// Whether the broker refuses a fresh connection with these credentials.
+async fn broker_refuses(port: u16, user: String, pass: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let (_c, mut conn) = common::client(port, "probe", Some((&user, &pass)));
+        common::connack(&mut conn).is_err()
+    })
+    .await
+    .unwrap()
+}
+
+fn action(id: u16) -> CommandBody {
+    CommandBody {
+        action: Some(id),
+        args: Some("AQID".into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_join_command_respond_then_revoke() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (agent, log, data) = fleet.joined("pump-1", &["pumps"]).await;
+    let dev = agent.id();
+    assert_eq!(
+        fleet
+            .server
+            .registry()
+            .device(dev)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        DeviceStatus::Joined
+    );
+
+    // An action to the device, by id, over the operator API: the response is recorded under
+    // the command's token.
+    let sent = fleet
+        .op
+        .command(&CommandBody {
+            device: Some(dev.to_hex()),
+            ..action(7)
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent.sent.len(), 1);
+    assert_eq!(
+        fleet.response(&sent.sent[0].token).await,
+        Status::ActionSuccess.code()
+    );
+    assert_eq!(log.lock().unwrap().actions, vec![(7, vec![1, 2, 3])]);
+    // An action the device does not know: answered, not run as another.
+    let sent = fleet
+        .op
+        .command(&CommandBody {
+            group: Some("pumps".into()),
+            ..action(9)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet.response(&sent.sent[0].token).await,
+        Status::ActionUnknown.code()
+    );
+    // Typed data.
+    let sent = fleet
+        .op
+        .command(&CommandBody {
+            device: Some(dev.to_hex()),
+            data_id: Some("setpoint".into()),
+            value: Some(ValueBody::U64(42)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet.response(&sent.sent[0].token).await,
+        Status::DataSuccess.code()
+    );
+    assert_eq!(log.lock().unwrap().data[0].id, "setpoint");
+
+    // Revocation through the identity service's route: registry, engine, broker.
+    let creds = Identity::load(&data).unwrap().unwrap();
+    let (user, pass) = (
+        creds.registration().broker_username.clone(),
+        creds.registration().broker_password.expose().to_string(),
+    );
+    let operator = Client::new(&fleet.http)
+        .unwrap()
+        .with_operator_token(Zeroizing::new(OPERATOR.into()));
+    operator.revoke(dev).await.unwrap();
+    let port = fleet.port();
+    eventually("the broker to refuse the revoked device", || {
+        let (u, p) = (user.clone(), pass.clone());
+        async move { broker_refuses(port, u, p).await.then_some(()) }
+    })
+    .await;
+    // The server refuses to command it…
+    let to_revoked = CommandBody {
+        device: Some(dev.to_hex()),
+        ..action(7)
+    };
+    assert!(fleet.op.command(&to_revoked).await.is_err());
+    // …and a group command skips it.
+    let sent = fleet
+        .op
+        .command(&CommandBody {
+            group: Some("pumps".into()),
+            ..action(7)
+        })
+        .await
+        .unwrap();
+    assert!(sent.sent.is_empty());
+    assert_eq!(sent.skipped.len(), 1);
+    // What the revoked agent still sends reaches nothing: the broker cut it off.
+    let before = fleet.server.counters().await.accepted();
+    let _ = agent
+        .send_data(Data {
+            id: "late".into(),
+            value: keav_c2::wire::Value::U8(1),
+        })
+        .await;
+    // A marker from a live device shows the server has processed what came before it.
+    let (other, _, _) = fleet.joined("pump-2", &[]).await;
+    let after = fleet.server.counters().await.accepted();
+    // pump-2's join request is the only message accepted since.
+    assert_eq!(after, before + 1);
+    drop(other);
+    drop(agent);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn human_moderated_join_wrong_words_refused_right_words_accepted() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (id, data) = fleet.enroll("cam-1", &[]).await;
+    let dev = id.device_id();
+    let (agent, log) = fleet
+        .agent(id, &data, Some(JoinRequestKind::Human), vec![])
+        .await;
+    let words = eventually("the words on the console", || async {
+        let joins = fleet.op.joins().await.unwrap();
+        joins
+            .into_iter()
+            .find(|j| j.device == dev.to_hex())
+            .and_then(|j| j.words)
+    })
+    .await;
+    // The device shows the same words.
+    let shown = eventually("the words on the device", || async {
+        log.lock().unwrap().words.first().cloned()
+    })
+    .await;
+    assert_eq!(shown, words);
+    // The operator types one word wrong: refused, and the attempt is over.
+    let mut wrong = words.clone();
+    wrong[0] = if wrong[0] == "acid" {
+        "aim".into()
+    } else {
+        "acid".into()
+    };
+    let d = fleet
+        .op
+        .decide(
+            &dev.to_hex(),
+            &DecideBody {
+                accept: true,
+                words: wrong,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!d.joined);
+    eventually("the refusal on the device", || async {
+        (!log.lock().unwrap().refused.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(agent.status(), AgentStatus::Registered);
+    assert_eq!(log.lock().unwrap().refused, vec![Status::JoinRefused]);
+    // The right words afterwards do not help: no join is pending any more.
+    assert!(fleet
+        .op
+        .decide(
+            &dev.to_hex(),
+            &DecideBody {
+                accept: true,
+                words: words.clone()
+            }
+        )
+        .await
+        .is_err());
+    // A new attempt gets a new code; the right words join the device.
+    agent.request_join(JoinRequestKind::Human).await.unwrap();
+    let words2 = eventually("new words", || async {
+        let l = log.lock().unwrap();
+        (l.words.len() == 2).then(|| l.words[1].clone())
+    })
+    .await;
+    let console = eventually("the console words", || async {
+        fleet
+            .op
+            .joins()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|j| j.device == dev.to_hex())
+            .and_then(|j| j.words)
+    })
+    .await;
+    assert_eq!(console, words2);
+    let d = fleet
+        .op
+        .decide(
+            &dev.to_hex(),
+            &DecideBody {
+                accept: true,
+                words: words2,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(d.joined);
+    reach(&agent, AgentStatus::Joined).await;
+    assert_eq!(
+        fleet
+            .server
+            .registry()
+            .device(dev)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        DeviceStatus::Joined
+    );
+    drop(agent);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observed_join_confirmed_by_a_second_device_and_refused_on_a_wrong_code() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    // The observer is a joined device; it lies about "liar-target".
+    let (id_c, data_c) = fleet.enroll("lied-about", &[]).await;
+    let c = id_c.device_id();
+    let (id_o, data_o) = fleet.enroll("observer", &[]).await;
+    let o = id_o.device_id();
+    let (observer, _) = fleet
+        .agent(id_o, &data_o, Some(JoinRequestKind::Simple), vec![c])
+        .await;
+    eventually("observer's join request", || async {
+        (!fleet.server.pending_joins().await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(fleet.server.decide(o, true, &[]).await.unwrap());
+    reach(&observer, AgentStatus::Joined).await;
+
+    // B asks to join, vouched for by the observer: the observer reports the code B shows.
+    let (id_b, data_b) = fleet.enroll("newcomer", &[]).await;
+    let (b, _) = fleet
+        .agent(
+            id_b,
+            &data_b,
+            Some(JoinRequestKind::Observed { observer: o }),
+            vec![],
+        )
+        .await;
+    reach(&b, AgentStatus::Joined).await;
+
+    // C asks the same, but the observer reports another code: refused.
+    let (cagent, clog) = fleet
+        .agent(
+            id_c,
+            &data_c,
+            Some(JoinRequestKind::Observed { observer: o }),
+            vec![],
+        )
+        .await;
+    eventually("C's refusal", || async {
+        (!clog.lock().unwrap().refused.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(cagent.status(), AgentStatus::Registered);
+    assert_eq!(
+        fleet
+            .server
+            .registry()
+            .device(c)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        DeviceStatus::Registered
+    );
+    drop((observer, b, cagent));
+    fleet.shutdown().await;
+}
+
+/// A plain HTTP file server on 127.0.0.1:0 serving `files` by path.
+async fn file_server(
+    files: HashMap<&'static str, Vec<u8>>,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use axum::extract::{Path as AxPath, State};
+    use axum::http::StatusCode;
+    let files = Arc::new(files);
+    let app = axum::Router::new()
+        .route(
+            "/:name",
+            axum::routing::get(
+                |State(f): State<Arc<HashMap<&'static str, Vec<u8>>>>,
+                 AxPath(name): AxPath<String>| async move {
+                    match f.get(name.as_str()) {
+                        Some(b) => Ok(b.clone()),
+                        None => Err(StatusCode::NOT_FOUND),
+                    }
+                },
+            ),
+        )
+        .with_state(files);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (format!("http://{addr}"), t)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_flow_right_digest_activates_wrong_digest_fails() {
+    let firmware = b"keav firmware 2.0 \x00\x01\x02".repeat(1000);
+    let digest: [u8; 32] = Sha256::digest(&firmware).into();
+    let hexd: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let (base, files) = file_server(HashMap::from([("fw.bin", firmware.clone())])).await;
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (agent, log, _) = fleet.joined("valve-1", &[]).await;
+    let dev = agent.id().to_hex();
+
+    // Right digest: downloaded, verified, reported; then activated.
+    let sent = fleet
+        .op
+        .update(&UpdateBody {
+            device: Some(dev.clone()),
+            group: None,
+            url: format!("{base}/fw.bin"),
+            digest: hexd.clone(),
+        })
+        .await
+        .unwrap();
+    let token = sent.sent[0].token.clone();
+    assert_eq!(fleet.response(&token).await, Status::UpdateSuccess.code());
+    fleet
+        .op
+        .activate(&keav_c2::server::api::ActivateBody {
+            device: dev.clone(),
+            token: token.clone(),
+        })
+        .await
+        .unwrap();
+    eventually("the activation", || async {
+        let t = fleet
+            .op
+            .responses(std::slice::from_ref(&token))
+            .await
+            .unwrap();
+        t[0].responses
+            .iter()
+            .any(|r| r.status == Status::ActivateSuccess.code())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(log.lock().unwrap().activated, vec![firmware.clone()]);
+
+    // Wrong digest: the device reports the mismatch, and the update cannot be activated.
+    let mut bad = digest;
+    bad[31] ^= 1;
+    let badhex: String = bad.iter().map(|b| format!("{b:02x}")).collect();
+    let sent = fleet
+        .op
+        .update(&UpdateBody {
+            device: Some(dev.clone()),
+            group: None,
+            url: format!("{base}/fw.bin"),
+            digest: badhex,
+        })
+        .await
+        .unwrap();
+    let bad_token = sent.sent[0].token.clone();
+    assert_eq!(
+        fleet.response(&bad_token).await,
+        Status::UpdateFailDigest.code()
+    );
+    assert!(fleet
+        .op
+        .activate(&keav_c2::server::api::ActivateBody {
+            device: dev.clone(),
+            token: bad_token,
+        })
+        .await
+        .is_err());
+    // A missing file: an HTTP failure status.
+    let sent = fleet
+        .op
+        .update(&UpdateBody {
+            device: Some(dev.clone()),
+            group: None,
+            url: format!("{base}/nope.bin"),
+            digest: hexd,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet.response(&sent.sent[0].token).await,
+        Status::UpdateFailHttp.code()
+    );
+    assert_eq!(log.lock().unwrap().activated.len(), 1);
+    files.abort();
+    drop(agent);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_then_replay_has_no_effect() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (agent, log, data) = fleet.joined("meter-1", &[]).await;
+    let dev = agent.id();
+    let mut notices = fleet.server.notices();
+    let token = fleet
+        .server
+        .command(
+            dev,
+            Body::Action(Action {
+                action: 7,
+                args: vec![],
+            }),
+        )
+        .await
+        .unwrap();
+    // The signed command as it went over the broker.
+    let captured = eventually("the published command", || {
+        let mut got = None;
+        while let Ok(n) = notices.try_recv() {
+            if let ServerNotice::Published {
+                token: t, bytes, ..
+            } = n
+            {
+                if t == token {
+                    got = Some(bytes);
+                }
+            }
+        }
+        std::future::ready(got)
+    })
+    .await;
+    assert_eq!(
+        fleet.response(&hex(&token)).await,
+        Status::ActionSuccess.code()
+    );
+    assert_eq!(log.lock().unwrap().actions.len(), 1);
+
+    // Kill the agent and start it again from its data directory.
+    agent.stop().await.ok();
+    let identity = Identity::load(&data).unwrap().unwrap();
+    let (agent, log2) = fleet.agent(identity, &data, None, vec![]).await;
+    assert_eq!(agent.status(), AgentStatus::Joined);
+    let mut an = agent.notices();
+
+    // Replay the captured command through the broker (an account with the server's rights).
+    let topic = keav_c2::topics::Topics::new(fleet.server.id()).to_device(dev);
+    let (port, pass) = (fleet.port(), fleet.tap_password.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut tap = common::connected(port, "tap", &pass);
+        tap.publish(&topic, &captured);
+    })
+    .await
+    .unwrap();
+    let reason = eventually("the replay to be dropped", || {
+        let mut got = None;
+        while let Ok(n) = an.try_recv() {
+            if let AgentNotice::Dropped(d) = n {
+                got = Some(d.reason);
+            }
+        }
+        std::future::ready(got)
+    })
+    .await;
+    assert_eq!(reason, DropReason::Replay);
+    assert_eq!(agent.counters().get(DropReason::Replay), 1);
+    assert!(log2.lock().unwrap().actions.is_empty(), "the replay ran");
+
+    // The restarted agent still takes fresh commands.
+    let t2 = fleet
+        .server
+        .command(
+            dev,
+            Body::Action(Action {
+                action: 7,
+                args: vec![9],
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet.response(&hex(&t2)).await,
+        Status::ActionSuccess.code()
+    );
+    assert_eq!(log2.lock().unwrap().actions, vec![(7, vec![9])]);
+    drop(agent);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_resign_and_deregister_end_to_end() {
+    let fleet = Fleet::start(JoinPolicy::Automatic).await;
+    let (id, data) = fleet.enroll("sensor-1", &[]).await;
+    let dev = id.device_id();
+    let (agent, log) = fleet
+        .agent(id, &data, Some(JoinRequestKind::Simple), vec![])
+        .await;
+    reach(&agent, AgentStatus::Joined).await;
+
+    // Terminate: the device is registered again on both sides.
+    fleet
+        .op
+        .device_verb(&dev.to_hex(), "terminate")
+        .await
+        .unwrap();
+    reach(&agent, AgentStatus::Registered).await;
+    assert_eq!(log.lock().unwrap().terminated, 1);
+    assert!(fleet.server.command(dev, action_body()).await.is_err());
+
+    // Join again (automatic policy), then resign on the device's initiative.
+    agent.request_join(JoinRequestKind::Simple).await.unwrap();
+    reach(&agent, AgentStatus::Joined).await;
+    agent.resign().await.unwrap();
+    eventually("the server to see the resignation", || async {
+        let d = fleet.server.registry().device(dev).await.unwrap().unwrap();
+        (d.status == DeviceStatus::Registered).then_some(())
+    })
+    .await;
+
+    // Deregister: the device erases its identity, the broker refuses its account.
+    let creds = Identity::load(&data).unwrap().unwrap();
+    let (user, pass) = (
+        creds.registration().broker_username.clone(),
+        creds.registration().broker_password.expose().to_string(),
+    );
+    fleet
+        .op
+        .device_verb(&dev.to_hex(), "deregister")
+        .await
+        .unwrap();
+    reach(&agent, AgentStatus::Deregistered).await;
+    assert_eq!(log.lock().unwrap().deregistered, 1);
+    assert!(Identity::load(&data).unwrap().is_none());
+    let port = fleet.port();
+    eventually("the broker to refuse the deregistered device", || {
+        let (u, p) = (user.clone(), pass.clone());
+        async move { broker_refuses(port, u, p).await.then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        fleet
+            .server
+            .registry()
+            .device(dev)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        DeviceStatus::Revoked
+    );
+    // Registering the same key again is refused (its identity was revoked).
+    fleet.shutdown().await;
+}
+
+fn action_body() -> Body {
+    Body::Action(Action {
+        action: 7,
+        args: vec![],
+    })
+}
+
+fn hex(t: &Token) -> String {
+    t.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
