@@ -31,11 +31,14 @@ pub enum Scenario {
     /// Messages per second end to end through an MQTT broker and a NATS server beside plain
     /// clients on the same broker, and the mailbox drain rate after an offline period.
     Broker,
+    /// C2 (issue 6): signature cost per command (Ed25519 vs RSA-2048) and signed commands
+    /// per second from a C2 server to a fleet through an MQTT broker, beside plaintext.
+    C2,
 }
 
 impl Scenario {
     /// All scenarios in the order a run executes them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Wire,
         Scenario::Cpu,
         Scenario::Records,
@@ -43,6 +46,7 @@ impl Scenario {
         Scenario::Memory,
         Scenario::Latency,
         Scenario::Broker,
+        Scenario::C2,
     ];
 
     /// The name used on the command line and in the report.
@@ -55,6 +59,7 @@ impl Scenario {
             Scenario::Memory => "memory",
             Scenario::Wire => "wire",
             Scenario::Broker => "broker",
+            Scenario::C2 => "c2",
         }
     }
 }
@@ -242,6 +247,8 @@ pub struct Options {
     /// NATS server `host:port` of the broker scenario; `None`: NATS is skipped (noted in the
     /// report).
     pub nats: Option<String>,
+    /// Simulated devices of the C2 fleet measurement (each its own MQTT connection).
+    pub c2_devices: u32,
     /// Fewer iterations in the CPU, record and throughput scenarios (a smoke run).
     pub quick: bool,
     /// Where the report goes.
@@ -260,6 +267,7 @@ impl Default for Options {
             broker_messages: DEFAULT_BROKER_MESSAGES,
             mqtt: None,
             nats: None,
+            c2_devices: DEFAULT_C2_DEVICES,
             quick: false,
             out_dir: PathBuf::from("bench-report"),
         }
@@ -278,6 +286,13 @@ pub const MAX_BROKER_MESSAGES: u32 = 1_000_000;
 pub const DEFAULT_BROKER_MESSAGES: u32 = 20_000;
 /// Messages per broker measurement with `--quick`.
 pub const QUICK_BROKER_MESSAGES: u32 = 2_000;
+
+/// Devices of the C2 fleet measurement by default.
+pub const DEFAULT_C2_DEVICES: u32 = 200;
+/// Devices of the C2 fleet measurement with `--quick`.
+pub const QUICK_C2_DEVICES: u32 = 100;
+/// See [`MAX_REPS`].
+pub const MAX_C2_DEVICES: u32 = 1000;
 
 /// Checks a broker address: `HOST:PORT` with an optional `scheme://` prefix (`mqtt://`,
 /// `nats://`); returns `HOST:PORT`. IPv6 hosts in brackets: `[::1]:1883`.
@@ -341,6 +356,11 @@ impl Options {
         if !(1..=MAX_BROKER_MESSAGES).contains(&self.broker_messages) {
             return bad(format!(
                 "--broker-messages must be between 1 and {MAX_BROKER_MESSAGES}"
+            ));
+        }
+        if !(1..=MAX_C2_DEVICES).contains(&self.c2_devices) {
+            return bad(format!(
+                "--c2-devices must be between 1 and {MAX_C2_DEVICES}"
             ));
         }
         for (flag, scheme, v) in [

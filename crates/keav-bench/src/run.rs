@@ -91,6 +91,7 @@ pub fn run(
             Scenario::Memory => scenario::memory::run(&mut ctx),
             Scenario::Wire => scenario::wire::run(&mut ctx),
             Scenario::Broker => scenario::broker::run(&mut ctx),
+            Scenario::C2 => scenario::c2::run(&mut ctx),
         }))
         .unwrap_or_else(|p| Err(BenchError::Report(panic_message(p.as_ref()))));
         match r {

@@ -16,6 +16,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use keav_bench::options::{
     parse_broker_addr, parse_links, parse_scenarios, Options, Scenario, QUICK_BROKER_MESSAGES,
+    QUICK_C2_DEVICES,
 };
 use keav_bench::{BenchError, Progress};
 
@@ -28,8 +29,8 @@ const EXIT_USAGE: u8 = 2;
 /// selected scenarios can be rejected.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Scenarios, comma-separated: latency, cpu, records, throughput, memory, wire, broker
-    /// (default: all).
+    /// Scenarios, comma-separated: latency, cpu, records, throughput, memory, wire, broker,
+    /// c2 (default: all).
     #[arg(long, value_name = "LIST")]
     scenarios: Option<String>,
     /// Repetitions of each latency series (default 10; 3 with --quick). Latency only.
@@ -52,12 +53,16 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     broker_messages: Option<u32>,
     /// MQTT broker HOST:PORT (default: an embedded broker on a free loopback port). Broker
-    /// only.
+    /// and c2 only.
     #[arg(long, value_name = "HOST:PORT")]
     mqtt: Option<String>,
     /// NATS server HOST:PORT (default: NATS is not measured). Broker only.
     #[arg(long, value_name = "HOST:PORT")]
     nats: Option<String>,
+    /// Simulated devices of the C2 fleet, each its own MQTT connection (default 200; 100
+    /// with --quick). C2 only.
+    #[arg(long, value_name = "N")]
+    c2_devices: Option<u32>,
     /// A smoke run: few iterations, finishes quickly; numbers are rough.
     #[arg(long)]
     quick: bool,
@@ -107,10 +112,17 @@ fn options(a: &BenchArgs) -> Result<Options, String> {
             selected()
         ));
     }
+    if !o.has(Scenario::C2) && a.c2_devices.is_some() {
+        return Err(format!(
+            "--c2-devices only applies to the c2 scenario, which is not selected \
+             (--scenarios {})",
+            selected()
+        ));
+    }
     if !o.has(Scenario::Broker) {
         let given: Vec<&str> = [
             ("--broker-messages", a.broker_messages.is_some()),
-            ("--mqtt", a.mqtt.is_some()),
+            ("--mqtt", a.mqtt.is_some() && !o.has(Scenario::C2)),
             ("--nats", a.nats.is_some()),
         ]
         .into_iter()
@@ -140,6 +152,10 @@ fn options(a: &BenchArgs) -> Result<Options, String> {
     if a.quick {
         o.reps = 3;
         o.broker_messages = QUICK_BROKER_MESSAGES;
+        o.c2_devices = QUICK_C2_DEVICES;
+    }
+    if let Some(n) = a.c2_devices {
+        o.c2_devices = n;
     }
     if let Some(n) = a.reps {
         o.reps = n;
@@ -442,6 +458,25 @@ mod tests {
         let e = opts(&["--scenarios", "broker", "--nats", "localhost"]).unwrap_err();
         assert!(e.contains("--nats") && e.contains("HOST:PORT"), "{e}");
         let e = opts(&["--scenarios", "broker", "--mqtt", "nats://h:4222"]).unwrap_err();
+        assert!(e.contains("--mqtt"), "{e}");
+    }
+
+    #[test]
+    fn c2_flags() {
+        let o = opts(&["--scenarios", "c2", "--quick", "--mqtt", "127.0.0.1:1883"]).unwrap();
+        assert_eq!(o.c2_devices, QUICK_C2_DEVICES);
+        assert_eq!(o.mqtt.as_deref(), Some("127.0.0.1:1883"));
+        let o = opts(&["--scenarios", "c2", "--c2-devices", "30"]).unwrap();
+        assert_eq!((o.c2_devices, o.mqtt.clone()), (30, None));
+        let e = opts(&["--scenarios", "cpu", "--c2-devices", "30"]).unwrap_err();
+        assert!(
+            e.contains("--c2-devices") && e.contains("c2 scenario"),
+            "{e}"
+        );
+        let e = opts(&["--scenarios", "c2", "--c2-devices", "0"]).unwrap_err();
+        assert!(e.contains("--c2-devices"), "{e}");
+        // --mqtt still needs broker or c2.
+        let e = opts(&["--scenarios", "cpu", "--mqtt", "127.0.0.1:1883"]).unwrap_err();
         assert!(e.contains("--mqtt"), "{e}");
     }
 }

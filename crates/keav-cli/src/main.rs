@@ -4,6 +4,7 @@
 //! `-v` shows debug detail on stderr; secrets are never logged at any verbosity.
 
 mod bench_cmd;
+mod c2_cmd;
 mod demo;
 mod device_cmds;
 mod heart_demo;
@@ -58,6 +59,9 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Run a relay: forward durable messages along routes, keep a mailbox for offline devices.
     Relay(relay_cmd::RelayArgs),
+    /// Command and control over MQTT: server, device agent, operator commands.
+    #[command(subcommand)]
+    C2(c2_cmd::C2Cmd),
 }
 
 fn main() -> ExitCode {
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rendezvous(cmd) => net_cmds::rendezvous_cmd(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Relay(args) => relay_cmd::run(args),
+        Command::C2(cmd) => c2_cmd::run(cmd),
         Command::Bench(_) => anyhow::bail!("internal: `bench` is dispatched in main"),
     }
 }

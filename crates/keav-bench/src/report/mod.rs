@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::options::{LinkModel, Options};
 use crate::BenchError;
 
+pub mod c2;
 mod markdown;
 mod plots;
 pub mod stats;
@@ -175,8 +176,10 @@ pub struct WireRow {
     pub flights: u32,
 }
 
-/// Messages per second through one broker: keav end to end ([`keav_net::messenger`]) beside
-/// plain clients publishing the same messages on the same broker.
+/// Messages per second through one broker: keav end to end — a live KEAV channel
+/// ([`keav_net::session::Channel`] over the broker link) and durable messaging
+/// ([`keav_net::messenger`]) — beside plain clients publishing the same messages on the same
+/// broker. The `keav_*` fields are the durable run's.
 #[derive(Clone, Debug, Serialize)]
 pub struct BrokerRow {
     /// The broker as the report names it, e.g. `MQTT (embedded rumqttd)`, `NATS 127.0.0.1:4222`.
@@ -187,21 +190,34 @@ pub struct BrokerRow {
     pub size: usize,
     /// Messages per measurement.
     pub messages: u64,
-    /// keav: messages per second from the first `send` to the last `recv`.
+    /// keav live: messages received per second from the first `send` to the last message
+    /// received (`None`: the run failed).
+    pub live_msgs_per_s: Option<f64>,
+    /// keav live: seconds from the first `send` to the last message received.
+    pub live_secs: Option<f64>,
+    /// keav live: messages that never arrived (the rate counts received messages only).
+    pub live_lost: Option<u64>,
+    /// keav live: records the receiver dropped (its link's queue full, or failing to open).
+    pub live_dropped: Option<u64>,
+    /// keav live: CPU seconds of the whole bench process during the run, if known.
+    pub live_cpu_secs: Option<f64>,
+    /// keav live / plain messages per second (`None`: not measured or no plain rate).
+    pub live_ratio: Option<f64>,
+    /// keav durable: messages per second from the first `send` to the last `recv`.
     pub keav_msgs_per_s: f64,
-    /// keav: seconds from the first `send` to the last `recv`.
+    /// keav durable: seconds from the first `send` to the last `recv`.
     pub keav_secs: f64,
-    /// keav: payloads the sender put on the broker again (no end-to-end ack in time).
+    /// keav durable: payloads the sender put on the broker again (no end-to-end ack in time).
     pub keav_resent: u64,
-    /// keav: payloads the receiver could not take yet (its reorder window or receive queue
+    /// keav durable: payloads the receiver could not take yet (its reorder window or receive queue
     /// was full); the sender resends them.
     pub keav_deferred: u64,
-    /// keav: payloads the two devices' links dropped because a queue was full.
+    /// keav durable: payloads the two devices' links dropped because a queue was full.
     pub keav_link_dropped: u64,
-    /// keav: CPU seconds of the whole bench process during the keav measurement (both
+    /// keav durable: CPU seconds of the whole bench process during the measurement (both
     /// devices; the embedded broker too when it runs), if known.
     pub keav_cpu_secs: Option<f64>,
-    /// keav with flow control by the application: bursts acknowledged end to end
+    /// keav durable with flow control by the application: bursts acknowledged end to end
     /// (`flush`) before the next, messages per second from the first `send` to the last
     /// `recv` (`None`: not measured).
     pub keav_paced_msgs_per_s: Option<f64>,
@@ -213,7 +229,7 @@ pub struct BrokerRow {
     /// Plain client: messages the subscriber never received (core NATS and a full broker
     /// queue may drop; nothing resends them). The rate counts received messages only.
     pub plain_lost: u64,
-    /// keav / plain messages per second (`None` if the plain rate is zero).
+    /// keav durable / plain messages per second (`None` if the plain rate is zero).
     pub ratio: Option<f64>,
 }
 
@@ -287,6 +303,11 @@ pub struct Report {
     pub broker: Vec<BrokerRow>,
     /// Mailbox drain after an offline period.
     pub drain: Vec<DrainRow>,
+    /// C2 signature cost per operation and algorithm ([`c2::SigRow`]).
+    pub c2_signatures: Vec<c2::SigRow>,
+    /// C2 commands per second to a fleet through a broker, beside plaintext
+    /// ([`c2::FleetRow`]).
+    pub c2_fleet: Vec<c2::FleetRow>,
     /// Errors and remarks collected during the run (shown in the report).
     pub notes: Vec<String>,
 }

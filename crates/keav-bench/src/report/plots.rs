@@ -96,6 +96,7 @@ pub fn draw_all(r: &Report, dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
         ("wire.png", !r.wire.is_empty()),
         ("memory.png", !r.memory.is_empty()),
         ("broker.png", !r.broker.is_empty() || !r.drain.is_empty()),
+        ("c2.png", super::c2::has_rows(r)),
     ] {
         if has {
             wanted.push(name.into());
@@ -129,6 +130,9 @@ pub fn draw_all(r: &Report, dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
     }
     if !r.broker.is_empty() || !r.drain.is_empty() {
         attempt("broker.png", dir, &mut ok, &mut errs, |p| broker(r, p));
+    }
+    if super::c2::has_rows(r) {
+        attempt("c2.png", dir, &mut ok, &mut errs, |p| super::c2::plot(r, p));
     }
     (ok, errs)
 }
@@ -311,7 +315,7 @@ fn hbar(
         .unwrap_or(10) as u32
         * 8
         + 20;
-    let height = SIZE.1.max(120 + 40 * n as u32 * series.len().min(3) as u32);
+    let height = SIZE.1.max(120 + 40 * n as u32 * series.len().min(4) as u32);
     let root = BitMapBackend::new(path, (SIZE.0, height.min(2000))).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let cats: Vec<String> = categories.to_vec();
@@ -503,37 +507,50 @@ fn memory(r: &Report, path: &Path) -> Result<(), String> {
     )
 }
 
-/// Messages per second: keav end to end beside plaintext per broker and size, then the
-/// mailbox drains (keav only).
-fn broker(r: &Report, path: &Path) -> Result<(), String> {
+/// Named bars, one value per category (`None`: no bar).
+type Series = Vec<(String, Vec<Option<f64>>)>;
+
+/// The series of the broker plot, one value per category (`None`: no bar): plaintext, keav
+/// live, keav durable and keav durable paced per broker and size, then the mailbox drains
+/// (keav durable only). Returns the categories and the series.
+pub(crate) fn broker_series(r: &Report) -> (Vec<String>, Series) {
     let mut cats: Vec<String> = Vec::new();
-    let (mut keav, mut paced, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut live, mut durable, mut paced) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for x in &r.broker {
         cats.push(format!("{} {}", x.broker, size_label(x.size)));
-        keav.push(Some(x.keav_msgs_per_s));
-        paced.push(x.keav_paced_msgs_per_s);
         plain.push(Some(x.plain_msgs_per_s));
+        live.push(x.live_msgs_per_s);
+        durable.push(Some(x.keav_msgs_per_s));
+        paced.push(x.keav_paced_msgs_per_s);
     }
     for d in &r.drain {
         cats.push(format!("{} mailbox drain ({} held)", d.broker, d.held));
-        keav.push(Some(d.drain_msgs_per_s));
-        paced.push(None);
         plain.push(None);
+        live.push(None);
+        durable.push(Some(d.drain_msgs_per_s));
+        paced.push(None);
     }
-    let (lo, hi) = keav
+    let series = vec![
+        ("plaintext (same broker)".to_string(), plain),
+        ("keav live channel (encrypted)".to_string(), live),
+        ("keav durable (stored, acked)".to_string(), durable),
+        ("keav durable paced (flush every burst)".to_string(), paced),
+    ];
+    (cats, series)
+}
+
+/// Messages per second through brokers ([`broker_series`]).
+fn broker(r: &Report, path: &Path) -> Result<(), String> {
+    let (cats, series) = broker_series(r);
+    let (lo, hi) = series
         .iter()
-        .chain(paced.iter())
-        .chain(plain.iter())
+        .flat_map(|(_, v)| v.iter())
         .flatten()
         .copied()
         .filter(|v| *v > 0.0)
         .fold((f64::INFINITY, 0f64), |(a, b), v| (a.min(v), b.max(v)));
     let log = hi / lo > 30.0;
-    let series = vec![
-        ("keav end to end".to_string(), keav),
-        ("keav paced (flush every burst)".to_string(), paced),
-        ("plaintext (same broker)".to_string(), plain),
-    ];
     hbar(
         path,
         "Messages per second through brokers",
@@ -585,6 +602,41 @@ mod tests {
                 std::fs::copy(p, Path::new(&keep).join(p.file_name().unwrap())).unwrap();
             }
         }
+        // The broker plot shows plaintext, live, durable and paced bars per row, and the
+        // drains as durable bars only.
+        let (cats, series) = broker_series(&r);
+        assert_eq!(cats.len(), r.broker.len() + r.drain.len());
+        let names: Vec<&str> = series.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "plaintext (same broker)",
+                "keav live channel (encrypted)",
+                "keav durable (stored, acked)",
+                "keav durable paced (flush every burst)"
+            ]
+        );
+        let x = &r.broker[0];
+        let first: Vec<Option<f64>> = series.iter().map(|(_, v)| v[0]).collect();
+        assert_eq!(
+            first,
+            [
+                Some(x.plain_msgs_per_s),
+                x.live_msgs_per_s,
+                Some(x.keav_msgs_per_s),
+                x.keav_paced_msgs_per_s
+            ]
+        );
+        let last: Vec<Option<f64>> = series.iter().map(|(_, v)| *v.last().unwrap()).collect();
+        assert_eq!(
+            last,
+            [
+                None,
+                None,
+                Some(r.drain.last().unwrap().drain_msgs_per_s),
+                None
+            ]
+        );
         // Nothing to draw: nothing written, no error.
         let (ok, errs) = draw_all(&Report::default(), dir.path());
         assert!(ok.is_empty() && errs.is_empty());

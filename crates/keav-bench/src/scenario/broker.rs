@@ -7,8 +7,19 @@
 //!   as keav's MQTT link; NATS: async-nats core publish, as keav's NATS link) to a plain
 //!   subscriber on the same broker; timed from the first publish to the last message the
 //!   subscriber receives. Lost messages (nothing resends them) are counted; the rate counts
-//!   what arrived.
-//! - **keav**: two devices paired over the same broker ([`Messenger`], direct delivery); the
+//!   what arrived. The MQTT clients' event loops run in tasks of their own, the subscriber's
+//!   handing messages on through a bounded queue, as keav's MQTT link does (the async-nats
+//!   client has its own connection task).
+//! - **keav live**: two devices paired over the same broker (a KEAV session over
+//!   [`keav_net::mqtt`] / [`keav_net::nats`], the live [`Channel`]); after one untimed
+//!   warm-up message the sender `send`s `n` messages as channel records as fast as the link
+//!   takes them (MQTT QoS 1 through the same rumqttc client settings, NATS core publish, as
+//!   the plaintext run) and the receiver `recv`s them, checking each body and that they
+//!   arrive in order; timed from the first `send` to the last message received. Messages
+//!   that never arrive (a datagram channel drops what a full queue cannot take) are counted
+//!   as lost, as for the plain clients, and the rate counts what arrived. Only the
+//!   encryption differs from the plaintext run: no store, no acknowledgements.
+//! - **keav durable**: two devices paired over the same broker ([`Messenger`], direct delivery); the
 //!   sender sends `n` messages, the receiver `recv`s them (and `ack`s every [`ACK_EVERY`]);
 //!   timed from the first `send` to the last `recv`. Sends are pipelined, up to
 //!   [`SEND_WINDOW`] in flight (each returns once committed; the messenger group-commits
@@ -21,7 +32,8 @@
 //! broker connection already up) to its last `recv`.
 //!
 //! Device stores and the relay's mailbox live in temporary directories (on disk, fsynced):
-//! keav's rate includes its durable commits, the plain clients write nothing.
+//! keav durable's rate includes its durable commits; keav live and the plain clients write
+//! nothing per message.
 
 use std::future::Future;
 use std::path::Path;
@@ -35,6 +47,7 @@ use keav_net::device::{Device, DeviceSettings};
 use keav_net::embedded_broker::{BrokerOptions, EmbeddedBroker};
 use keav_net::messenger::{Carrier, Delivery, Message, Messenger, MessengerOptions};
 use keav_net::relay::{NextHop, Relay, RelayConfig, RouteRule};
+use keav_net::session::{Channel, Options as ChannelOptions, RecvHalf, SendHalf};
 use keav_verify::VerifySecret;
 
 use crate::keav::BENCH_PAIRING_CODE;
@@ -200,22 +213,34 @@ async fn measure_target(
             continue;
         };
         ctx.check()?;
-        progress.stage(&format!("broker {k} {size} B keav"), n);
+        progress.stage(&format!("broker {k} {size} B keav live"), n);
+        let live = cancellable(cancel, live_run(t, size, n, progress)).await;
+        let live = keep(live, format!("{} {size} B keav live", t.label), failures)?;
+        ctx.check()?;
+        progress.stage(&format!("broker {k} {size} B keav durable"), n);
         let keav = cancellable(cancel, keav_run(t, size, n, progress, None)).await;
-        let Some(keav) = keep(keav, format!("{} {size} B keav", t.label), failures)? else {
+        let Some(keav) = keep(keav, format!("{} {size} B keav durable", t.label), failures)? else {
             continue;
         };
         ctx.check()?;
-        progress.stage(&format!("broker {k} {size} B keav paced"), n);
+        progress.stage(&format!("broker {k} {size} B keav durable paced"), n);
         let paced = cancellable(cancel, keav_run(t, size, n, progress, Some(PACE_BURST))).await;
-        let paced = keep(paced, format!("{} {size} B keav paced", t.label), failures)?;
-        let mut row = broker_row(t, size, n, &keav, &plain);
+        let paced = keep(
+            paced,
+            format!("{} {size} B keav durable paced", t.label),
+            failures,
+        )?;
+        let mut row = broker_row(t, size, n, &keav, &plain, live.as_ref());
         if let Some(p) = paced {
             row.keav_paced_msgs_per_s = Some(rate(n, p.elapsed));
         }
         progress.note(&format!(
-            "{} {size} B: keav {:.0} msg/s, plaintext {:.0} msg/s",
-            t.label, row.keav_msgs_per_s, row.plain_msgs_per_s
+            "{} {size} B: keav live {} msg/s, keav durable {:.0} msg/s, plaintext {:.0} msg/s",
+            t.label,
+            row.live_msgs_per_s
+                .map_or_else(|| "—".to_string(), |r| format!("{r:.0}")),
+            row.keav_msgs_per_s,
+            row.plain_msgs_per_s
         ));
         ctx.report.broker.push(row);
     }
@@ -240,7 +265,20 @@ pub struct PlainRun {
     pub received: u64,
 }
 
-/// One timed keav run.
+/// One timed keav live run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LiveRun {
+    /// First send to last message received.
+    pub elapsed: Duration,
+    /// Messages received (each checked, in order).
+    pub received: u64,
+    /// Records the receiver dropped: its link's queue was full, or they failed to open.
+    pub dropped: u64,
+    /// CPU time of this whole process during the measurement, if the system tells.
+    pub cpu: Option<Duration>,
+}
+
+/// One timed keav durable run.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct KeavRun {
     /// First send to last recv.
@@ -266,11 +304,30 @@ pub fn rate(messages: u64, elapsed: Duration) -> f64 {
     }
 }
 
-/// The report row of one size on one broker.
-pub fn broker_row(t: &Target, size: usize, n: u64, keav: &KeavRun, plain: &PlainRun) -> BrokerRow {
+/// `a / b` when `b` is a positive rate.
+pub fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| a / b)
+}
+
+/// The report row of one size on one broker (`live`: `None` if that run failed).
+pub fn broker_row(
+    t: &Target,
+    size: usize,
+    n: u64,
+    keav: &KeavRun,
+    plain: &PlainRun,
+    live: Option<&LiveRun>,
+) -> BrokerRow {
     let k = rate(n, keav.elapsed);
     let p = rate(plain.received, plain.elapsed);
+    let l = live.map(|l| rate(l.received, l.elapsed));
     BrokerRow {
+        live_msgs_per_s: l,
+        live_secs: live.map(|l| l.elapsed.as_secs_f64()),
+        live_lost: live.map(|l| n.saturating_sub(l.received)),
+        live_dropped: live.map(|l| l.dropped),
+        live_cpu_secs: live.and_then(|l| l.cpu).map(|d| d.as_secs_f64()),
+        live_ratio: l.and_then(|l| ratio(l, p)),
         broker: t.label.clone(),
         carrier: t.kind.name().into(),
         size,
@@ -285,7 +342,7 @@ pub fn broker_row(t: &Target, size: usize, n: u64, keav: &KeavRun, plain: &Plain
         plain_msgs_per_s: p,
         plain_secs: plain.elapsed.as_secs_f64(),
         plain_lost: n.saturating_sub(plain.received),
-        ratio: (p > 0.0).then(|| k / p),
+        ratio: ratio(k, p),
     }
 }
 
@@ -515,6 +572,24 @@ async fn plain_mqtt(
     })
     .await?;
 
+    // The subscriber's event loop runs in a task of its own and hands each message to the
+    // receiving side through a bounded queue, as keav's link does (its event loop task
+    // routes records to the channel's queue of 256).
+    let (msgs, mut inbox) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, BenchError>>(256);
+    let subscriber = tokio::spawn(async move {
+        loop {
+            let m = match sub_loop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => Ok(p.payload),
+                Ok(_) => continue,
+                Err(e) => Err(mqtt_err("subscriber", e)),
+            };
+            let stop = m.is_err();
+            if msgs.send(m).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+
     let t0 = Instant::now();
     let sending = async {
         for i in 0..n {
@@ -530,16 +605,15 @@ async fn plain_mqtt(
         let mut last = t0;
         let mut ticker = Ticker::new(progress);
         while !seen.complete() {
-            let ev =
-                match tokio::time::timeout_at((last + PLAIN_IDLE).into(), sub_loop.poll()).await {
-                    Ok(ev) => ev.map_err(|e| mqtt_err("subscriber", e))?,
+            let payload =
+                match tokio::time::timeout_at((last + PLAIN_IDLE).into(), inbox.recv()).await {
+                    Ok(Some(p)) => p?,
+                    Ok(None) => return Err(mqtt_err("subscriber", "stopped")),
                     Err(_) => break,
                 };
-            if let Event::Incoming(Packet::Publish(p)) = ev {
-                if seen.take(&p.payload).map_err(fail)? {
-                    last = Instant::now();
-                    ticker.tick();
-                }
+            if seen.take(&payload).map_err(fail)? {
+                last = Instant::now();
+                ticker.tick();
             }
         }
         Ok::<_, BenchError>(PlainRun {
@@ -547,18 +621,22 @@ async fn plain_mqtt(
             received: seen.distinct,
         })
     };
-    // The publisher's event loop sends the queued publishes and takes the PUBACKs.
-    let driving = async {
+    // The publisher's event loop sends the queued publishes and takes the PUBACKs, in a task
+    // of its own as keav's link runs its event loop (the subscriber's is polled by the
+    // receiving side directly, the shortest path a plain client has).
+    let mut driving = tokio::spawn(async move {
         loop {
             if let Err(e) = pub_loop.poll().await {
                 return mqtt_err("publisher", e);
             }
         }
-    };
+    });
     let r = tokio::select! {
         r = async { tokio::try_join!(sending, receiving) } => r.map(|((), run)| run),
-        e = driving => Err(e),
+        e = &mut driving => Err(e.unwrap_or_else(|e| mqtt_err("publisher task", e))),
     };
+    driving.abort();
+    subscriber.abort();
     let _ = publisher.try_disconnect();
     let _ = sub.try_disconnect();
     r
@@ -870,6 +948,165 @@ async fn keav_run(
     Ok(run)
 }
 
+// ---------------------------------------------------------------------------------------
+// keav live
+// ---------------------------------------------------------------------------------------
+
+/// Which of `n` messages arrived on an ordered channel: each must be a [`body`] of the run
+/// with a higher index than the one before; skipped indexes are lost.
+#[derive(Debug)]
+pub struct InOrder {
+    n: u64,
+    size: usize,
+    next: u64,
+    /// Messages received.
+    pub received: u64,
+}
+
+impl InOrder {
+    /// Expects messages `0..n` of `size` bytes, in this order.
+    pub fn new(n: u64, size: usize) -> InOrder {
+        InOrder {
+            n,
+            size,
+            next: 0,
+            received: 0,
+        }
+    }
+
+    /// Takes one received body: `Ok(lost)` with the number of messages skipped before it,
+    /// `Err` for a body that is no message of this run, altered, repeated or out of order.
+    pub fn take(&mut self, b: &[u8]) -> Result<u64, String> {
+        if b.len() != self.size {
+            return Err(format!(
+                "a message of {} bytes arrived, {} expected",
+                b.len(),
+                self.size
+            ));
+        }
+        let i = b
+            .get(..8)
+            .and_then(|x| <[u8; 8]>::try_from(x).ok())
+            .map(u64::from_le_bytes)
+            .filter(|i| *i < self.n)
+            .ok_or("a message with an index outside the run arrived")?;
+        if i < self.next {
+            return Err(format!(
+                "message {i} arrived after message {} (repeated or reordered)",
+                self.next - 1
+            ));
+        }
+        if b != body(i, self.size) {
+            return Err(format!("message {i} arrived altered"));
+        }
+        let lost = i - self.next;
+        self.next = i + 1;
+        self.received += 1;
+        Ok(lost)
+    }
+
+    /// Whether the last message of the run arrived (nothing can follow it).
+    pub fn done(&self) -> bool {
+        self.next >= self.n
+    }
+}
+
+/// One keav live measurement: a KEAV session between two devices over the broker, then `n`
+/// messages as channel records.
+async fn live_run(
+    t: &Target,
+    size: usize,
+    n: u64,
+    progress: &dyn Progress,
+) -> Result<LiveRun, BenchError> {
+    let dir = tempfile::tempdir()?;
+    let id = unique();
+    let (tx_id, rx_id) = (format!("{id}-tx"), format!("{id}-rx"));
+    let a = Device::open(dir.path().join(format!("{tx_id}.keav")), settings())?;
+    let b = Device::open(dir.path().join(format!("{rx_id}.keav")), settings())?;
+    let opts = ChannelOptions::default();
+    // The same steps on either carrier, whose links are distinct types.
+    macro_rules! over {
+        ($link:ty) => {{
+            let la = <$link>::connect(&t.addr, &tx_id, LinkOptions::default()).await?;
+            let lb = <$link>::connect(&t.addr, &rx_id, LinkOptions::default()).await?;
+            let (ca, cb) = within(PAIR_TIMEOUT, "pairing", async {
+                let (ca, cb) =
+                    tokio::join!(la.connect_peer(&a, &rx_id, &opts), lb.accept(&b, &opts));
+                let (from, cb) = cb?;
+                if from != tx_id {
+                    return Err(fail(format!("a handshake from {from:?} arrived")));
+                }
+                Ok::<_, BenchError>((ca?, cb))
+            })
+            .await?;
+            let busy0 = lb.stats().dropped_busy;
+            let mut run = live_exchange(ca, cb, size, n, progress).await?;
+            run.dropped += lb.stats().dropped_busy.saturating_sub(busy0);
+            Ok(run)
+        }};
+    }
+    match t.kind {
+        Kind::Mqtt => over!(keav_net::mqtt::Link),
+        Kind::Nats => over!(keav_net::nats::Link),
+    }
+}
+
+/// One untimed warm-up record, then `n` timed ones from `ca` to `cb`.
+async fn live_exchange<T>(
+    ca: Channel<T>,
+    cb: Channel<T>,
+    size: usize,
+    n: u64,
+    progress: &dyn Progress,
+) -> Result<LiveRun, BenchError> {
+    let (mut tx, _a_rx): (SendHalf<T>, RecvHalf<T>) = ca.split();
+    let (_b_tx, mut rx): (SendHalf<T>, RecvHalf<T>) = cb.split();
+    // Not timed: the channel carries data end to end (and the responder has seen the
+    // initiator's first record, so it stops answering late handshake messages).
+    tx.send(b"warm-up").await?;
+    match within(KEAV_IDLE, "warm-up message", rx.recv()).await? {
+        Some(w) if w == b"warm-up" => {}
+        _ => return Err(fail("the warm-up message did not arrive intact")),
+    }
+    let dropped0 = rx.dropped_records();
+
+    let cpu0 = process_cpu();
+    let t0 = Instant::now();
+    let sending = async {
+        for i in 0..n {
+            tx.send(&body(i, size)).await?;
+        }
+        Ok::<(), BenchError>(())
+    };
+    let receiving = async {
+        let mut order = InOrder::new(n, size);
+        let mut last = t0;
+        let mut ticker = Ticker::new(progress);
+        while !order.done() {
+            let d = match tokio::time::timeout_at((last + PLAIN_IDLE).into(), rx.recv()).await {
+                Ok(Ok(Some(d))) => d,
+                Ok(Ok(None)) => return Err(fail("the sender closed the channel")),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => break,
+            };
+            order.take(&d).map_err(fail)?;
+            last = Instant::now();
+            ticker.tick();
+        }
+        Ok::<_, BenchError>((last, order.received))
+    };
+    let ((), (last, received)) = tokio::try_join!(sending, receiving)?;
+    let cpu = process_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
+    let _ = tx.close().await;
+    Ok(LiveRun {
+        elapsed: last - t0,
+        received,
+        dropped: rx.dropped_records().saturating_sub(dropped0),
+        cpu,
+    })
+}
+
 /// Relay entries held for `dst`.
 fn held(relay: &Relay, dst: &str) -> Result<u64, BenchError> {
     Ok(relay
@@ -1003,6 +1240,59 @@ mod tests {
     }
 
     #[test]
+    fn live_bodies_are_checked_in_order() {
+        let mut o = InOrder::new(5, 64);
+        assert!(!o.done());
+        assert_eq!(o.take(&body(0, 64)), Ok(0));
+        // Message 1 and 2 never came: counted as lost.
+        assert_eq!(o.take(&body(3, 64)), Ok(2));
+        assert_eq!(o.received, 2);
+        // Repeated, reordered, altered, resized, foreign: refused.
+        assert!(o.take(&body(3, 64)).unwrap_err().contains("repeated"));
+        assert!(o.take(&body(1, 64)).unwrap_err().contains("reordered"));
+        let mut altered = body(4, 64);
+        altered[63] ^= 0x80;
+        assert!(o.take(&altered).unwrap_err().contains("altered"));
+        assert!(o.take(&body(4, 1024)).is_err());
+        assert!(o.take(&body(5, 64)).unwrap_err().contains("outside"));
+        assert!(o.take(&[1, 2, 3]).is_err());
+        assert!(!o.done());
+        assert_eq!(o.received, 2);
+        assert_eq!(o.take(&body(4, 64)), Ok(0));
+        assert!(o.done());
+        assert_eq!(o.received, 3);
+    }
+
+    /// The live run against the local brokers, when they run: every message arrives, in
+    /// order (no assertion on time).
+    #[test]
+    fn live_channel_against_local_brokers() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let quiet = crate::run::Quiet;
+        for (addr, kind) in [
+            ("127.0.0.1:1883", Kind::Mqtt),
+            ("127.0.0.1:4222", Kind::Nats),
+        ] {
+            if std::net::TcpStream::connect(addr).is_err() {
+                eprintln!("skipped: nothing listens on {addr}");
+                continue;
+            }
+            let t = Target {
+                kind,
+                addr: addr.into(),
+                label: addr.into(),
+            };
+            let r = rt.block_on(live_run(&t, 1024, 300, &quiet)).unwrap();
+            assert_eq!((r.received, r.dropped), (300, 0), "{kind:?}");
+            assert!(r.elapsed > Duration::ZERO);
+        }
+    }
+
+    #[test]
     fn rows_compute_rates_and_ratio() {
         let t = Target {
             kind: Kind::Nats,
@@ -1020,7 +1310,18 @@ mod tests {
             elapsed: Duration::from_secs(1),
             received: 900,
         };
-        let r = broker_row(&t, 64, 1000, &keav, &plain);
+        let live = LiveRun {
+            elapsed: Duration::from_millis(1250),
+            received: 990,
+            dropped: 2,
+            cpu: Some(Duration::from_millis(500)),
+        };
+        let r = broker_row(&t, 64, 1000, &keav, &plain, Some(&live));
+        assert_eq!(r.live_msgs_per_s, Some(792.0));
+        assert_eq!(r.live_secs, Some(1.25));
+        assert_eq!((r.live_lost, r.live_dropped), (Some(10), Some(2)));
+        assert_eq!(r.live_cpu_secs, Some(0.5));
+        assert!((r.live_ratio.unwrap() - 792.0 / 900.0).abs() < 1e-12);
         assert_eq!(r.keav_msgs_per_s, 500.0);
         assert_eq!(r.plain_msgs_per_s, 900.0);
         assert_eq!(r.plain_lost, 100);
@@ -1036,8 +1337,18 @@ mod tests {
             elapsed: Duration::ZERO,
             received: 0,
         };
-        assert_eq!(broker_row(&t, 64, 1000, &keav, &none).ratio, None);
+        let r = broker_row(&t, 64, 1000, &keav, &none, Some(&live));
+        assert_eq!((r.ratio, r.live_ratio), (None, None));
+        // A failed live run: no live numbers, the durable ones stay.
+        let r = broker_row(&t, 64, 1000, &keav, &plain, None);
+        assert_eq!(
+            (r.live_msgs_per_s, r.live_ratio, r.live_lost),
+            (None, None, None)
+        );
+        assert_eq!(r.keav_msgs_per_s, 500.0);
         assert_eq!(rate(10, Duration::ZERO), 0.0);
+        assert_eq!(ratio(1.0, 0.0), None);
+        assert_eq!(ratio(3.0, 4.0), Some(0.75));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! measures them and returns [`crate::BenchError::Cancelled`] when asked to stop.
 
 pub mod broker;
+pub mod c2;
 pub mod cpu;
 pub mod datapath;
 pub mod latency;
