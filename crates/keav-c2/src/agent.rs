@@ -22,7 +22,20 @@
 //!    success or a failure status; an activation hands the verified bytes to
 //!    [`Handlers::on_activate`].
 //! 5. Termination sends the device back to registered; deregistration erases its key and
-//!    identity files and ends the agent.
+//!    identity files and ends the agent. Revocation (the broker refuses the device's
+//!    credentials, at start or on reconnection) ends the agent with [`AgentError::Revoked`]
+//!    instead of retrying forever.
+//!
+//! # The state file
+//!
+//! `engine.state` is bound to the device: it starts with `KC2A`, a version byte and the
+//! device's id, then the engine's snapshot (empty right after enrollment:
+//! [`Identity::enroll`] writes it before the identity, so a registered identity always has
+//! one). A state file of another device is refused ([`AgentError::ForeignState`]), and so is
+//! a missing one for a registered identity ([`AgentError::StateMissing`]): starting afresh
+//! would forget which server messages were already accepted. [`AgentOptions::reset_state`]
+//! starts afresh anyway; the server's continuity with the device must then be reset too
+//! ([`crate::server::Server::reset_continuity`], `keav c2 reset`).
 //! 6. Optional confidentiality ([`crate::confidential`]): the server (or the device,
 //!    [`Agent::start_confidential`]) starts a KEAV session whose handshake frames travel as
 //!    Generic messages; the agent answers the server's frames (then acknowledges the Generic
@@ -117,6 +130,24 @@ pub enum AgentError {
     /// The identity was revoked (deregistered): the agent cannot run any more.
     #[error("this device was deregistered")]
     Deregistered,
+    /// The broker refuses the device's credentials: the device was revoked (its broker
+    /// account is gone). The agent stops rather than retrying forever.
+    #[error("the broker refuses this device's credentials ({0}): the device was revoked")]
+    Revoked(String),
+    /// The state file belongs to another device (or has no device binding).
+    #[error("the state file is not this device's (it is {found}'s); refusing to load it")]
+    ForeignState {
+        /// The device the file names (`-` if it names none).
+        found: String,
+    },
+    /// The identity is registered but its state file is missing: starting afresh would
+    /// forget which messages were accepted. Start with `reset_state` (`--reset-state`) to
+    /// do so anyway, and have the operator reset the server's continuity (`keav c2 reset`).
+    #[error("the state file {} is missing for a registered identity; start with --reset-state to start afresh (then `keav c2 reset <id>` on the server)", path.display())]
+    StateMissing {
+        /// The file.
+        path: PathBuf,
+    },
     /// The call needs the device in another state (e.g. joined).
     #[error("the device is {0}")]
     WrongState(&'static str),
@@ -276,6 +307,9 @@ impl Identity {
             .register(&key, enrollment_token)
             .await?;
         let id = Identity::new(key, registration)?;
+        // The state file first: a registered identity always has one (a missing one later
+        // means it was lost, see `AgentError::StateMissing`).
+        write_state(dir, id.device_id(), &[])?;
         id.save(dir)?;
         tracing::info!(device = %id.device_id(), "registered with the identity service");
         Ok(id)
@@ -325,35 +359,94 @@ pub enum StateStore {
     Memory,
 }
 
+/// What a state file holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Stored {
+    /// No file (or a memory store).
+    Nothing,
+    /// The fresh file written at enrollment: no snapshot yet.
+    Enrolled,
+    /// An engine snapshot.
+    Snapshot(Vec<u8>),
+}
+
+const AGENT_STATE_MAGIC: &[u8; 4] = b"KC2A";
+const AGENT_STATE_VERSION: u8 = 1;
+
+/// The state file's bytes: the binding header, then the snapshot (empty: enrolled).
+fn bind_state(device: DeviceId, snapshot: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13 + snapshot.len());
+    out.extend_from_slice(AGENT_STATE_MAGIC);
+    out.push(AGENT_STATE_VERSION);
+    out.extend_from_slice(&device.0);
+    out.extend_from_slice(snapshot);
+    out
+}
+
+/// Checks the binding header of a state file and returns what follows it.
+fn unbind_state(device: DeviceId, bytes: &[u8]) -> Result<Stored, AgentError> {
+    let Some(rest) = bytes.strip_prefix(AGENT_STATE_MAGIC.as_slice()) else {
+        return Err(AgentError::ForeignState { found: "-".into() });
+    };
+    let (&version, rest) = rest
+        .split_first()
+        .ok_or(AgentError::Corrupt("state file header"))?;
+    if version != AGENT_STATE_VERSION {
+        return Err(AgentError::Corrupt("state file version"));
+    }
+    if rest.len() < 8 {
+        return Err(AgentError::Corrupt("state file header"));
+    }
+    let (id, snapshot) = rest.split_at(8);
+    let mut found = [0u8; 8];
+    found.copy_from_slice(id);
+    let found = DeviceId(found);
+    if found != device {
+        return Err(AgentError::ForeignState {
+            found: found.to_hex(),
+        });
+    }
+    Ok(if snapshot.is_empty() {
+        Stored::Enrolled
+    } else {
+        Stored::Snapshot(snapshot.to_vec())
+    })
+}
+
+fn write_state(dir: &Path, device: DeviceId, snapshot: &[u8]) -> Result<(), AgentError> {
+    ensure_dir(dir)?;
+    acl::replace_file(dir, STATE_FILE, &bind_state(device, snapshot)).map_err(|e| {
+        AgentError::Io {
+            path: dir.join(STATE_FILE),
+            source: std::io::Error::other(e.to_string()),
+        }
+    })?;
+    Ok(())
+}
+
 impl StateStore {
-    fn load(&self) -> Result<Option<Vec<u8>>, AgentError> {
+    fn load(&self, device: DeviceId) -> Result<Stored, AgentError> {
         match self {
-            StateStore::Memory => Ok(None),
+            StateStore::Memory => Ok(Stored::Nothing),
             StateStore::Dir(d) => {
                 let p = d.join(STATE_FILE);
                 match std::fs::read(&p) {
-                    Ok(b) => Ok(Some(b)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Ok(b) => unbind_state(device, &b),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Stored::Nothing),
                     Err(e) => Err(io_err(&p, e)),
                 }
             }
         }
     }
 
-    async fn save(&self, snap: &DeviceSnapshot) -> Result<(), AgentError> {
+    async fn save(&self, device: DeviceId, snap: &DeviceSnapshot) -> Result<(), AgentError> {
         match self {
             StateStore::Memory => Ok(()),
             StateStore::Dir(d) => {
                 let (d, bytes) = (d.clone(), snap.bytes().to_vec());
-                tokio::task::spawn_blocking(move || {
-                    ensure_dir(&d)?;
-                    acl::replace_file(&d, STATE_FILE, &bytes).map_err(|e| AgentError::Io {
-                        path: d.join(STATE_FILE),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })
-                .await
-                .map_err(|_| AgentError::Stopped)??;
+                tokio::task::spawn_blocking(move || write_state(&d, device, &bytes))
+                    .await
+                    .map_err(|_| AgentError::Stopped)??;
                 Ok(())
             }
         }
@@ -549,6 +642,13 @@ pub struct AgentOptions {
     /// Refuse plain data from the server (answered `DataTypeUnknown`, not handed to
     /// [`Handlers::on_data`]): only data sealed in the confidential session is taken.
     pub require_confidential: bool,
+    /// Start from a fresh state, whatever the state file holds (missing, another device's,
+    /// or this device's): the device is registered again and accepts server messages it
+    /// may have accepted before. The operator must reset the server's continuity with it.
+    pub reset_state: bool,
+    /// Reconnections the broker refuses in a row before the agent takes the device as
+    /// revoked and stops with [`AgentError::Revoked`] (default 3; at least 1).
+    pub refusals_before_revoked: u64,
 }
 
 impl AgentOptions {
@@ -564,6 +664,8 @@ impl AgentOptions {
             broker: None,
             connect_timeout: Duration::from_secs(10),
             require_confidential: false,
+            reset_state: false,
+            refusals_before_revoked: 3,
         }
     }
 }
@@ -648,15 +750,33 @@ impl Agent {
             )?),
             None => None,
         };
-        let phase = match options.store.load()? {
-            Some(bytes) => match AnyDevice::from_state(key, server_key, options.engine, &bytes)? {
-                AnyDevice::Registered(d) => Phase::Registered(d),
-                AnyDevice::Joined(d) => Phase::Joined(d),
-                AnyDevice::Deregistered(_) => return Err(AgentError::Deregistered),
-            },
-            None => {
+        let stored = if options.reset_state {
+            tracing::warn!(device = %id, "starting from a fresh state (--reset-state)");
+            Stored::Enrolled
+        } else {
+            match options.store.load(id)? {
+                Stored::Nothing => match &options.store {
+                    StateStore::Dir(d) => {
+                        return Err(AgentError::StateMissing {
+                            path: d.join(STATE_FILE),
+                        })
+                    }
+                    StateStore::Memory => Stored::Enrolled,
+                },
+                s => s,
+            }
+        };
+        let phase = match stored {
+            Stored::Snapshot(bytes) => {
+                match AnyDevice::from_state(key, server_key, options.engine, &bytes)? {
+                    AnyDevice::Registered(d) => Phase::Registered(d),
+                    AnyDevice::Joined(d) => Phase::Joined(d),
+                    AnyDevice::Deregistered(_) => return Err(AgentError::Deregistered),
+                }
+            }
+            Stored::Enrolled | Stored::Nothing => {
                 let d = Device::<Registered>::new(key, server_key, options.engine);
-                options.store.save(&d.snapshot()).await?;
+                options.store.save(id, &d.snapshot()).await?;
                 Phase::Registered(d)
             }
         };
@@ -671,7 +791,12 @@ impl Agent {
             topic_in,
         );
         lo.connect_timeout = options.connect_timeout;
-        let (link, inbound) = mqtt::connect(lo).await?;
+        let (link, inbound) = match mqtt::connect(lo).await {
+            Ok(x) => x,
+            // The stored credentials are refused: the account is gone.
+            Err(MqttError::Refused(why)) => return Err(AgentError::Revoked(why)),
+            Err(e) => return Err(e.into()),
+        };
         let (control_tx, control_rx) = mpsc::channel(16);
         let (status_tx, status_rx) = watch::channel(phase.status());
         let (notices, first) = broadcast::channel(1024);
@@ -680,6 +805,7 @@ impl Agent {
         let mut run = Runner {
             id,
             phase,
+            refusals_seen: link.refusals(),
             link,
             options,
             handlers,
@@ -806,6 +932,19 @@ impl Agent {
         }
     }
 
+    /// Waits for the agent's loop to end by itself (deregistration, revocation, a failure)
+    /// and returns how it ended; the agent can still be [`Agent::stop`]ped after (a no-op).
+    pub async fn finished(&mut self) -> Result<(), AgentError> {
+        match self.task.as_mut() {
+            Some(t) => {
+                let r = t.await;
+                self.task = None;
+                r.map_err(|_| AgentError::Stopped)?
+            }
+            None => Err(AgentError::Stopped),
+        }
+    }
+
     /// Waits for the agent's loop to end by itself (deregistration, broker gone for good).
     pub async fn join(mut self) -> Result<(), AgentError> {
         match self.task.take() {
@@ -826,6 +965,8 @@ impl Drop for Agent {
 struct Runner<H> {
     id: DeviceId,
     phase: Phase,
+    /// The link's refusal count when it was last seen connected.
+    refusals_seen: u64,
     link: MqttLink,
     options: AgentOptions,
     handlers: H,
@@ -858,7 +999,10 @@ impl<H: Handlers> Runner<H> {
                     Some(m) => self.on_inbound(m).await,
                     None => return Err(AgentError::Stopped),
                 },
-                _ = ticker.tick() => self.confidential_tick().await,
+                _ = ticker.tick() => match self.revoked() {
+                    Some(e) => Err(e),
+                    None => self.confidential_tick().await,
+                },
                 c = control.recv() => match c {
                     Some(c) => self.on_control(c).await,
                     None => return Ok(()),
@@ -878,6 +1022,21 @@ impl<H: Handlers> Runner<H> {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether the broker has refused the device's credentials often enough in a row to take
+    /// it as revoked.
+    fn revoked(&mut self) -> Option<AgentError> {
+        let refusals = self.link.refusals();
+        if self.link.is_connected() {
+            self.refusals_seen = refusals;
+            return None;
+        }
+        let in_a_row = refusals.saturating_sub(self.refusals_seen);
+        (in_a_row >= self.options.refusals_before_revoked.max(1)).then(|| {
+            tracing::error!(device = %self.id, refusals = in_a_row, "the broker refuses this device: revoked");
+            AgentError::Revoked(format!("{in_a_row} reconnections refused"))
+        })
     }
 
     fn sync(&self) {
@@ -1049,7 +1208,7 @@ impl<H: Handlers> Runner<H> {
 
     /// Persists the snapshot, then yields the value.
     async fn persist<T>(&mut self, mp: MustPersist<T, DeviceSnapshot>) -> Result<T, AgentError> {
-        self.options.store.save(mp.record()).await?;
+        self.options.store.save(self.id, mp.record()).await?;
         Ok(mp
             .persist(|_| Ok::<(), Infallible>(()))
             .unwrap_or_else(|e| match e {}))
@@ -1172,7 +1331,7 @@ impl<H: Handlers> Runner<H> {
                     // Until persisted, the old phase stays (a failed persist stops the agent).
                     self.options
                         .store
-                        .save(mp.record())
+                        .save(self.id, mp.record())
                         .await
                         .inspect_err(|_| {
                             tracing::error!("snapshot not persisted; message not acted on");
@@ -1195,7 +1354,7 @@ impl<H: Handlers> Runner<H> {
                     Ok(())
                 }
                 Ok(mp) => {
-                    self.options.store.save(mp.record()).await?;
+                    self.options.store.save(self.id, mp.record()).await?;
                     let h = mp
                         .persist(|_| Ok::<(), Infallible>(()))
                         .unwrap_or_else(|e| match e {});

@@ -14,16 +14,16 @@ use std::time::{Duration, Instant};
 
 use keav_c2::acl::{hash_password, new_password, BrokerUser, Role};
 use keav_c2::agent::{
-    Agent, AgentNotice, AgentOptions, AgentStatus, Handlers, Identity, StateStore,
+    Agent, AgentError, AgentNotice, AgentOptions, AgentStatus, Handlers, Identity, StateStore,
 };
-use keav_c2::engine::{DropReason, JoinPolicy, JoinRequestKind};
+use keav_c2::engine::{DropReason, EngineError, JoinPolicy, JoinRequestKind, ServerEvent};
 use keav_c2::identity::api::EnrollmentRequestBody;
-use keav_c2::identity::Client;
+use keav_c2::identity::{Client, IdentityError};
 use keav_c2::keys::{Alg, DeviceId};
 use keav_c2::registry::{DeviceStatus, RedbRegistry, Registry};
 use keav_c2::server::api::{CommandBody, DecideBody, UpdateBody, ValueBody};
 use keav_c2::server::client::OperatorClient;
-use keav_c2::server::{Server, ServerNotice, ServerOptions};
+use keav_c2::server::{RateLimit, Server, ServerError, ServerNotice, ServerOptions};
 use keav_c2::wire::{Action, Body, Data, JoinCode, Status, Token};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -156,11 +156,16 @@ struct Fleet {
 
 impl Fleet {
     async fn start(policy: JoinPolicy) -> Fleet {
+        Fleet::start_with(policy, |_| {}).await
+    }
+
+    async fn start_with(policy: JoinPolicy, tweak: impl FnOnce(&mut ServerOptions)) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let registry = RedbRegistry::open(&dir.path().join("registry.redb")).unwrap();
         let mut o = ServerOptions::new(dir.path().join("server"), Zeroizing::new(OPERATOR.into()));
         o.http = Some("127.0.0.1:0".parse().unwrap());
         o.engine.join_policy = policy;
+        tweak(&mut o);
         let tap_password = new_password();
         o.extra_broker_users.push(BrokerUser {
             username: "tap".into(),
@@ -859,4 +864,463 @@ fn action_body() -> Body {
 
 fn hex(t: &Token) -> String {
     t.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---- review fixes (issue 6): races, approval words, HTTP, revocation, state, rate limit ----
+
+async fn status_of(fleet: &Fleet, dev: DeviceId) -> DeviceStatus {
+    fleet
+        .server
+        .registry()
+        .device(dev)
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+}
+
+/// The registry says revoked (as the identity service writes it, before the server hears of
+/// it), then the device resigns: the status the engine derives from its message must not
+/// overwrite the revocation, and the server must treat the device as revoked from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_status_is_never_overwritten_by_an_inbound_message() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (agent, _log, _) = fleet.joined("valve-1", &[]).await;
+    let dev = agent.id();
+    let mut notices = fleet.server.notices();
+    fleet
+        .server
+        .registry()
+        .set_status(dev, DeviceStatus::Revoked)
+        .await
+        .unwrap();
+    // The engine still thinks the device joined: its resignation is accepted…
+    agent.resign().await.unwrap();
+    eventually("the resignation", || {
+        let mut got = None;
+        while let Ok(n) = notices.try_recv() {
+            if let ServerNotice::Event(ServerEvent::Resigned { device }) = n {
+                if device == dev {
+                    got = Some(());
+                }
+            }
+        }
+        std::future::ready(got)
+    })
+    .await;
+    // …but the registry stays revoked, and the engine follows it.
+    assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+    let e = fleet.server.join_command(dev).await.unwrap_err();
+    assert!(
+        matches!(e, ServerError::Engine(EngineError::Revoked(d)) if d == dev),
+        "{e}"
+    );
+    drop(agent);
+    fleet.shutdown().await;
+}
+
+/// Operator calls on a device the registry revoked behind the engine's back are refused,
+/// and never set it back to registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_of_a_device_revoked_meanwhile_is_refused_and_keeps_it_revoked() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (agent, _log, _) = fleet.joined("valve-2", &[]).await;
+    let dev = agent.id();
+    fleet
+        .server
+        .registry()
+        .set_status(dev, DeviceStatus::Revoked)
+        .await
+        .unwrap();
+    let e = fleet.server.terminate(dev).await.unwrap_err();
+    assert!(
+        matches!(e, ServerError::Engine(EngineError::Revoked(d)) if d == dev),
+        "{e}"
+    );
+    assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+    for verb in ["terminate", "join", "deregister", "reset"] {
+        let e = fleet.op.device_verb(&dev.to_hex(), verb).await.unwrap_err();
+        assert!(
+            matches!(e, IdentityError::Refused { status: 409, .. }),
+            "{verb}: {e}"
+        );
+    }
+    assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+    drop(agent);
+    fleet.shutdown().await;
+}
+
+/// Terminate and revoke raced against each other (and against the device's own traffic):
+/// whichever runs first, the device ends revoked in the registry and in the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_racing_revoke_always_ends_revoked() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    for i in 0..3 {
+        let (agent, _log, _) = fleet.joined(&format!("race-{i}"), &[]).await;
+        let dev = agent.id();
+        let chatter = agent.send_data(Data {
+            id: "t".into(),
+            value: keav_c2::wire::Value::U8(1),
+        });
+        let (_, t, r) = tokio::join!(
+            chatter,
+            fleet.server.terminate(dev),
+            fleet.server.revoke(dev)
+        );
+        r.unwrap();
+        if let Err(e) = t {
+            assert!(
+                matches!(e, ServerError::Engine(EngineError::Revoked(_))),
+                "{e}"
+            );
+        }
+        assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+        assert!(matches!(
+            fleet.server.join_command(dev).await,
+            Err(ServerError::Engine(EngineError::Revoked(_)))
+        ));
+        drop(agent);
+    }
+    fleet.shutdown().await;
+}
+
+/// Words given for a join that is not human-moderated (or for no join at all) are an error
+/// (409 with a code saying why), not an approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approve_with_words_needs_a_pending_human_join() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (id, data) = fleet.enroll("door-1", &[]).await;
+    let dev = id.device_id();
+    let with_words = DecideBody {
+        accept: true,
+        words: vec!["acid".into(), "aim".into()],
+    };
+    // No join pending at all.
+    match fleet.op.decide(&dev.to_hex(), &with_words).await {
+        Err(IdentityError::Refused { status: 409, code }) => {
+            assert!(code.starts_with("no_pending_join"), "{code}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A simple join pending: words are refused, the join is left pending.
+    let (agent, _log) = fleet
+        .agent(id, &data, Some(JoinRequestKind::Simple), vec![])
+        .await;
+    eventually("the join request", || async {
+        let joins = fleet.op.joins().await.unwrap();
+        joins.iter().any(|j| j.device == dev.to_hex()).then_some(())
+    })
+    .await;
+    match fleet.op.decide(&dev.to_hex(), &with_words).await {
+        Err(IdentityError::Refused { status: 409, code }) => {
+            assert!(code.starts_with("no_human_join"), "{code}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(agent.status(), AgentStatus::Registered);
+    let joins = fleet.op.joins().await.unwrap();
+    assert!(joins.iter().any(|j| j.device == dev.to_hex()));
+    drop(agent);
+    fleet.shutdown().await;
+}
+
+/// One raw HTTP/1.1 request on a fresh connection; the status code of the answer.
+async fn raw_http(addr: std::net::SocketAddr, request: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        let k = tokio::time::timeout(PATIENCE, s.read(&mut buf[n..]))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(k > 0, "connection closed without an answer");
+        n += k;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]).to_string();
+    line[9..12].parse().unwrap()
+}
+
+fn post(path: &str, token: Option<&str>, body: &str) -> String {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The operator token is checked before the body is parsed: without it, a malformed body
+/// still gets 401 (not a parse error that would reveal the route's schema).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_routes_authenticate_before_parsing_the_body() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let addr = fleet.server.http_addr().unwrap();
+    let garbage = "{\"no such field\": [[[";
+    for path in [
+        "/v1/c2/command",
+        "/v1/c2/update",
+        "/v1/c2/joins/0102030405060708",
+    ] {
+        assert_eq!(
+            raw_http(addr, post(path, None, garbage)).await,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            raw_http(addr, post(path, Some("wrong-token"), garbage)).await,
+            401,
+            "{path}"
+        );
+        // With the token, the same body is a client error of another kind.
+        let with = raw_http(addr, post(path, Some(OPERATOR), garbage)).await;
+        assert!(with == 400 || with == 422, "{path}: {with}");
+    }
+    fleet.shutdown().await;
+}
+
+/// Requests held open (a body that never comes) fill the in-flight limit: one more is
+/// answered 503 at once instead of queueing without bound; once they go, service resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_in_flight_limit_answers_busy() {
+    use tokio::io::AsyncWriteExt;
+    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| o.http_max_in_flight = 2).await;
+    let addr = fleet.server.http_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/c2/command HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    let stats = format!(
+        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
+    );
+    eventually("a busy answer", || {
+        let r = stats.clone();
+        async move { (raw_http(addr, r).await == 503).then_some(()) }
+    })
+    .await;
+    drop(held);
+    eventually("service again", || {
+        let r = stats.clone();
+        async move { (raw_http(addr, r).await == 200).then_some(()) }
+    })
+    .await;
+    fleet.shutdown().await;
+}
+
+/// A revocation whose caller goes away at once (an HTTP client that disconnects) still
+/// completes; the running agent then stops with `Revoked` instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_survives_a_cancelled_caller_and_stops_the_agent() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (mut agent, _log, data) = fleet.joined("pump-9", &[]).await;
+    let dev = agent.id();
+    // Polled once, then dropped.
+    let r = tokio::time::timeout(Duration::ZERO, fleet.server.revoke(dev)).await;
+    assert!(r.is_err(), "the revocation finished in one poll");
+    let ended = tokio::time::timeout(PATIENCE, agent.finished())
+        .await
+        .expect("the agent never stopped");
+    assert!(matches!(ended, Err(AgentError::Revoked(_))), "{ended:?}");
+    assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+    // Started again, it stops at once with the same typed error.
+    let identity = Identity::load(&data).unwrap().unwrap();
+    let e = Agent::start(
+        identity,
+        AgentOptions::new(StateStore::Dir(data.clone())),
+        keav_c2::agent::AcceptAll,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, AgentError::Revoked(_)), "{e}");
+    fleet.shutdown().await;
+}
+
+/// The state file is bound to its device: another device's is refused, a missing one is
+/// refused for a registered identity; `reset_state` starts afresh, and the server accepts
+/// the device again only once the operator resets its continuity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_state_is_bound_to_its_device_and_a_reset_needs_the_operator() {
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (a, _, data_a) = fleet.joined("tank-a", &[]).await;
+    let (b, _, data_b) = fleet.joined("tank-b", &[]).await;
+    let dev_b = b.id();
+    // Registered on both sides, so its join requests are admissible: only the replay check
+    // can stop them.
+    fleet
+        .op
+        .device_verb(&dev_b.to_hex(), "terminate")
+        .await
+        .unwrap();
+    reach(&b, AgentStatus::Registered).await;
+    b.stop().await.ok();
+    let opts = |d: &Path| AgentOptions::new(StateStore::Dir(d.to_path_buf()));
+    let start_b = |o: AgentOptions| {
+        let identity = Identity::load(&data_b).unwrap().unwrap();
+        Agent::start(identity, o, keav_c2::agent::AcceptAll)
+    };
+    // A's state in B's directory.
+    let state_b = data_b.join(keav_c2::agent::STATE_FILE);
+    let own = std::fs::read(&state_b).unwrap();
+    std::fs::copy(data_a.join(keav_c2::agent::STATE_FILE), &state_b).unwrap();
+    let e = start_b(opts(&data_b)).await.unwrap_err();
+    match e {
+        AgentError::ForeignState { found } => assert_eq!(found, a.id().to_hex()),
+        e => panic!("{e}"),
+    }
+    // A state file without the binding (the engine's bare snapshot) is refused too.
+    std::fs::write(&state_b, &own[13..]).unwrap();
+    assert!(matches!(
+        start_b(opts(&data_b)).await.unwrap_err(),
+        AgentError::ForeignState { .. }
+    ));
+    // No state file at all.
+    std::fs::remove_file(&state_b).unwrap();
+    assert!(matches!(
+        start_b(opts(&data_b)).await.unwrap_err(),
+        AgentError::StateMissing { .. }
+    ));
+    // Reset: B starts registered, with its sequence numbers from 1 again…
+    let mut o = opts(&data_b);
+    o.reset_state = true;
+    let b = start_b(o).await.unwrap();
+    assert_eq!(b.status(), AgentStatus::Registered);
+    let mut notices = fleet.server.notices();
+    b.request_join(JoinRequestKind::Simple).await.unwrap();
+    // …so the server drops its join request as a replay…
+    let reason = eventually("the stale join request to be dropped", || {
+        let mut got = None;
+        while let Ok(n) = notices.try_recv() {
+            if let ServerNotice::Dropped(d) = n {
+                if d.sender == Some(dev_b) {
+                    got = Some(d.reason);
+                }
+            }
+        }
+        std::future::ready(got)
+    })
+    .await;
+    assert_eq!(reason, DropReason::Replay);
+    // …until the operator resets the server's continuity with it.
+    fleet
+        .op
+        .device_verb(&dev_b.to_hex(), "reset")
+        .await
+        .unwrap();
+    assert_eq!(status_of(&fleet, dev_b).await, DeviceStatus::Registered);
+    b.request_join(JoinRequestKind::Simple).await.unwrap();
+    eventually("the new join request", || async {
+        let joins = fleet.op.joins().await.unwrap();
+        joins
+            .iter()
+            .any(|j| j.device == dev_b.to_hex())
+            .then_some(())
+    })
+    .await;
+    let d = fleet
+        .op
+        .decide(
+            &dev_b.to_hex(),
+            &DecideBody {
+                accept: true,
+                words: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    assert!(d.joined);
+    reach(&b, AgentStatus::Joined).await;
+    // The state file written since is bound to B again.
+    let again = std::fs::read(&state_b).unwrap();
+    assert_eq!(&again[5..13], &dev_b.0);
+    drop(a);
+    drop(b);
+    fleet.shutdown().await;
+}
+
+/// A device flooding the server is cut at its bucket before any signature work, counted;
+/// another device's messages still pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_rate_limited_and_others_still_pass() {
+    const BURST: u32 = 8;
+    const FLOOD: usize = 40;
+    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| {
+        o.inbound_rate = RateLimit {
+            burst: BURST,
+            per_sec: 0.0,
+        }
+    })
+    .await;
+    let (a, _, _) = fleet.joined("noisy", &[]).await;
+    let (b, _, _) = fleet.joined("quiet", &[]).await;
+    let (dev_a, dev_b) = (a.id(), b.id());
+    let mut notices = fleet.server.notices();
+    let limited_before = fleet.server.rate_limited();
+    for i in 0..FLOOD {
+        a.send_data(Data {
+            id: "flood".into(),
+            value: keav_c2::wire::Value::U64(i as u64),
+        })
+        .await
+        .unwrap();
+    }
+    // Every message of the flood is either taken or dropped by the limit.
+    let mut taken = 0usize;
+    let mut announced = false;
+    eventually("the whole flood to be seen", || {
+        while let Ok(n) = notices.try_recv() {
+            match n {
+                ServerNotice::Event(ServerEvent::Data { device, .. }) if device == dev_a => {
+                    taken += 1
+                }
+                ServerNotice::RateLimited { device, .. } if device == dev_a => announced = true,
+                _ => {}
+            }
+        }
+        let limited = fleet.server.rate_limited() - limited_before;
+        std::future::ready((taken + limited as usize == FLOOD).then_some(()))
+    })
+    .await;
+    let limited = (fleet.server.rate_limited() - limited_before) as usize;
+    assert!(taken < BURST as usize, "{taken} of the flood taken");
+    assert_eq!(limited, FLOOD - taken);
+    assert!(announced, "the limit was not announced");
+    let stats = fleet.op.stats().await.unwrap();
+    assert!(stats
+        .dropped
+        .iter()
+        .any(|(r, n)| r == "rate_limited" && *n as usize >= limited));
+    // The other device is not affected.
+    b.send_data(Data {
+        id: "hello".into(),
+        value: keav_c2::wire::Value::U8(1),
+    })
+    .await
+    .unwrap();
+    eventually("the other device's data", || {
+        let mut got = None;
+        while let Ok(n) = notices.try_recv() {
+            if let ServerNotice::Event(ServerEvent::Data { device, .. }) = n {
+                if device == dev_b {
+                    got = Some(());
+                }
+            }
+        }
+        std::future::ready(got)
+    })
+    .await;
+    assert_eq!(
+        (fleet.server.rate_limited() - limited_before) as usize,
+        limited
+    );
+    drop(a);
+    drop(b);
+    fleet.shutdown().await;
 }

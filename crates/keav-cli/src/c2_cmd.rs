@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use keav_c2::agent::{Agent, AgentOptions, Handlers, Identity, StateStore};
+use keav_c2::agent::{Agent, AgentError, AgentOptions, Handlers, Identity, StateStore};
 use keav_c2::engine::{JoinPolicy, JoinRequestKind};
 use keav_c2::identity::api::EnrollmentRequestBody;
 use keav_c2::identity::Client;
@@ -57,6 +57,9 @@ pub enum C2Cmd {
     Terminate(DeviceVerbArgs),
     /// Operator: send a join command to a registered device.
     JoinCommand(DeviceVerbArgs),
+    /// Operator: reset the server's replay continuity with a device that lost its state
+    /// (after `keav c2 device --reset-state`); it must join again.
+    Reset(DeviceVerbArgs),
     /// Operator: the server's counters (accepted, dropped by reason).
     Stats(OperatorArgs),
     /// Operator: start (or rekey) a confidential session with a device, require or stop
@@ -174,6 +177,10 @@ pub struct DeviceArgs {
     /// Refuse plain data from the server (only data sealed in the confidential session).
     #[arg(long)]
     require_confidential: bool,
+    /// Start from a fresh state even though the state file is missing or not this
+    /// device's (the operator must then run `keav c2 reset <id>` on the server).
+    #[arg(long)]
+    reset_state: bool,
 }
 
 /// `keav c2 send`.
@@ -415,6 +422,7 @@ pub fn run(cmd: C2Cmd) -> Result<()> {
         C2Cmd::Deregister(a) => rt.block_on(verb(a, "deregister")),
         C2Cmd::Terminate(a) => rt.block_on(verb(a, "terminate")),
         C2Cmd::JoinCommand(a) => rt.block_on(verb(a, "join")),
+        C2Cmd::Reset(a) => rt.block_on(verb(a, "reset")),
         C2Cmd::Stats(op) => rt.block_on(async {
             let s = op_client(&op)?.stats().await?;
             println!("accepted {}", s.accepted);
@@ -581,6 +589,9 @@ async fn serve_with<R: Registry>(o: ServerOptions, registry: R) -> Result<()> {
                 }
                 Ok(ServerNotice::Confidential { device, notice }) => {
                     eprintln!("c2: confidential {device}: {notice:?}")
+                }
+                Ok(ServerNotice::RateLimited { device, refused }) => {
+                    eprintln!("c2: {device} over its rate limit ({refused} dropped)")
                 }
                 Ok(ServerNotice::Published { .. }) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -821,6 +832,7 @@ async fn device(a: DeviceArgs) -> Result<()> {
     let mut o = AgentOptions::new(StateStore::Dir(a.data.clone()));
     o.broker = a.broker;
     o.require_confidential = a.require_confidential;
+    o.reset_state = a.reset_state;
     o.join = match a.join.as_deref() {
         None => None,
         Some("simple") => Some(JoinRequestKind::Simple),
@@ -831,14 +843,32 @@ async fn device(a: DeviceArgs) -> Result<()> {
         },
     };
     let id = identity.device_id();
-    let agent = Agent::start(identity, o, CliHandlers { data: a.data }).await?;
+    if a.reset_state {
+        eprintln!(
+            "device {id}: starting from a fresh state; the operator must run `keav c2 reset {id}`"
+        );
+    }
+    let mut agent = Agent::start(identity, o, CliHandlers { data: a.data })
+        .await
+        .map_err(|e| agent_failed(id, e))?;
     println!("device {id} {:?}", agent.status());
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {
             eprintln!("stopping");
             agent.stop().await?;
         }
-        _ = agent.wait_status(|s| s == keav_c2::agent::AgentStatus::Deregistered) => {}
+        r = agent.finished() => r.map_err(|e| agent_failed(id, e))?,
     }
     Ok(())
+}
+
+/// A clear message for how the agent failed (the process then exits non-zero).
+fn agent_failed(id: DeviceId, e: AgentError) -> anyhow::Error {
+    match e {
+        AgentError::Revoked(why) => {
+            anyhow!("device {id} was revoked: the broker refuses its credentials ({why}); it cannot run any more")
+        }
+        AgentError::Deregistered => anyhow!("device {id} was deregistered: its identity is gone"),
+        e => anyhow!("device {id}: {e}"),
+    }
 }

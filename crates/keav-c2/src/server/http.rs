@@ -14,16 +14,23 @@
 //! | `POST /v1/c2/devices/{id}/terminate` | terminate | 200 [`SentBody`] |
 //! | `POST /v1/c2/devices/{id}/deregister` | deregister command, then revocation | 200 [`SentBody`] |
 //! | `POST /v1/c2/devices/{id}/revoke` | revocation (registry, engine, broker) | 200 [`SentBody`] |
+//! | `POST /v1/c2/devices/{id}/reset` | reset the replay continuity of a device that lost its state | 200 [`SentBody`] |
 //! | `POST /v1/c2/devices/{id}/confidential` | start/rekey a confidential session, set the policy ([`ConfidentialBody`], optional) | 200 [`SentBody`] (handshake tokens) |
 //! | `GET /v1/c2/devices/{id}/confidential` | where the device's confidentiality stands | 200 [`ConfidentialInfoBody`] |
 //! | `GET /v1/c2/stats` | counters | 200 [`StatsBody`] |
 //!
 //! Errors are the identity service's `{"error", "code"}` bodies.
+//!
+//! The operator token is checked by a layer in front of every route, before the request's
+//! body is read or parsed: a caller without the token gets 401 whatever it sends. The whole
+//! HTTP service (these routes and the identity service's) is behind an in-flight limit
+//! ([`limit_in_flight`]): requests beyond it are answered 503 at once.
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -67,8 +74,51 @@ pub fn router<R: Registry>(server: Server<R>, operator_token: &str) -> Router {
             post(device_verb::<R>).get(device_get::<R>),
         )
         .route("/v1/c2/stats", get(stats::<R>))
+        // Before any extractor: the token is checked before the body is read.
+        .route_layer(middleware::from_fn_with_state(
+            st.clone(),
+            require_operator::<R>,
+        ))
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(st)
+}
+
+async fn require_operator<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match operator(&st, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Puts `app` behind a limit of `max` requests in flight (at least 1): one more is answered
+/// `503 {"code": "busy"}` at once, without being read.
+pub fn limit_in_flight(app: Router, max: usize) -> Router {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+    app.layer(middleware::from_fn(move |req: Request, next: Next| {
+        let permits = permits.clone();
+        async move {
+            match permits.try_acquire_owned() {
+                Ok(permit) => {
+                    let r = next.run(req).await;
+                    drop(permit);
+                    r
+                }
+                Err(_) => {
+                    tracing::warn!("HTTP request refused: too many in flight");
+                    ApiError(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "busy",
+                        "too many requests in flight".into(),
+                    )
+                    .into_response()
+                }
+            }
+        }
+    }))
 }
 
 /// An error answer.
@@ -97,6 +147,12 @@ impl From<ServerError> for ApiError {
         match &e {
             ServerError::Engine(EngineError::UnknownDevice(_)) | ServerError::UnknownDevice(_) => {
                 ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            ServerError::WordsNotExpected(_) => {
+                ApiError(StatusCode::CONFLICT, "no_human_join", e.to_string())
+            }
+            ServerError::Engine(EngineError::NoPendingJoin(_)) => {
+                ApiError(StatusCode::CONFLICT, "no_pending_join", e.to_string())
             }
             ServerError::Engine(EngineError::BadExpiry { .. }) | ServerError::Invalid(_) => {
                 ApiError(StatusCode::BAD_REQUEST, "invalid", e.to_string())
@@ -253,10 +309,8 @@ pub fn status_name(code: u8) -> String {
 
 async fn command<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
     Json(c): Json<CommandBody>,
 ) -> Result<Json<SentBody>, ApiError> {
-    operator(&st, &headers)?;
     let t = targets(&c.device, &c.group)?;
     let body = body_of(&c)?;
     if c.confidential {
@@ -300,10 +354,8 @@ fn refuse_single(device: &Option<String>, sent: Sent) -> Result<Json<SentBody>, 
 
 async fn update<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
     Json(u): Json<UpdateBody>,
 ) -> Result<Json<SentBody>, ApiError> {
-    operator(&st, &headers)?;
     let t = targets(&u.device, &u.group)?;
     let digest = parse_digest(&u.digest).ok_or_else(|| bad("digest must be 64 hex digits"))?;
     if !u.url.starts_with("http://") || u.url.len() > crate::wire::MAX_URL_LEN {
@@ -315,10 +367,8 @@ async fn update<R: Registry>(
 
 async fn activate<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
     Json(a): Json<ActivateBody>,
 ) -> Result<Json<SentBody>, ApiError> {
-    operator(&st, &headers)?;
     let d = device_id(&a.device)?;
     let t = parse_token(&a.token).ok_or_else(|| bad("token"))?;
     st.server.activate(d, &t).await?;
@@ -357,20 +407,16 @@ async fn token_body<R: Registry>(server: &Server<R>, t: &Token) -> Result<TokenB
 
 async fn responses_one<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Result<Json<TokenBody>, ApiError> {
-    operator(&st, &headers)?;
     let t = parse_token(&token).ok_or_else(|| bad("token"))?;
     Ok(Json(token_body(&st.server, &t).await?))
 }
 
 async fn responses_many<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
     Json(b): Json<TokensBody>,
 ) -> Result<Json<TokenListBody>, ApiError> {
-    operator(&st, &headers)?;
     if b.tokens.len() > MAX_TOKENS {
         return Err(bad("too many tokens"));
     }
@@ -394,9 +440,7 @@ pub fn method_name(m: JoinMethod) -> &'static str {
 
 async fn joins<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
 ) -> Result<Json<JoinsBody>, ApiError> {
-    operator(&st, &headers)?;
     let joins = st
         .server
         .pending_joins()
@@ -413,11 +457,9 @@ async fn joins<R: Registry>(
 
 async fn decide<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(d): Json<DecideBody>,
 ) -> Result<Json<DecidedBody>, ApiError> {
-    operator(&st, &headers)?;
     let id = device_id(&id)?;
     if d.words.len() > 64 {
         return Err(bad("too many words"));
@@ -437,10 +479,8 @@ fn no_route() -> ApiError {
 
 async fn device_get<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
     Path((id, verb)): Path<(String, String)>,
 ) -> Result<Json<ConfidentialInfoBody>, ApiError> {
-    operator(&st, &headers)?;
     let id = device_id(&id)?;
     if verb != "confidential" {
         return Err(no_route());
@@ -462,11 +502,9 @@ async fn device_get<R: Registry>(
 
 async fn device_verb<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
     Path((id, verb)): Path<(String, String)>,
     body: Option<Json<ConfidentialBody>>,
 ) -> Result<Json<SentBody>, ApiError> {
-    operator(&st, &headers)?;
     let id = device_id(&id)?;
     if verb == "confidential" {
         let b = body.map(|Json(b)| b).unwrap_or_default();
@@ -497,6 +535,10 @@ async fn device_verb<R: Registry>(
             st.server.revoke(id).await?;
             None
         }
+        "reset" => {
+            st.server.reset_continuity(id).await?;
+            None
+        }
         _ => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
@@ -519,17 +561,20 @@ async fn device_verb<R: Registry>(
 
 async fn stats<R: Registry>(
     State(st): State<Arc<AppState<R>>>,
-    headers: HeaderMap,
 ) -> Result<Json<StatsBody>, ApiError> {
-    operator(&st, &headers)?;
     let c = st.server.counters().await;
+    let mut dropped: Vec<(String, u64)> = c
+        .nonzero()
+        .into_iter()
+        .map(|(r, n)| (r.name().to_string(), n))
+        .collect();
+    let limited = st.server.rate_limited();
+    if limited > 0 {
+        dropped.push(("rate_limited".to_string(), limited));
+    }
     Ok(Json(StatsBody {
         accepted: c.accepted(),
-        dropped: c
-            .nonzero()
-            .into_iter()
-            .map(|(r, n)| (r.name().to_string(), n))
-            .collect(),
+        dropped,
         oversized: st.server.oversized(),
         confidential: st.server.confidential_counters().named(),
     }))

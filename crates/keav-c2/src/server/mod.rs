@@ -31,15 +31,17 @@ pub mod api;
 pub mod client;
 mod conf;
 pub mod http;
+pub mod ratelimit;
 
 pub use conf::{unix_now_ms, ConfCounters, ConfNotice, ConfidentialInfo};
+pub use ratelimit::RateLimit;
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -67,6 +69,7 @@ use crate::registry::{
     BlobKind, DeviceRecord, DeviceStatus, Enrollment, Registry, RegistryError, ResponseRecord,
     TokenHash,
 };
+use crate::topics::Topics;
 use crate::wire::{Body, Data, Token};
 
 /// The server's broker account name.
@@ -124,6 +127,9 @@ pub enum ServerError {
     /// Plain data to a device that must be confidential.
     #[error("device {0} must be sent data confidentially")]
     ConfidentialRequired(DeviceId),
+    /// Words were given for a join that is not human-moderated.
+    #[error("device {0} has no pending human-moderated join: words are not expected")]
+    WordsNotExpected(DeviceId),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -184,6 +190,12 @@ pub struct ServerOptions {
     pub extra_broker_users: Vec<BrokerUser>,
     /// How often the engine ticks (expiries) and its state is saved (default 1 s).
     pub tick: Duration,
+    /// Each device's inbound rate limit, checked before any signature work (default: 200
+    /// at once, then 50 a second).
+    pub inbound_rate: RateLimit,
+    /// Most HTTP requests in flight at once (identity service and operator routes
+    /// together); more are answered 503 at once (default 64).
+    pub http_max_in_flight: usize,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -216,6 +228,8 @@ impl ServerOptions {
             command_lifetime: 300,
             extra_broker_users: Vec::new(),
             tick: Duration::from_secs(1),
+            inbound_rate: RateLimit::default(),
+            http_max_in_flight: 64,
         }
     }
 }
@@ -243,6 +257,15 @@ pub enum ServerNotice {
         device: DeviceId,
         /// What.
         notice: ConfNotice,
+    },
+    /// A device sent faster than its rate limit ([`ServerOptions::inbound_rate`]): its
+    /// messages are dropped before any parsing. Announced for the first refusal of a run,
+    /// then every 1000th.
+    RateLimited {
+        /// The device.
+        device: DeviceId,
+        /// Messages refused in this run so far.
+        refused: u64,
     },
     /// A message was published to a device.
     Published {
@@ -442,6 +465,15 @@ fn load_or_make_key(dir: &Path, alg: Alg) -> Result<SigningKey, ServerError> {
     }
 }
 
+/// The replay state [`Server::reset_continuity`] gives a device: nothing received yet,
+/// next message to it numbered 1.
+///
+/// FALLBACK until the engine's own `ServerEngine::reset_continuity(device)` is on this
+/// branch: wire that in here (it then owns what a reset means for the guard).
+fn reset_peer_continuity_fallback() -> PeerState {
+    PeerState::default()
+}
+
 fn view_of(r: &DeviceRecord) -> Option<DeviceView> {
     match DeviceView::from_record(r) {
         Ok(v) => Some(v),
@@ -468,6 +500,14 @@ struct Inner<R> {
     /// Confidential sessions and policies per device (lock after the engine).
     conf: Mutex<HashMap<DeviceId, conf::ConfSlot>>,
     conf_counters: StdMutex<ConfCounters>,
+    /// The fleet's topics (the sender of an inbound message, for the rate limit).
+    topics: Topics,
+    /// Per-device inbound token buckets.
+    limiter: StdMutex<ratelimit::Limiter>,
+    /// Inbound messages dropped by the rate limit.
+    rate_limited: AtomicU64,
+    /// The limiter's clock.
+    started: Instant,
 }
 
 /// The identity service's broker accounts: Mosquitto's files, plus the engine's view, so
@@ -503,10 +543,20 @@ impl<R: Registry> Inner<R> {
         let _ = self.notices.send(n);
     }
 
-    /// Re-reads a device from the registry into the engine's view.
+    /// Re-reads a device from the registry into the engine's view. The engine lock is held
+    /// across the read and the write, so no status change of the engine interleaves.
     async fn refresh(&self, id: DeviceId) -> Result<(), RegistryError> {
-        let rec = self.registry.device(id).await?;
         let mut eng = self.engine.lock().await;
+        self.refresh_locked(&mut eng, id).await
+    }
+
+    /// [`Inner::refresh`] with the engine lock already held by the caller.
+    async fn refresh_locked(
+        &self,
+        eng: &mut ServerEngine,
+        id: DeviceId,
+    ) -> Result<(), RegistryError> {
+        let rec = self.registry.device(id).await?;
         match rec.as_ref().and_then(view_of) {
             Some(v) => eng.upsert_device(v),
             None => {
@@ -514,6 +564,96 @@ impl<R: Registry> Inner<R> {
             }
         }
         Ok(())
+    }
+
+    /// Refuses an operator call on a device the registry says is revoked (its revocation
+    /// may come from the identity service, which writes the registry first): the engine's
+    /// view is brought back to the registry's. Call with the engine lock held.
+    async fn refuse_revoked(
+        &self,
+        eng: &mut ServerEngine,
+        device: DeviceId,
+    ) -> Result<(), ServerError> {
+        match self.registry.device(device).await? {
+            Some(r) if r.status == DeviceStatus::Revoked => {
+                if let Some(v) = view_of(&r) {
+                    eng.upsert_device(v);
+                }
+                Err(ServerError::Engine(EngineError::Revoked(device)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes a status the engine decided into the registry, with the engine lock held by
+    /// the caller (so a revocation cannot interleave between the engine's change and this
+    /// write). A revoked device's status is never overwritten with another: the write is
+    /// refused, the engine's view is set back to the registry's, and `false` is returned.
+    async fn write_status(
+        &self,
+        eng: &mut ServerEngine,
+        device: DeviceId,
+        status: DeviceStatus,
+    ) -> Result<bool, ServerError> {
+        let rec = match self.registry.device(device).await? {
+            Some(r) => r,
+            None => {
+                eng.remove_device(device);
+                return Ok(false);
+            }
+        };
+        if rec.status == DeviceStatus::Revoked && status != DeviceStatus::Revoked {
+            tracing::warn!(%device, ?status, "device is revoked; status change refused");
+            if let Some(v) = view_of(&rec) {
+                eng.upsert_device(v);
+            }
+            return Ok(false);
+        }
+        if rec.status == status {
+            return Ok(true);
+        }
+        if let Err(e) = self.registry.set_status(device, status).await {
+            // The registry may refuse on its own (e.g. the device was revoked meanwhile):
+            // the engine follows the registry.
+            let _ = self.refresh_locked(eng, device).await;
+            return Err(e.into());
+        }
+        Ok(true)
+    }
+
+    /// Writes the status changes among `events` into the registry (engine lock held by the
+    /// caller, see [`Inner::write_status`]); returns the events to announce: a refused
+    /// change, and the join it came with, are left out.
+    async fn apply_status(
+        &self,
+        eng: &mut ServerEngine,
+        events: Vec<ServerEvent>,
+    ) -> Vec<ServerEvent> {
+        let mut refused: Vec<DeviceId> = Vec::new();
+        for ev in &events {
+            if let ServerEvent::StatusChanged { device, status } = ev {
+                match self.write_status(eng, *device, *status).await {
+                    Ok(true) => {}
+                    Ok(false) => refused.push(*device),
+                    Err(e) => {
+                        tracing::error!(%device, error = %e, "registry status not updated");
+                        refused.push(*device);
+                    }
+                }
+            }
+        }
+        if refused.is_empty() {
+            return events;
+        }
+        events
+            .into_iter()
+            .filter(|ev| match ev {
+                ServerEvent::StatusChanged { device, .. } | ServerEvent::Joined { device, .. } => {
+                    !refused.contains(device)
+                }
+                _ => true,
+            })
+            .collect()
     }
 
     /// Stores every touched peer's counters, then yields the value (the engine lock is held
@@ -538,15 +678,11 @@ impl<R: Registry> Inner<R> {
         self.link.publish(o.topic, bytes);
     }
 
-    /// Applies engine events to the registry and the broker, then announces them.
+    /// Applies engine events to the registry and the broker, then announces them. Status
+    /// changes must have gone through [`Inner::apply_status`] first, under the engine lock.
     async fn apply(&self, events: Vec<ServerEvent>) {
         for ev in events {
             match &ev {
-                ServerEvent::StatusChanged { device, status } => {
-                    if let Err(e) = self.registry.set_status(*device, *status).await {
-                        tracing::error!(%device, error = %e, "registry status not updated");
-                    }
-                }
                 ServerEvent::Response {
                     device,
                     token,
@@ -573,7 +709,35 @@ impl<R: Registry> Inner<R> {
         }
     }
 
+    /// The cheap check before any parsing or signature work: the sender's token bucket.
+    /// `false`: over the limit, drop (counted, logged at the first of a run).
+    fn within_rate(&self, topic: &str) -> bool {
+        let Some(device) = self.topics.sender_of(topic) else {
+            // Not a device topic: the engine drops it without signature work.
+            return true;
+        };
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let verdict = match self.limiter.lock() {
+            Ok(mut l) => l.check(device, now_ms),
+            Err(_) => return true,
+        };
+        match verdict {
+            ratelimit::Verdict::Pass => true,
+            ratelimit::Verdict::Limited { log, refused } => {
+                self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                if log {
+                    tracing::warn!(%device, refused, "device over its inbound rate limit; messages dropped");
+                    self.notice(ServerNotice::RateLimited { device, refused });
+                }
+                false
+            }
+        }
+    }
+
     async fn on_inbound(&self, m: Inbound) {
+        if !self.within_rate(&m.topic) {
+            return;
+        }
         let mut eng = self.engine.lock().await;
         let mp = match eng.handle(&m.topic, &m.payload, unix_now()) {
             Ok(mp) => mp,
@@ -594,16 +758,22 @@ impl<R: Registry> Inner<R> {
             self.publish(o);
         }
         let events = self.confidential_inbound(&mut eng, h.events).await;
+        let events = self.apply_status(&mut eng, events).await;
         drop(eng);
         self.apply(events).await;
     }
 
     async fn tick(&self) {
         self.confidential_tick().await;
-        let events = self.engine.lock().await.tick(unix_now());
+        let mut eng = self.engine.lock().await;
+        let events = eng.tick(unix_now());
         if !events.is_empty() {
             self.dirty.store(true, Ordering::Relaxed);
+            let events = self.apply_status(&mut eng, events).await;
+            drop(eng);
             self.apply(events).await;
+        } else {
+            drop(eng);
         }
         if self.dirty.swap(false, Ordering::Relaxed) {
             if let Err(e) = self.save_state().await {
@@ -611,6 +781,23 @@ impl<R: Registry> Inner<R> {
                 tracing::error!(error = %e, "engine state not saved");
             }
         }
+    }
+
+    async fn revoke(&self, device: DeviceId) -> Result<(), ServerError> {
+        {
+            let mut eng = self.engine.lock().await;
+            self.registry
+                .set_status(device, DeviceStatus::Revoked)
+                .await?;
+            self.refresh_locked(&mut eng, device).await?;
+        }
+        self.accounts.remove(device.to_hex()).await?;
+        tracing::info!(%device, "device revoked");
+        self.notice(ServerNotice::Event(ServerEvent::StatusChanged {
+            device,
+            status: DeviceStatus::Revoked,
+        }));
+        Ok(())
     }
 
     async fn save_state(&self) -> Result<(), ServerError> {
@@ -790,6 +977,10 @@ impl<R: Registry> Server<R> {
             broker_addr: broker_addr.clone(),
             conf: Mutex::new(conf_slots),
             conf_counters: StdMutex::new(ConfCounters::default()),
+            topics,
+            limiter: StdMutex::new(ratelimit::Limiter::new(options.inbound_rate)),
+            rate_limited: AtomicU64::new(0),
+            started: Instant::now(),
         });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
@@ -822,8 +1013,11 @@ impl<R: Registry> Server<R> {
                 http_addr,
                 running: Arc::new(StdMutex::new(None)),
             };
-            let app = identity::server::router(id_state)
-                .merge(http::router(server, &options.operator_token));
+            let app = http::limit_in_flight(
+                identity::server::router(id_state)
+                    .merge(http::router(server, &options.operator_token)),
+                options.http_max_in_flight,
+            );
             let mut stop = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let r = axum::serve(listener, app)
@@ -896,6 +1090,11 @@ impl<R: Registry> Server<R> {
     /// Inbound payloads dropped for their size before parsing.
     pub fn oversized(&self) -> u64 {
         self.inner.link.oversized()
+    }
+
+    /// Inbound messages dropped by the per-device rate limit, before parsing.
+    pub fn rate_limited(&self) -> u64 {
+        self.inner.rate_limited.load(Ordering::Relaxed)
     }
 
     /// The registry.
@@ -1067,14 +1266,19 @@ impl<R: Registry> Server<R> {
             .find(|(d, _)| *d == device)
             .map(|(_, m)| m)
             .ok_or(EngineError::NoPendingJoin(device))?;
+        if !words.is_empty() && method != JoinMethod::Human {
+            return Err(ServerError::WordsNotExpected(device));
+        }
+        self.inner.refuse_revoked(&mut eng, device).await?;
         let mp = match method {
             JoinMethod::Human => eng.operator_decide(device, accept, words, now)?,
             _ => eng.decide_join(device, accept, now)?,
         };
         let d = self.inner.persist(mp).await?;
+        let events = self.inner.apply_status(&mut eng, d.events).await;
         drop(eng);
         self.inner.publish(d.outgoing);
-        self.inner.apply(d.events).await;
+        self.inner.apply(events).await;
         Ok(d.joined)
     }
 
@@ -1082,6 +1286,7 @@ impl<R: Registry> Server<R> {
     pub async fn join_command(&self, device: DeviceId) -> Result<Token, ServerError> {
         let (now, expiry) = self.inner.expiry(None);
         let mut eng = self.inner.engine.lock().await;
+        self.inner.refuse_revoked(&mut eng, device).await?;
         let mp = eng.join_command(device, expiry, now)?;
         let o = self.inner.persist(mp).await?;
         let t = o.token.clone();
@@ -1093,12 +1298,22 @@ impl<R: Registry> Server<R> {
     pub async fn terminate(&self, device: DeviceId) -> Result<Token, ServerError> {
         let (now, expiry) = self.inner.expiry(None);
         let mut eng = self.inner.engine.lock().await;
+        self.inner.refuse_revoked(&mut eng, device).await?;
         let mp = eng.terminate(device, expiry, now)?;
         let o = self.inner.persist(mp).await?;
+        // Under the engine lock: a revocation cannot slip between the engine's change and
+        // the registry's, and a revoked device is never set back to registered.
+        if !self
+            .inner
+            .write_status(&mut eng, device, DeviceStatus::Registered)
+            .await?
+        {
+            return Err(ServerError::Engine(EngineError::Revoked(device)));
+        }
         drop(eng);
         let t = o.token.clone();
         self.inner.publish(o);
-        self.set_status(device, DeviceStatus::Registered).await?;
+        self.announce_status(device, DeviceStatus::Registered);
         Ok(t)
     }
 
@@ -1107,12 +1322,16 @@ impl<R: Registry> Server<R> {
     pub async fn deregister(&self, device: DeviceId) -> Result<Token, ServerError> {
         let (now, expiry) = self.inner.expiry(None);
         let mut eng = self.inner.engine.lock().await;
+        self.inner.refuse_revoked(&mut eng, device).await?;
         let mp = eng.deregister(device, expiry, now)?;
         let o = self.inner.persist(mp).await?;
+        self.inner
+            .write_status(&mut eng, device, DeviceStatus::Revoked)
+            .await?;
         drop(eng);
         let t = o.token.clone();
         self.inner.publish(o);
-        self.set_status(device, DeviceStatus::Revoked).await?;
+        self.announce_status(device, DeviceStatus::Revoked);
         let inner = self.inner.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1123,31 +1342,58 @@ impl<R: Registry> Server<R> {
         Ok(t)
     }
 
-    async fn set_status(&self, device: DeviceId, status: DeviceStatus) -> Result<(), ServerError> {
-        self.inner.registry.set_status(device, status).await?;
+    fn announce_status(&self, device: DeviceId, status: DeviceStatus) {
         self.inner
             .notice(ServerNotice::Event(ServerEvent::StatusChanged {
                 device,
                 status,
             }));
-        Ok(())
     }
 
     /// Revokes a device at once: registry, engine (everything it sends is dropped), broker
     /// account (the broker disconnects it and refuses it from then on).
+    ///
+    /// The registry and the engine change under the engine lock, so no inbound message is
+    /// acted on between them and no status the engine decided before can overwrite the
+    /// revocation. The work runs in its own task: it completes even if the caller (an HTTP
+    /// request whose client went away) is cancelled.
     pub async fn revoke(&self, device: DeviceId) -> Result<(), ServerError> {
+        let inner = self.inner.clone();
+        tokio::spawn(async move { inner.revoke(device).await })
+            .await
+            .map_err(|_| ServerError::Broker("revocation task failed".into()))?
+    }
+
+    /// Resets the server's continuity with a device that lost its state (its agent started
+    /// again with `--reset-state`, so its sequence numbers start again at 1): the replay
+    /// counters the server keeps for it start afresh (registry first, then the engine), its
+    /// pending join is forgotten, and a joined device is registered again (it must join
+    /// again). Refused for a revoked device.
+    pub async fn reset_continuity(&self, device: DeviceId) -> Result<(), ServerError> {
+        let mut eng = self.inner.engine.lock().await;
+        self.inner.refuse_revoked(&mut eng, device).await?;
+        if eng.device(device).is_none() {
+            return Err(ServerError::UnknownDevice(device));
+        }
+        let fresh = reset_peer_continuity_fallback();
         self.inner
             .registry
-            .set_status(device, DeviceStatus::Revoked)
+            .store_counters(device, fresh.encode())
             .await?;
-        self.inner.refresh(device).await?;
-        self.inner.accounts.remove(device.to_hex()).await?;
-        tracing::info!(%device, "device revoked");
-        self.inner
-            .notice(ServerNotice::Event(ServerEvent::StatusChanged {
-                device,
-                status: DeviceStatus::Revoked,
-            }));
+        eng.remove_device(device);
+        eng.load_peer(device, fresh);
+        let written = self
+            .inner
+            .write_status(&mut eng, device, DeviceStatus::Registered)
+            .await;
+        self.inner.refresh_locked(&mut eng, device).await?;
+        self.inner.dirty.store(true, Ordering::Relaxed);
+        drop(eng);
+        if !written? {
+            return Err(ServerError::Engine(EngineError::Revoked(device)));
+        }
+        tracing::warn!(%device, "replay continuity reset by the operator");
+        self.announce_status(device, DeviceStatus::Registered);
         Ok(())
     }
 
