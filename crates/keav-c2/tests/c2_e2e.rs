@@ -1115,16 +1115,16 @@ async fn http_in_flight_limit_answers_busy() {
     fleet.shutdown().await;
 }
 
-/// A revocation whose caller goes away at once (an HTTP client that disconnects) still
-/// completes; the running agent then stops with `Revoked` instead of retrying forever.
+/// Revoking a running device (the caller going away at once: the revocation runs on its own
+/// task; `server::tests` attacks that with a busy engine) stops its agent with `Revoked`
+/// instead of retrying forever, and a restarted agent stops at once with the same error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_survives_a_cancelled_caller_and_stops_the_agent() {
+async fn revoking_a_running_device_stops_its_agent_with_revoked() {
     let fleet = Fleet::start(JoinPolicy::Moderated).await;
     let (mut agent, _log, data) = fleet.joined("pump-9", &[]).await;
     let dev = agent.id();
     // Polled once, then dropped.
-    let r = tokio::time::timeout(Duration::ZERO, fleet.server.revoke(dev)).await;
-    assert!(r.is_err(), "the revocation finished in one poll");
+    let _ = tokio::time::timeout(Duration::ZERO, fleet.server.revoke(dev)).await;
     let ended = tokio::time::timeout(PATIENCE, agent.finished())
         .await
         .expect("the agent never stopped");

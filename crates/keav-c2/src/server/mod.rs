@@ -1452,3 +1452,6 @@ async fn main_loop<R: Registry>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
