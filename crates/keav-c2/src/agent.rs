@@ -820,6 +820,9 @@ impl Agent {
         if let (Some(kind), Phase::Registered(_)) = (run.options.join, &run.phase) {
             run.request_join(kind).await?;
         }
+        // What was restored (status, counters, confidential session) is visible as soon as
+        // `start` returns, not only once the task first runs.
+        run.sync();
         let task = tokio::spawn(run.run(inbound, control_rx, dl_rx));
         tracing::info!(device = %id, "agent running");
         Ok(Agent {
