@@ -145,9 +145,11 @@ impl Handlers for TestHandlers {
 
 /// A server with HTTP, its own broker, and a "tap" broker account with the server role (it
 /// may write to device topics: used to replay captured commands as a broker-level attacker).
-struct Fleet {
+struct Fleet<R: Registry = RedbRegistry> {
     dir: tempfile::TempDir,
-    server: Server<RedbRegistry>,
+    server: Server<R>,
+    /// Algorithm of the keys devices enroll with.
+    alg: Alg,
     op: OperatorClient,
     http: String,
     tap_password: Zeroizing<String>,
@@ -162,6 +164,17 @@ impl Fleet {
     async fn start_with(policy: JoinPolicy, tweak: impl FnOnce(&mut ServerOptions)) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let registry = RedbRegistry::open(&dir.path().join("registry.redb")).unwrap();
+        Fleet::start_on(dir, registry, policy, tweak).await
+    }
+}
+
+impl<R: Registry> Fleet<R> {
+    async fn start_on(
+        dir: tempfile::TempDir,
+        registry: R,
+        policy: JoinPolicy,
+        tweak: impl FnOnce(&mut ServerOptions),
+    ) -> Fleet<R> {
         let mut o = ServerOptions::new(dir.path().join("server"), Zeroizing::new(OPERATOR.into()));
         o.http = Some("127.0.0.1:0".parse().unwrap());
         o.engine.join_policy = policy;
@@ -178,6 +191,7 @@ impl Fleet {
         Fleet {
             dir,
             server,
+            alg: Alg::Ed25519,
             op,
             http,
             tap_password,
@@ -210,7 +224,7 @@ impl Fleet {
             .await
             .unwrap();
         let data = self.dir.path().join(name);
-        let id = Identity::enroll(&data, &self.http, &token, Alg::Ed25519)
+        let id = Identity::enroll(&data, &self.http, &token, self.alg)
             .await
             .unwrap();
         (id, data)
@@ -1323,4 +1337,92 @@ async fn a_flooding_device_is_rate_limited_and_others_still_pass() {
     drop(a);
     drop(b);
     fleet.shutdown().await;
+}
+
+/// Enrol, join, command and response, revocation stopping the agent: the whole cycle on
+/// `fleet` (its algorithm, its registry).
+async fn whole_cycle<R: Registry>(fleet: &Fleet<R>, name: &str) {
+    let (mut agent, log, _) = fleet.joined(name, &["cycle"]).await;
+    let dev = agent.id();
+    let rec = fleet.server.registry().device(dev).await.unwrap().unwrap();
+    assert_eq!(rec.alg, fleet.alg);
+    assert_eq!(rec.status, DeviceStatus::Joined);
+    let sent = fleet
+        .op
+        .command(&CommandBody {
+            group: Some("cycle".into()),
+            ..action(7)
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent.sent.len(), 1);
+    assert_eq!(
+        fleet.response(&sent.sent[0].token).await,
+        Status::ActionSuccess.code()
+    );
+    assert_eq!(log.lock().unwrap().actions, vec![(7, vec![1, 2, 3])]);
+    let before = agent.counters().accepted();
+    fleet.op.device_verb(&dev.to_hex(), "revoke").await.unwrap();
+    let ended = tokio::time::timeout(PATIENCE, agent.finished())
+        .await
+        .expect("the agent never stopped");
+    assert!(matches!(ended, Err(AgentError::Revoked(_))), "{ended:?}");
+    assert_eq!(agent.counters().accepted(), before);
+    assert_eq!(
+        fleet
+            .server
+            .registry()
+            .device(dev)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        DeviceStatus::Revoked
+    );
+    assert!(fleet.server.join_command(dev).await.is_err());
+}
+
+/// The cycle with RSA-2048 (PSS/SHA-256) keys on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cycle_with_rsa_2048_keys() {
+    let mut fleet = Fleet::start_with(JoinPolicy::Moderated, |o| o.alg = Alg::RsaPss2048).await;
+    assert_eq!(fleet.server.public_key().alg(), Alg::RsaPss2048);
+    fleet.alg = Alg::RsaPss2048;
+    whole_cycle(&fleet, "rsa-1").await;
+    fleet.shutdown().await;
+}
+
+/// The cycle with the fleet registry in PostgreSQL (127.0.0.1:5432, database `test`, or
+/// `$KEAV_TEST_POSTGRES`); skipped, with a note, when no PostgreSQL answers.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cycle_with_the_postgres_registry() {
+    use keav_c2::registry::PgRegistry;
+    let url = std::env::var("KEAV_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!("keav_e2e_{}_{}", std::process::id(), nanos % 1_000_000_000);
+    let registry = match PgRegistry::connect(&url, &schema).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("SKIPPED: PostgreSQL unreachable at {url} ({e})");
+            return;
+        }
+    };
+    // A second connection to drop the schema afterwards, whatever happens.
+    let cleanup = PgRegistry::connect(&url, &schema).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = tokio::spawn(async move {
+        let fleet = Fleet::start_on(dir, registry, JoinPolicy::Moderated, |_| {}).await;
+        whole_cycle(&fleet, "pg-1").await;
+        fleet.shutdown().await;
+    })
+    .await;
+    cleanup.drop_schema().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }
