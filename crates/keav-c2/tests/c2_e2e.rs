@@ -1129,6 +1129,38 @@ async fn http_in_flight_limit_answers_busy() {
     fleet.shutdown().await;
 }
 
+/// A request whose body never comes does not keep its place for ever: it is answered 408
+/// once the request timeout passes, and the place is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_finishes_is_timed_out_and_frees_its_place() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| {
+        o.http_max_in_flight = 1;
+        o.http_request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let addr = fleet.server.http_addr().unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Unauthenticated registration route: anyone can open one of these.
+    s.write_all(
+        b"POST /v1/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut buf))
+        .await
+        .expect("no answer to the unfinished request")
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 408");
+    let stats = format!(
+        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_http(addr, stats).await, 200);
+    drop(s);
+    fleet.shutdown().await;
+}
+
 /// Revoking a running device (the caller going away at once: the revocation runs on its own
 /// task; `server::tests` attacks that with a busy engine) stops its agent with `Revoked`
 /// instead of retrying forever, and a restarted agent stops at once with the same error.

@@ -24,7 +24,9 @@
 //! The operator token is checked by a layer in front of every route, before the request's
 //! body is read or parsed: a caller without the token gets 401 whatever it sends. The whole
 //! HTTP service (these routes and the identity service's) is behind an in-flight limit
-//! ([`limit_in_flight`]): requests beyond it are answered 503 at once.
+//! ([`limit_in_flight`]): requests beyond it are answered 503 at once, and a request may
+//! hold its place for a bounded time only (408 after that), so clients that never finish
+//! sending their body cannot keep the service locked.
 
 use std::sync::Arc;
 
@@ -95,15 +97,28 @@ async fn require_operator<R: Registry>(
 }
 
 /// Puts `app` behind a limit of `max` requests in flight (at least 1): one more is answered
-/// `503 {"code": "busy"}` at once, without being read.
-pub fn limit_in_flight(app: Router, max: usize) -> Router {
+/// `503 {"code": "busy"}` at once, without being read. A request taking longer than
+/// `timeout` (reading its body included) is answered `408 {"code": "timeout"}` and its
+/// place freed (work that must complete, like a revocation, runs on its own task).
+pub fn limit_in_flight(app: Router, max: usize, timeout: std::time::Duration) -> Router {
     let permits = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
     app.layer(middleware::from_fn(move |req: Request, next: Next| {
         let permits = permits.clone();
         async move {
             match permits.try_acquire_owned() {
                 Ok(permit) => {
-                    let r = next.run(req).await;
+                    let r = match tokio::time::timeout(timeout, next.run(req)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::warn!("HTTP request timed out");
+                            ApiError(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "timeout",
+                                "request took too long".into(),
+                            )
+                            .into_response()
+                        }
+                    };
                     drop(permit);
                     r
                 }

@@ -196,6 +196,9 @@ pub struct ServerOptions {
     /// Most HTTP requests in flight at once (identity service and operator routes
     /// together); more are answered 503 at once (default 64).
     pub http_max_in_flight: usize,
+    /// Longest an HTTP request may take, reading its body included (default 60 s): then it
+    /// is answered 408 and its place among those in flight freed.
+    pub http_request_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -230,6 +233,7 @@ impl ServerOptions {
             tick: Duration::from_secs(1),
             inbound_rate: RateLimit::default(),
             http_max_in_flight: 64,
+            http_request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -1017,6 +1021,7 @@ impl<R: Registry> Server<R> {
                 identity::server::router(id_state)
                     .merge(http::router(server, &options.operator_token)),
                 options.http_max_in_flight,
+                options.http_request_timeout,
             );
             let mut stop = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
