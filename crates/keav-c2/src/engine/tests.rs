@@ -1491,7 +1491,7 @@ fn a_code_join_cannot_be_replaced_by_a_new_request() {
     // Operator words only decide a human-moderated join: not an observed one.
     let mut net = Net::new(JoinPolicy::Moderated);
     let (mut observer, _) = net.joined(&[]);
-    let (newcomer, _resp) = observed_join_answer(&mut net, &mut observer);
+    let (newcomer, resp) = observed_join_answer(&mut net, &mut observer);
     assert_eq!(
         net.server
             .operator_decide(newcomer.id(), true, &["ant"], T0 + 3)
@@ -1515,6 +1515,26 @@ fn a_code_join_cannot_be_replaced_by_a_new_request() {
         DropReason::JoinInProgress
     );
     assert_eq!(net.server.pending_joins().len(), 1);
+    assert!(
+        net.server.pending(&resp.token),
+        "the observation is still open"
+    );
+    // Once that join expired, a new observed request replaces it and settles the old
+    // observation: one open observation per joining device.
+    let req = ok(newcomer
+        .request_join(
+            JoinRequestKind::Observed {
+                observer: other.id(),
+            },
+            T0 + 700,
+        )
+        .unwrap());
+    net.deliver(&req, T0 + 700).unwrap();
+    assert_eq!(net.server.outcome(&resp.token), None);
+    assert_eq!(
+        net.server.pending_joins(),
+        vec![(newcomer.id(), JoinMethod::Observed)]
+    );
 }
 
 #[test]
