@@ -1,12 +1,13 @@
 //! The identity service: dynamic device identities with proof of key possession.
 //!
 //! A device makes its own signing key, asks the service for a challenge (a fresh, stateless
-//! server nonce: [`nonce`]), signs a domain-separated message over that nonce, its algorithm id and its public
-//! key ([`registration_message`]), and registers with an enrollment token the operator
-//! issued. The service checks formats first, then the token and the nonce (cheap), then the
-//! signature; only then does it store the device (identity [`DeviceId::of_key`]) and issue
+//! server nonce: [`nonce`]), signs a domain-separated message over that nonce, its algorithm
+//! id and its public key ([`registration_message`]), and registers with an enrollment token
+//! the operator issued (which pins the C2 server key: [`token`]). The service checks formats
+//! first, then the nonce and the token (cheap), then the signature; only then does it store the device (identity [`DeviceId::of_key`]) and issue
 //! broker credentials. Operator calls (enrollment tokens, device list, revocation) need the
-//! operator's bearer token. HTTP routes, JSON bodies and error codes: `docs/C2-identity.md`.
+//! operator's bearer token. HTTP routes, JSON bodies and error codes: `docs/C2.md`,
+//! "Identity service".
 //!
 //! - [`server`]: [`serve`] (axum), [`IdentityState`], [`IdentityConfig`], the
 //!   [`BrokerAccounts`] trait and its Mosquitto implementation [`MosquittoAccounts`];
@@ -164,6 +165,23 @@ mod tests {
         // The label is in the message: a signature over the bare nonce does not count.
         let bare = k.sign(&n).unwrap();
         assert!(verify_registration(&pk, &n, &bare).is_err());
+    }
+
+    #[test]
+    fn bodies_carrying_secrets_do_not_print_them() {
+        let e = api::EnrollmentBody {
+            token: "enrollment-secret.pin".into(),
+            expires: 7,
+        };
+        assert!(!format!("{e:?}").contains("enrollment-secret"));
+        let r = api::RegisterBody {
+            alg: "ed25519".into(),
+            public_key: "pk".into(),
+            enrollment_token: "enrollment-secret".into(),
+            nonce: "n".into(),
+            signature: "s".into(),
+        };
+        assert!(!format!("{r:?}").contains("enrollment-secret"));
     }
 
     #[test]
