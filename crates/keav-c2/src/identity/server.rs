@@ -308,7 +308,10 @@ impl<R: Registry, B: BrokerAccounts> IdentityState<R, B> {
 
     /// How many used nonces the service remembers (the only per-nonce state it keeps).
     pub fn used_nonces(&self) -> usize {
-        self.used_nonces.lock().map(|t| t.len()).unwrap_or(0)
+        match self.used_nonces.lock() {
+            Ok(t) => t.len(),
+            Err(poisoned) => poisoned.into_inner().len(),
+        }
     }
 }
 
