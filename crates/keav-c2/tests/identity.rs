@@ -1,6 +1,7 @@
 //! The fleet registry (redb and PostgreSQL, one suite) and the identity service over real
-//! HTTP on loopback: proof of possession, enrollment tokens, nonces, operator auth,
-//! malformed input, duplicates, revocation, body limit, persistence across restarts.
+//! HTTP on loopback: proof of possession, enrollment tokens and their server-key pin,
+//! stateless nonces, operator auth, malformed input, duplicates, revocation, body limit,
+//! persistence across restarts.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,8 +12,8 @@ use base64::Engine;
 use keav_c2::acl::{BrokerUser, Role};
 use keav_c2::identity::api::EnrollmentRequestBody;
 use keav_c2::identity::{
-    registration_message, serve, BrokerAccounts, Client, Clock, IdentityConfig, IdentityError,
-    IdentityState,
+    registration_message, serve, BrokerAccounts, Client, Clock, EnrollmentToken, IdentityConfig,
+    IdentityError, IdentityState, NONCE_LEN,
 };
 use keav_c2::keys::{Alg, DeviceId, SigningKey};
 use keav_c2::registry::{
@@ -408,8 +409,27 @@ impl Service {
     }
 
     async fn start_at(path: &std::path::Path, now: Arc<AtomicU64>) -> Service {
-        let registry = RedbRegistry::open(path).unwrap();
+        Service::start_with(path, now, |_| {}).await
+    }
+
+    /// A service whose configuration `tweak` adjusts (after the test clock is set).
+    async fn start_with(
+        path: &std::path::Path,
+        now: Arc<AtomicU64>,
+        tweak: impl FnOnce(&mut IdentityConfig),
+    ) -> Service {
         let server_key = SigningKey::generate(Alg::Ed25519).unwrap();
+        Service::start_keyed(path, now, server_key, tweak).await
+    }
+
+    /// A service handing out `server_key` as the C2 server's key.
+    async fn start_keyed(
+        path: &std::path::Path,
+        now: Arc<AtomicU64>,
+        server_key: SigningKey,
+        tweak: impl FnOnce(&mut IdentityConfig),
+    ) -> Service {
+        let registry = RedbRegistry::open(path).unwrap();
         let mut config = IdentityConfig::new(
             Zeroizing::new(OPERATOR.to_string()),
             "127.0.0.1:18830".into(),
@@ -418,6 +438,7 @@ impl Service {
         let clock_now = now.clone();
         config.clock = Clock::from_fn(move || clock_now.load(Ordering::SeqCst));
         config.nonce_ttl = 60;
+        tweak(&mut config);
         let state = IdentityState::new(registry, FakeAccounts::default(), config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -453,7 +474,7 @@ impl Service {
             .with_operator_token(Zeroizing::new(OPERATOR.to_string()))
     }
 
-    async fn token(&self) -> Zeroizing<String> {
+    async fn token(&self) -> EnrollmentToken {
         self.operator()
             .create_enrollment(&EnrollmentRequestBody::default())
             .await
@@ -470,7 +491,7 @@ impl Service {
     }
 
     /// A fresh nonce from the service.
-    async fn nonce(&self) -> [u8; 32] {
+    async fn nonce(&self) -> [u8; NONCE_LEN] {
         self.client().challenge().await.unwrap().nonce
     }
 }
@@ -523,8 +544,8 @@ fn register_body(
     key: &SigningKey,
     signer: &SigningKey,
     token: &str,
-    nonce_sent: &[u8; 32],
-    nonce_signed: &[u8; 32],
+    nonce_sent: &[u8; NONCE_LEN],
+    nonce_signed: &[u8; NONCE_LEN],
 ) -> Vec<u8> {
     let pk = key.public().to_bytes();
     let sig = signer
@@ -660,7 +681,7 @@ async fn proof_of_possession_is_checked() {
     // Nothing was stored and the broker saw nothing.
     assert!(svc.state.registry().devices().await.unwrap().is_empty());
     assert!(svc.events().is_empty());
-    // The failed attempts consumed their nonces but not the enrollment token.
+    // The failed attempts used up their nonces but not the enrollment token.
     let (st, v) = svc
         .raw(
             "POST",
@@ -669,7 +690,7 @@ async fn proof_of_possession_is_checked() {
             &register_body(&key, &key, &token, &n1, &n1),
         )
         .await;
-    assert_eq!((st, code(&v)), (400, "nonce_unknown"));
+    assert_eq!((st, code(&v)), (409, "nonce_used"));
     let (st, _) = svc
         .raw(
             "POST",
@@ -709,9 +730,9 @@ async fn nonces_are_single_use_and_expire() {
             &register_body(&b, &b, &t2, &n, &n),
         )
         .await;
-    assert_eq!((st, code(&v)), (400, "nonce_unknown"));
+    assert_eq!((st, code(&v)), (409, "nonce_used"));
     // A nonce the service never issued.
-    let made_up = [0x5a; 32];
+    let made_up = [0x5a; NONCE_LEN];
     let (st, v) = svc
         .raw(
             "POST",
@@ -720,29 +741,21 @@ async fn nonces_are_single_use_and_expire() {
             &register_body(&b, &b, &t2, &made_up, &made_up),
         )
         .await;
-    assert_eq!((st, code(&v)), (400, "nonce_unknown"));
-    // An expired nonce (the clock moved past its lifetime).
+    assert_eq!((st, code(&v)), (400, "nonce_invalid"));
+    // An expired nonce (60 s lifetime here): refused from its expiry on, every time.
     let n = svc.nonce().await;
-    svc.now.fetch_add(61, Ordering::SeqCst);
-    let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&b, &b, &t2, &n, &n),
-        )
-        .await;
-    assert_eq!((st, code(&v)), (410, "nonce_expired"));
-    // And it is gone afterwards.
-    let (st, _) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&b, &b, &t2, &n, &n),
-        )
-        .await;
-    assert_eq!(st, 400);
+    svc.now.fetch_add(60, Ordering::SeqCst);
+    for _ in 0..2 {
+        let (st, v) = svc
+            .raw(
+                "POST",
+                "/v1/register",
+                None,
+                &register_body(&b, &b, &t2, &n, &n),
+            )
+            .await;
+        assert_eq!((st, code(&v)), (410, "nonce_expired"));
+    }
     // The token survived all of that.
     svc.client().register(&b, &t2).await.unwrap();
     svc.stop().await;
@@ -1067,15 +1080,22 @@ async fn registry_survives_a_service_restart() {
     let path = dir.path().join("id.redb");
     let now = Arc::new(AtomicU64::new(1_700_000_000));
     let key = SigningKey::generate(Alg::RsaPss2048).unwrap();
-    let spare;
+    // The C2 server keeps its key across restarts (tokens pin it).
+    let server_key = SigningKey::generate(Alg::Ed25519)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    let server_key = || SigningKey::from_bytes(Alg::Ed25519, &server_key).unwrap();
+    let (spare, old_nonce);
     {
-        let svc = Service::start_at(&path, now.clone()).await;
+        let svc = Service::start_keyed(&path, now.clone(), server_key(), |_| {}).await;
         let t = svc.token().await;
         svc.client().register(&key, &t).await.unwrap();
         spare = svc.token().await;
+        old_nonce = svc.nonce().await;
         svc.stop().await;
     }
-    let svc = Service::start_at(&path, now).await;
+    let svc = Service::start_keyed(&path, now, server_key(), |_| {}).await;
     let d = svc.operator().device(key.device_id()).await.unwrap();
     assert_eq!(d.status, "registered");
     assert_eq!(d.alg, "rsa2048");
@@ -1083,7 +1103,17 @@ async fn registry_survives_a_service_restart() {
     let t = svc.token().await;
     let (st, _) = refused(svc.client().register(&key, &t).await);
     assert_eq!(st, 409);
+    // A nonce issued before the restart (under the old random nonce key) is refused.
     let other = SigningKey::generate(Alg::Ed25519).unwrap();
+    let (st, v) = svc
+        .raw(
+            "POST",
+            "/v1/register",
+            None,
+            &register_body(&other, &other, &spare, &old_nonce, &old_nonce),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (400, "nonce_invalid"));
     svc.client().register(&other, &spare).await.unwrap();
     assert_eq!(svc.operator().devices().await.unwrap().len(), 2);
     svc.stop().await;
@@ -1161,4 +1191,275 @@ async fn mosquitto_accounts_follow_registrations_and_revocations() {
     assert!(hash_of(&passwd(), &server_key.device_id().to_hex()).is_some());
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Stateless challenge nonces.
+
+/// POSTs `/v1/challenge` `n` times over one kept-alive connection; returns the nonces.
+async fn many_challenges(addr: SocketAddr, n: usize) -> Vec<[u8; NONCE_LEN]> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let req = hyper::Request::post("/v1/challenge")
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let nonce = STANDARD.decode(v["nonce"].as_str().unwrap()).unwrap();
+        out.push(nonce.try_into().unwrap());
+    }
+    drop(sender);
+    conn.abort();
+    out
+}
+
+#[tokio::test]
+async fn challenge_flood_stores_nothing_and_registration_still_works() {
+    let dir = tempfile::tempdir().unwrap();
+    // A small used-nonce bound: the flood must not touch it at all.
+    let svc = Service::start_with(
+        &dir.path().join("id.redb"),
+        Arc::new(AtomicU64::new(1_700_000_000)),
+        |c| c.max_nonces = 4,
+    )
+    .await;
+    assert_eq!(svc.state.used_nonces(), 0);
+    let nonces = many_challenges(svc.addr, 10_000).await;
+    // Every challenge was answered (no "table full"), every nonce is distinct, and the
+    // service kept nothing for any of them.
+    let distinct: std::collections::HashSet<_> = nonces.iter().collect();
+    assert_eq!(distinct.len(), 10_000);
+    assert_eq!(svc.state.used_nonces(), 0);
+    // Registration still works, with a fresh nonce and with one from the flood.
+    let t = svc.token().await;
+    let a = SigningKey::generate(Alg::Ed25519).unwrap();
+    svc.client().register(&a, &t).await.unwrap();
+    assert_eq!(svc.state.used_nonces(), 1);
+    let t = svc.token().await;
+    let b = SigningKey::generate(Alg::Ed25519).unwrap();
+    let n = nonces[9_999];
+    let (st, v) = svc
+        .raw(
+            "POST",
+            "/v1/register",
+            None,
+            &register_body(&b, &b, &t, &n, &n),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(svc.state.used_nonces(), 2);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn tampered_and_foreign_nonces_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(&dir.path().join("id.redb")).await;
+    let other = Service::start(&dir.path().join("other.redb")).await;
+    let key = SigningKey::generate(Alg::Ed25519).unwrap();
+    let token = svc.token().await;
+    let n = svc.nonce().await;
+    // One bit flipped in the random part, in the expiry, in the MAC tag; each correctly
+    // signed by the key being registered, so only the nonce check can refuse it.
+    for bit in [0usize, 16 * 8 + 7, (NONCE_LEN - 1) * 8] {
+        let mut t = n;
+        t[bit / 8] ^= 1 << (bit % 8);
+        let (st, v) = svc
+            .raw(
+                "POST",
+                "/v1/register",
+                None,
+                &register_body(&key, &key, &token, &t, &t),
+            )
+            .await;
+        assert_eq!((st, code(&v)), (400, "nonce_invalid"), "bit {bit}");
+    }
+    // A genuine nonce of another service (another key).
+    let foreign = other.nonce().await;
+    let (st, v) = svc
+        .raw(
+            "POST",
+            "/v1/register",
+            None,
+            &register_body(&key, &key, &token, &foreign, &foreign),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (400, "nonce_invalid"));
+    // None of that was remembered, and the untampered nonce still works.
+    assert_eq!(svc.state.used_nonces(), 0);
+    let (st, v) = svc
+        .raw(
+            "POST",
+            "/v1/register",
+            None,
+            &register_body(&key, &key, &token, &n, &n),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    other.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn used_nonces_are_bounded_and_forgotten_when_they_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Arc::new(AtomicU64::new(1_700_000_000));
+    let svc = Service::start_with(&dir.path().join("id.redb"), now.clone(), |c| {
+        c.max_nonces = 2
+    })
+    .await;
+    let key = SigningKey::generate(Alg::Ed25519).unwrap();
+    let liar = SigningKey::generate(Alg::Ed25519).unwrap();
+    let token = svc.token().await;
+    // Without a valid enrollment token nothing is remembered.
+    let n = svc.nonce().await;
+    let (st, _) = svc
+        .raw(
+            "POST",
+            "/v1/register",
+            None,
+            &register_body(&key, &key, "made-up", &n, &n),
+        )
+        .await;
+    assert_eq!(st, 401);
+    assert_eq!(svc.state.used_nonces(), 0);
+    // With one, failed proofs use up their nonces, up to the bound.
+    for _ in 0..2 {
+        let n = svc.nonce().await;
+        let (st, v) = svc
+            .raw(
+                "POST",
+                "/v1/register",
+                None,
+                &register_body(&key, &liar, &token, &n, &n),
+            )
+            .await;
+        assert_eq!((st, code(&v)), (422, "bad_signature"));
+    }
+    assert_eq!(svc.state.used_nonces(), 2);
+    let n = svc.nonce().await;
+    let (st, v) = svc
+        .raw(
+            "POST",
+            "/v1/register",
+            None,
+            &register_body(&key, &key, &token, &n, &n),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (503, "busy"));
+    assert_eq!(svc.state.used_nonces(), 2);
+    // Once those expire they are dropped, and a registration gets through.
+    now.fetch_add(60, Ordering::SeqCst);
+    svc.client().register(&key, &token).await.unwrap();
+    assert_eq!(svc.state.used_nonces(), 1);
+    svc.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Enrollment tokens pin the C2 server key.
+
+#[tokio::test]
+async fn pinned_token_refuses_a_service_with_another_server_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = Service::start(&dir.path().join("real.redb")).await;
+    let impostor = Service::start(&dir.path().join("impostor.redb")).await;
+    assert_ne!(real.server_key.public(), impostor.server_key.public());
+    let token = real.token().await;
+    // The token is `<secret>.<pin>`, and the pin is the real server key's.
+    let pin = token.pin().unwrap().expect("issued tokens carry a pin");
+    assert!(pin.matches(&real.server_key.public()));
+    assert!(!format!("{token:?}").contains(token.secret()));
+    // The impostor accepts the token's secret (as a relaying man in the middle would) and
+    // answers with its own server key: the device refuses.
+    impostor
+        .state
+        .registry()
+        .add_enrollment(
+            TokenHash::of(token.secret()),
+            Enrollment {
+                expires: u64::MAX,
+                name: None,
+                groups: Vec::new(),
+            },
+            0,
+        )
+        .await
+        .unwrap();
+    let key = SigningKey::generate(Alg::Ed25519).unwrap();
+    let r = impostor.client().register(&key, &token).await;
+    assert!(
+        matches!(r, Err(IdentityError::ServerKeyMismatch)),
+        "{:?}",
+        r.map(|r| r.server_id)
+    );
+    // The same token at the real service: the pin matches.
+    let reg = real.client().register(&key, &token).await.unwrap();
+    assert_eq!(reg.server_key, real.server_key.public());
+    impostor.stop().await;
+    real.stop().await;
+}
+
+#[tokio::test]
+async fn old_unpinned_tokens_and_whole_tokens_on_the_wire_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(&dir.path().join("id.redb")).await;
+    // An old-format token (no pin), as issued before pins existed.
+    svc.state
+        .registry()
+        .add_enrollment(
+            TokenHash::of("legacy-token-without-pin"),
+            Enrollment {
+                expires: u64::MAX,
+                name: None,
+                groups: Vec::new(),
+            },
+            0,
+        )
+        .await
+        .unwrap();
+    let a = SigningKey::generate(Alg::Ed25519).unwrap();
+    let reg = svc
+        .client()
+        .register(&a, "legacy-token-without-pin")
+        .await
+        .unwrap();
+    assert_eq!(reg.server_key, svc.server_key.public());
+    // A client that sends the whole `<secret>.<pin>` token (not just the secret) works too.
+    let t = svc.token().await;
+    let b = SigningKey::generate(Alg::Ed25519).unwrap();
+    let n = svc.nonce().await;
+    let (st, v) = svc
+        .raw(
+            "POST",
+            "/v1/register",
+            None,
+            &register_body(&b, &b, t.as_str(), &n, &n),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    // A malformed pin is refused by the client before it calls the service.
+    let c = SigningKey::generate(Alg::Ed25519).unwrap();
+    let bad = format!("{}.not-a-pin", t.secret());
+    assert!(matches!(
+        svc.client().register(&c, &bad).await,
+        Err(IdentityError::BadEnrollmentToken)
+    ));
+    assert!(svc
+        .state
+        .registry()
+        .device(c.device_id())
+        .await
+        .unwrap()
+        .is_none());
+    svc.stop().await;
 }

@@ -47,6 +47,30 @@ impl<'a> Reader<'a> {
         Ok(u32::from_be_bytes(self.array()?))
     }
 
+    /// Reads a big-endian `u64`.
+    pub fn u64(&mut self) -> Result<u64, ParseError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    /// Reads a one-byte length, then that many bytes (nothing is consumed on failure).
+    pub fn vec8(&mut self) -> Result<&'a [u8], ParseError> {
+        let mut probe = self.clone();
+        let n = probe.u8()?;
+        let out = probe.take(usize::from(n))?;
+        *self = probe;
+        Ok(out)
+    }
+
+    /// Reads a two-byte big-endian length, then that many bytes (nothing is consumed on
+    /// failure).
+    pub fn vec16(&mut self) -> Result<&'a [u8], ParseError> {
+        let mut probe = self.clone();
+        let n = probe.u16()?;
+        let out = probe.take(usize::from(n))?;
+        *self = probe;
+        Ok(out)
+    }
+
     /// Reads exactly `N` bytes into an array.
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N], ParseError> {
         let s = self.take(N)?;
@@ -139,6 +163,15 @@ impl Codec for u32 {
     }
 }
 
+impl Codec for u64 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_be_bytes());
+    }
+    fn read(r: &mut Reader<'_>) -> Result<Self, ParseError> {
+        r.u64()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +201,29 @@ mod tests {
         assert_eq!(r.remaining(), 3);
         assert_eq!(r.take(3), Ok(&b[..]));
         assert_eq!(r.rest(), &[] as &[u8]);
+    }
+
+    #[test]
+    fn u64_and_length_prefixed_vectors() {
+        let b = [1u8, 2, 3, 4, 5, 6, 7, 8, 2, 0xaa, 0xbb, 0, 3, 7, 7];
+        let mut r = Reader::new(&b);
+        assert_eq!(r.u64(), Ok(0x0102_0304_0506_0708));
+        assert_eq!(r.vec8(), Ok(&[0xaa, 0xbb][..]));
+        // The announced length (3) runs past the end: refused, and nothing is consumed.
+        assert_eq!(r.vec16(), Err(ParseError::Truncated));
+        assert_eq!(r.remaining(), 4);
+        assert_eq!(r.u16(), Ok(3));
+        assert_eq!(r.u64(), Err(ParseError::Truncated));
+        assert_eq!(r.remaining(), 2, "a failed read consumes nothing");
+        assert_eq!(Reader::new(&[]).vec8(), Err(ParseError::Truncated));
+        assert_eq!(Reader::new(&[0]).vec16(), Err(ParseError::Truncated));
+        assert_eq!(Reader::new(&[0, 0]).vec16(), Ok(&[][..]));
+        assert_eq!(u64::from_bytes(&7u64.to_bytes()), Ok(7));
+        assert_eq!(
+            u64::MAX.to_bytes(),
+            vec![0xff; 8],
+            "big-endian, all eight bytes"
+        );
     }
 
     #[test]

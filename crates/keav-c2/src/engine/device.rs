@@ -491,6 +491,10 @@ impl Core {
         if sender != self.server {
             return Err(drop(DropReason::UnknownSender));
         }
+        // Cheap, read-only checks before the public-key work; nothing moves until commit.
+        self.guard
+            .precheck(unverified.header(), now)
+            .map_err(|e| drop(DropReason::of_guard(&e)))?;
         let msg = unverified
             .verify(&self.server_key)
             .map_err(|e| drop(DropReason::of_verify(&e)))?;
@@ -605,13 +609,23 @@ impl Device<Registered> {
         now: u64,
     ) -> Result<MustPersist<DeviceHandled<RegisteredEvent>, DeviceSnapshot>, Dropped> {
         let attempt = self.state.attempt.clone();
-        let (header, body) = self.core.inbound(topic, payload, now, |_, h, b| {
+        let (header, body) = self.core.inbound(topic, payload, now, |core, h, b| {
             let awaited = |ok: bool| match &attempt {
                 Some((_, t)) if *t == h.token && ok => Ok(()),
                 _ => Err(DropReason::UnknownToken),
             };
             match b {
-                Body::JoinCommand(_) | Body::IdRequest(_) | Body::DeregisterCommand(_) => Ok(()),
+                // A join command is obeyed only if it is the newest message from the server:
+                // one sent before a terminate and delivered late must not re-join.
+                Body::JoinCommand(_) => {
+                    let highest = core.guard.peer(core.server).map_or(0, |p| p.highest());
+                    if h.seq > highest {
+                        Ok(())
+                    } else {
+                        Err(DropReason::Unexpected)
+                    }
+                }
+                Body::IdRequest(_) | Body::DeregisterCommand(_) => Ok(()),
                 Body::Response(_) => awaited(true),
                 Body::HumanJoinResponse(_) => {
                     awaited(matches!(attempt, Some((JoinRequestKind::Human, _))))

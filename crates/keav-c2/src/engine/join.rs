@@ -6,6 +6,12 @@ use crate::wire::{JoinCode, Reader, Token};
 
 use super::{corrupt, put8, EngineError};
 
+/// Most joins open at once on a server. A join request that would open one more is dropped
+/// ([`super::DropReason::TooManyJoins`]) until joins are decided or expire
+/// ([`super::ServerEngine::tick`]), so a flood of requests cannot grow the server's memory
+/// and state file without bound.
+pub const MAX_PENDING_JOINS: usize = 1024;
+
 /// How a device joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JoinMethod {
@@ -61,6 +67,24 @@ pub(crate) enum PendingKind {
 }
 
 impl PendingJoin {
+    /// The observation token of an observed join.
+    pub(crate) fn observation(&self) -> Option<&Token> {
+        match &self.kind {
+            PendingKind::Observed { observation, .. } => Some(observation),
+            _ => None,
+        }
+    }
+
+    /// Whether a new request must not replace this join: its code is being compared (by the
+    /// operator or the observer) and it has not expired.
+    pub(crate) fn locks_out_requests(&self, now: u64) -> bool {
+        now <= self.expires
+            && matches!(
+                self.kind,
+                PendingKind::Human { .. } | PendingKind::Observed { .. }
+            )
+    }
+
     pub(crate) fn method(&self) -> JoinMethod {
         match self.kind {
             PendingKind::Simple => JoinMethod::Simple,

@@ -15,18 +15,24 @@
 //!    [`DropReason::SenderMismatch`]); decoding ([`DropReason::Malformed`]);
 //! 2. the recipient is this identity ([`DropReason::WrongRecipient`]);
 //! 3. the sender's registered key is looked up ([`DropReason::UnknownSender`],
-//!    [`DropReason::Revoked`]); the header's algorithm must be the key's
-//!    ([`DropReason::AlgorithmMismatch`]);
-//! 4. the signature is verified ([`DropReason::BadSignature`]);
-//! 5. the message must make sense from this sender in its state ([`DropReason::NotJoined`],
-//!    [`DropReason::Unexpected`], [`DropReason::UnknownToken`]);
-//! 6. [`crate::guard::Guard::check`] ([`DropReason::Replay`], [`DropReason::BelowWindow`],
-//!    [`DropReason::Expired`], [`DropReason::ExpiryTooFar`], [`DropReason::JumpTooFar`]);
-//! 7. [`crate::guard::Guard::commit`], then the engine acts on its in-memory state and returns
-//!    the events and replies inside a [`MustPersist`]: the caller gets them only through
-//!    [`MustPersist::persist`], whose closure must store the record durably first.
+//!    [`DropReason::Revoked`]);
+//! 4. [`crate::guard::Guard::precheck`] on the still unverified header, read-only, so replays
+//!    and stale or far-future messages cost no public-key work ([`DropReason::Replay`],
+//!    [`DropReason::BelowWindow`], [`DropReason::Expired`], [`DropReason::ExpiryTooFar`],
+//!    [`DropReason::JumpTooFar`]);
+//! 5. the header's algorithm must be the key's ([`DropReason::AlgorithmMismatch`]) and the
+//!    signature is verified ([`DropReason::BadSignature`]);
+//! 6. the message must make sense from this sender in its state ([`DropReason::NotJoined`],
+//!    [`DropReason::Unexpected`], [`DropReason::UnknownToken`],
+//!    [`DropReason::JoinInProgress`], [`DropReason::TooManyJoins`]);
+//! 7. [`crate::guard::Guard::check`] on the verified header, then
+//!    [`crate::guard::Guard::commit`] (only a verified message moves the window), then the
+//!    engine acts on its in-memory state and returns the events and replies inside a
+//!    [`MustPersist`]: the caller gets them only through [`MustPersist::persist`], whose
+//!    closure must store the record durably first.
 //!
-//! Nothing before step 7 changes any state, so a dropped message has no effect at all.
+//! Nothing before step 7 changes any state, so a dropped message has no effect at all: a
+//! forged message with a high sequence number does not move the window.
 //! Outbound messages take a sequence number from the guard's per-peer send counter; they too
 //! come inside a [`MustPersist`], so a number is persisted before it is published.
 
@@ -52,7 +58,7 @@ pub use device::{
     EraseGrant, JoinGrant, JoinRequestKind, Joined, JoinedEvent, LeaveGrant, Registered,
     RegisteredEvent,
 };
-pub use join::{JoinMethod, RefuseReason};
+pub use join::{JoinMethod, RefuseReason, MAX_PENDING_JOINS};
 pub use server::{
     CommandKind, DeviceStatus, DeviceView, JoinDecision, JoinPolicy, Outcome, PeerUpdates,
     SendReport, ServerConfig, ServerEngine, ServerEvent, ServerHandled, Targets,
@@ -95,11 +101,16 @@ pub enum DropReason {
     ExpiryTooFar,
     /// The sequence number jumps too far ahead (the lock-out attack).
     JumpTooFar,
+    /// A join request from a device whose human-moderated or observed join is still open:
+    /// it would replace the code being compared (words reset by an attacker).
+    JoinInProgress,
+    /// A join request that would open a join while [`MAX_PENDING_JOINS`] are open.
+    TooManyJoins,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::Malformed,
         DropReason::WrongTopic,
         DropReason::SenderMismatch,
@@ -116,6 +127,8 @@ impl DropReason {
         DropReason::Expired,
         DropReason::ExpiryTooFar,
         DropReason::JumpTooFar,
+        DropReason::JoinInProgress,
+        DropReason::TooManyJoins,
     ];
 
     fn index(self) -> usize {
@@ -144,6 +157,8 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::ExpiryTooFar => "expiry_too_far",
             DropReason::JumpTooFar => "jump_too_far",
+            DropReason::JoinInProgress => "join_in_progress",
+            DropReason::TooManyJoins => "too_many_joins",
         }
     }
 
@@ -305,7 +320,7 @@ pub enum EngineError {
     /// The device is not joined (commands go to joined devices only).
     #[error("device {0} is not joined")]
     NotJoined(DeviceId),
-    /// The device is revoked.
+    /// The device is revoked (and a revoked device stays revoked).
     #[error("device {0} is revoked")]
     Revoked(DeviceId),
     /// The device is already joined.

@@ -429,15 +429,82 @@ impl ServerEngine {
         &self.counters
     }
 
-    /// Adds or replaces a device's record.
-    pub fn upsert_device(&mut self, record: DeviceView) {
-        self.devices.insert(record.id, record);
+    /// Adds or replaces a device's record. A record with status Revoked drops the device's
+    /// pending join and the observations related to it, so no later approval or
+    /// confirmation can re-admit it. A device the engine knows as revoked stays revoked
+    /// (a record saying otherwise keeps Revoked, with a warning): a revoked identity is
+    /// removed ([`ServerEngine::remove_device`]) and enrolled again, never brought back.
+    pub fn upsert_device(&mut self, mut record: DeviceView) {
+        let id = record.id;
+        let was_revoked = self
+            .devices
+            .get(&id)
+            .is_some_and(|d| d.status == DeviceStatus::Revoked);
+        if was_revoked && record.status != DeviceStatus::Revoked {
+            tracing::warn!(device = %id, status = record.status.name(), "c2: a revoked device stays revoked");
+            record.status = DeviceStatus::Revoked;
+        }
+        if record.status != DeviceStatus::PendingJoin {
+            // A join is only ever decided for a device still pending.
+            self.drop_join(id);
+        }
+        if record.status == DeviceStatus::Revoked {
+            self.forget_pending(id);
+        }
+        self.devices.insert(id, record);
+    }
+
+    /// Sets a device's status in the engine's view (an operator's change, mirrored from the
+    /// registry). Leaving Revoked is refused ([`EngineError::Revoked`]); revoking drops
+    /// the device's pending join and related observations; any status other than
+    /// PendingJoin ends a pending join.
+    pub fn set_status(
+        &mut self,
+        device: DeviceId,
+        status: DeviceStatus,
+    ) -> Result<(), EngineError> {
+        match self.status(device)? {
+            DeviceStatus::Revoked if status != DeviceStatus::Revoked => {
+                return Err(EngineError::Revoked(device))
+            }
+            _ => {}
+        }
+        if status != DeviceStatus::PendingJoin {
+            self.drop_join(device);
+        }
+        self.change_status(device, status);
+        Ok(())
     }
 
     /// Removes a device's record (its messages are then dropped as from an unknown sender).
     pub fn remove_device(&mut self, id: DeviceId) -> Option<DeviceView> {
-        self.joins.remove(&id);
+        self.forget_pending(id);
         self.devices.remove(&id)
+    }
+
+    /// Resets the continuity of `device` after a legitimate re-install that lost its
+    /// counters (same key, fresh agent state): the receive window for its messages and the
+    /// send counter for messages to it start afresh, its pending join and observations are
+    /// dropped. Its status is unchanged (a re-installed agent starts registered: terminate
+    /// or re-join it as needed). The fresh peer state comes inside the [`MustPersist`]:
+    /// store it (registry counters) before using the engine further, so a restart does not
+    /// bring the old window back.
+    ///
+    /// Risk: messages the device sent before, recorded by someone and not yet expired
+    /// ([`crate::guard::GuardConfig::max_lifetime`] at most), can be replayed once more.
+    /// Refused for an unknown ([`EngineError::UnknownDevice`]) or revoked
+    /// ([`EngineError::Revoked`]) device.
+    pub fn reset_continuity(
+        &mut self,
+        device: DeviceId,
+    ) -> Result<MustPersist<(), PeerUpdates>, EngineError> {
+        if self.status(device)? == DeviceStatus::Revoked {
+            return Err(EngineError::Revoked(device));
+        }
+        self.guard.reset_peer(device);
+        self.forget_pending(device);
+        tracing::warn!(%device, "c2: continuity reset by the operator");
+        Ok(MustPersist::new(self.updates(&[device]), ()))
     }
 
     /// Installs a peer's persisted replay state (e.g. read from the registry's counters at
@@ -646,7 +713,9 @@ impl ServerEngine {
             CommandKind::Terminate,
             expiry,
         )?;
-        self.set_status(device, DeviceStatus::Registered);
+        self.change_status(device, DeviceStatus::Registered);
+        // A join command answered late, or an observation it was asked for, must not count.
+        self.forget_pending(device);
         Ok(MustPersist::new(self.updates(&[device]), out))
     }
 
@@ -664,8 +733,7 @@ impl ServerEngine {
         }
         let body = Body::DeregisterCommand(DeregisterCommand);
         let out = self.send_tracked(device, body, CommandKind::Deregister, expiry)?;
-        self.joins.remove(&device);
-        self.set_status(device, DeviceStatus::Revoked);
+        self.change_status(device, DeviceStatus::Revoked);
         Ok(MustPersist::new(self.updates(&[device]), out))
     }
 
@@ -685,7 +753,9 @@ impl ServerEngine {
     }
 
     /// The operator's decision on a human-moderated join: `accept` with the words the operator
-    /// read on the device and typed back. Wrong or unknown words refuse the join (and end
+    /// read on the device and typed back. Only a pending *human-moderated* join is decided
+    /// here ([`EngineError::NoPendingJoin`] otherwise), and only while the device is still
+    /// pending ([`EngineError::Revoked`] once revoked). Wrong or unknown words refuse the join (and end
     /// it: the device must ask again, with a new code).
     pub fn operator_decide<S: AsRef<str>>(
         &mut self,
@@ -709,7 +779,10 @@ impl ServerEngine {
     }
 
     /// Expires commands whose response did not come by their expiry plus the grace period,
-    /// and joins not decided in time (the device is registered again).
+    /// and joins not decided in time (the device is registered again); refuses observed
+    /// joins whose observer is no longer joined. Expired joins are pruned here (with their
+    /// observation tokens), so call it regularly: open joins are bounded by
+    /// [`super::MAX_PENDING_JOINS`].
     pub fn tick(&mut self, now: u64) -> Vec<ServerEvent> {
         let mut events = Vec::new();
         let grace = self.config.response_grace;
@@ -733,14 +806,34 @@ impl ServerEngine {
             .map(|(d, _)| *d)
             .collect();
         late.sort();
-        for device in late {
-            if let Some(j) = self.joins.remove(&device) {
+        // Observed joins whose observer cannot observe any more (left, revoked, removed).
+        let mut orphaned: Vec<DeviceId> = self
+            .joins
+            .iter()
+            .filter(|(d, j)| {
+                !late.contains(d)
+                    && matches!(j.kind, PendingKind::Observed { observer, .. }
+                        if self.status(observer).ok() != Some(DeviceStatus::Joined))
+            })
+            .map(|(d, _)| *d)
+            .collect();
+        orphaned.sort();
+        let ended = late.into_iter().map(|d| (d, RefuseReason::Expired)).chain(
+            orphaned
+                .into_iter()
+                .map(|d| (d, RefuseReason::ObserverRejected)),
+        );
+        for (device, reason) in ended {
+            if let Some(j) = self.drop_join(device) {
                 events.push(ServerEvent::JoinRefused {
                     device,
                     method: j.method(),
-                    reason: RefuseReason::Expired,
+                    reason,
                 });
-                if self.set_status(device, DeviceStatus::Registered) {
+                // Only a device still pending goes back to registered.
+                if self.status(device).ok() == Some(DeviceStatus::PendingJoin)
+                    && self.change_status(device, DeviceStatus::Registered)
+                {
                     events.push(ServerEvent::StatusChanged {
                         device,
                         status: DeviceStatus::Registered,
@@ -811,11 +904,15 @@ impl ServerEngine {
             return Err(drop(DropReason::Revoked));
         }
         let status = rec.status;
+        // Cheap, read-only checks before the public-key work; nothing moves until commit.
+        self.guard
+            .precheck(unverified.header(), now)
+            .map_err(|e| drop(DropReason::of_guard(&e)))?;
         let msg = unverified
             .verify(&rec.key)
             .map_err(|e| drop(DropReason::of_verify(&e)))?;
         let (header, body) = msg.into_parts();
-        self.admissible(sender, status, &header.token, &body)
+        self.admissible(sender, status, &header.token, &body, now)
             .map_err(drop)?;
         let admission = self
             .guard
@@ -836,6 +933,7 @@ impl ServerEngine {
         status: DeviceStatus,
         token: &Token,
         body: &Body,
+        now: u64,
     ) -> Result<(), DropReason> {
         let joined = status == DeviceStatus::Joined;
         match body {
@@ -853,6 +951,14 @@ impl ServerEngine {
                         }) if *observer == sender && observation == token => {}
                         _ => return Err(DropReason::UnknownToken),
                     }
+                    // The observer vouches only while it is a member; the device it vouches
+                    // for must still be pending (not revoked meanwhile).
+                    if !joined {
+                        return Err(DropReason::NotJoined);
+                    }
+                    if self.status(joining).ok() != Some(DeviceStatus::PendingJoin) {
+                        return Err(DropReason::UnknownToken);
+                    }
                 }
                 Ok(())
             }
@@ -865,9 +971,26 @@ impl ServerEngine {
             }
             Body::JoinRequest(_) | Body::HumanJoinRequest(_) | Body::ObservedJoinRequest(_) => {
                 if joined {
-                    Err(DropReason::Unexpected)
-                } else {
-                    Ok(())
+                    return Err(DropReason::Unexpected);
+                }
+                match self.joins.get(&sender) {
+                    // The words being compared cannot be reset by a new request.
+                    Some(j) if j.locks_out_requests(now) => {
+                        tracing::warn!(device = %sender, method = ?j.method(),
+                            "c2 join request refused: a join with a code is in progress");
+                        Err(DropReason::JoinInProgress)
+                    }
+                    Some(_) => Ok(()),
+                    None => {
+                        let opens = !matches!(body, Body::JoinRequest(_))
+                            || self.config.join_policy == JoinPolicy::Moderated;
+                        if opens && self.joins.len() >= super::MAX_PENDING_JOINS {
+                            tracing::warn!(device = %sender, "c2 join request refused: too many open joins");
+                            Err(DropReason::TooManyJoins)
+                        } else {
+                            Ok(())
+                        }
+                    }
                 }
             }
             Body::DeregisterRequest(_) => Ok(()),
@@ -901,7 +1024,7 @@ impl ServerEngine {
             }),
             Body::JoinRequest(_) => {
                 if self.config.join_policy == JoinPolicy::Automatic {
-                    self.joins.remove(&sender);
+                    self.drop_join(sender);
                     self.status_event(sender, DeviceStatus::Joined, &mut h);
                     h.events.push(ServerEvent::Joined {
                         device: sender,
@@ -934,8 +1057,8 @@ impl ServerEngine {
                         .get(&observer)
                         .is_some_and(|d| d.status == DeviceStatus::Joined);
                 if !ok {
-                    self.joins.remove(&sender);
-                    if self.set_status(sender, DeviceStatus::Registered) {
+                    self.drop_join(sender);
+                    if self.change_status(sender, DeviceStatus::Registered) {
                         h.events.push(ServerEvent::StatusChanged {
                             device: sender,
                             status: DeviceStatus::Registered,
@@ -989,12 +1112,12 @@ impl ServerEngine {
             }
             Body::Resign(_) => {
                 self.status_event(sender, DeviceStatus::Registered, &mut h);
+                self.forget_pending(sender);
                 // No reply: the device left on its own and awaits nothing.
                 h.events.push(ServerEvent::Resigned { device: sender });
             }
             Body::DeregisterRequest(_) => {
                 // No reply: the device erased its identity after sending the request.
-                self.joins.remove(&sender);
                 self.status_event(sender, DeviceStatus::Revoked, &mut h);
                 h.events
                     .push(ServerEvent::DeregisterRequested { device: sender });
@@ -1027,10 +1150,16 @@ impl ServerEngine {
         });
         match kind {
             CommandKind::Join => {
+                // `admissible` let this through only for a device neither joined nor
+                // revoked, with the join command still pending (terminate, revocation and
+                // removal settle it).
                 if status == Status::JoinOk
-                    && self.status(sender).ok() != Some(DeviceStatus::Joined)
+                    && matches!(
+                        self.status(sender).ok(),
+                        Some(DeviceStatus::Registered | DeviceStatus::PendingJoin)
+                    )
                 {
-                    self.joins.remove(&sender);
+                    self.drop_join(sender);
                     self.status_event(sender, DeviceStatus::Joined, h);
                     h.events.push(ServerEvent::Joined {
                         device: sender,
@@ -1081,6 +1210,13 @@ impl ServerEngine {
             .joins
             .get(&device)
             .ok_or(EngineError::NoPendingJoin(device))?;
+        // Only a device still pending can be admitted or refused: a revoked (or otherwise
+        // moved on) device is never re-admitted by a late approval or confirmation.
+        match self.status(device)? {
+            DeviceStatus::PendingJoin => {}
+            DeviceStatus::Revoked => return Err(EngineError::Revoked(device)),
+            _ => return Err(EngineError::NoPendingJoin(device)),
+        }
         let (token, method) = (j.token.clone(), j.method());
         let status = if reason.is_none() {
             Status::JoinOk
@@ -1089,14 +1225,14 @@ impl ServerEngine {
         };
         let expiry = now.saturating_add(self.config.reply_lifetime);
         let outgoing = self.send(device, Body::Response(Response { status }), token, expiry)?;
-        self.joins.remove(&device);
+        self.drop_join(device);
         let mut events = Vec::new();
         let new_status = if reason.is_none() {
             DeviceStatus::Joined
         } else {
             DeviceStatus::Registered
         };
-        if self.set_status(device, new_status) {
+        if self.change_status(device, new_status) {
             events.push(ServerEvent::StatusChanged {
                 device,
                 status: new_status,
@@ -1119,7 +1255,9 @@ impl ServerEngine {
     }
 
     fn open_join(&mut self, device: DeviceId, token: Token, kind: PendingKind, now: u64) {
-        // A new request replaces an older one (and its code).
+        // A new request replaces an older simple or expired one (`admissible` refuses the
+        // others), and settles its observation: at most one open per joining device.
+        self.drop_join(device);
         self.joins.insert(
             device,
             PendingJoin {
@@ -1141,19 +1279,59 @@ impl ServerEngine {
             .ok_or(EngineError::UnknownDevice(device))
     }
 
-    /// Sets a status; whether it changed.
-    fn set_status(&mut self, device: DeviceId, status: DeviceStatus) -> bool {
-        match self.devices.get_mut(&device) {
+    /// Sets a status; whether it changed. A revoked device stays revoked; revoking drops
+    /// everything pending for the device ([`ServerEngine::forget_pending`]).
+    fn change_status(&mut self, device: DeviceId, status: DeviceStatus) -> bool {
+        let changed = match self.devices.get_mut(&device) {
+            Some(d) if d.status == DeviceStatus::Revoked => {
+                if status != DeviceStatus::Revoked {
+                    tracing::warn!(%device, status = status.name(), "c2: a revoked device stays revoked");
+                }
+                false
+            }
             Some(d) if d.status != status => {
                 d.status = status;
                 true
             }
             _ => false,
+        };
+        if status == DeviceStatus::Revoked {
+            self.forget_pending(device);
         }
+        changed
+    }
+
+    /// Removes a pending join and stops tracking its observation token if still unanswered
+    /// (an observation answered later then matches nothing).
+    fn drop_join(&mut self, device: DeviceId) -> Option<PendingJoin> {
+        let j = self.joins.remove(&device)?;
+        if let Some(t) = j.observation() {
+            if self.outcome(t) == Some(Outcome::Pending) {
+                self.tracked.remove(t);
+            }
+        }
+        Some(j)
+    }
+
+    /// Drops what is pending about `device` when it leaves (revoked, terminated, resigned,
+    /// removed): its own join, the join commands sent to it and every observation it was
+    /// asked for or is the subject of. A late join completion or observation confirmation
+    /// then matches nothing ([`DropReason::UnknownToken`]).
+    fn forget_pending(&mut self, device: DeviceId) {
+        self.drop_join(device);
+        self.tracked.retain(|_, t| {
+            let pending = t.outcome == Outcome::Pending;
+            let stale = match t.kind {
+                CommandKind::Join => t.device == device,
+                CommandKind::Observation { joining } => t.device == device || joining == device,
+                _ => false,
+            };
+            !(pending && stale)
+        });
     }
 
     fn status_event(&mut self, device: DeviceId, status: DeviceStatus, h: &mut ServerHandled) {
-        if self.set_status(device, status) {
+        if self.change_status(device, status) {
             h.events.push(ServerEvent::StatusChanged { device, status });
         }
     }

@@ -192,8 +192,9 @@ fn command_response_loop_tracks_tokens() {
         net.server.outcome(&cmd.token),
         Some(Outcome::Answered(Status::ActionSuccess))
     );
-    // The same response bytes again: the token is settled (no effect, counted).
-    assert_eq!(reason(net.deliver(&resp, T0 + 4)), DropReason::UnknownToken);
+    // The same response bytes again: refused by the cheap replay check, before the signature
+    // and the (settled) token are looked at (no effect, counted).
+    assert_eq!(reason(net.deliver(&resp, T0 + 4)), DropReason::Replay);
 
     // A command nobody answers expires; a late response is then not matched.
     let cmd2 = ok(net.server.command(d.id(), action(8), T0 + 100, T0).unwrap());
@@ -1102,7 +1103,7 @@ fn restart_then_replay_is_refused() {
     );
     assert_eq!(
         reason(server.handle(&resp.topic, &resp.bytes, T0 + 6)),
-        DropReason::UnknownToken
+        DropReason::Replay
     );
     // Send counters survive: the next command is accepted by the device (no reused number).
     let cmd3 = ok(server.command(d.id(), action(3), EXP, T0 + 7).unwrap());
@@ -1249,4 +1250,474 @@ fn device_view_from_registry_record() {
     assert!(v.groups.contains("pumps"));
     rec.public_key.truncate(5);
     assert!(DeviceView::from_record(&rec).is_err());
+}
+
+// ---- issue 6 review: revocation, join races, continuity ----
+
+fn revoked_view(net: &Net, id: DeviceId) -> DeviceView {
+    let mut v = net.server.device(id).unwrap().clone();
+    v.status = DeviceStatus::Revoked;
+    v
+}
+
+/// Starts a human-moderated join of `d`; returns the words the console shows.
+fn start_human_join(net: &mut Net, d: &mut Device<Registered>, now: u64) -> Vec<&'static str> {
+    let req = ok(d.request_join(JoinRequestKind::Human, now).unwrap());
+    let sh = net.deliver(&req, now).unwrap();
+    ok(d.handle(&sh.outgoing[0].topic, &sh.outgoing[0].bytes, now)
+        .unwrap());
+    net.server.join_words(d.id()).unwrap()
+}
+
+#[test]
+fn revocation_is_not_undone_by_a_pending_human_join() {
+    // Revoked through the registry mirror (upsert) and through set_status.
+    for via_upsert in [true, false] {
+        let mut net = Net::new(JoinPolicy::Moderated);
+        let (mut d, _) = net.register(&[]);
+        let words = start_human_join(&mut net, &mut d, T0);
+        assert_eq!(net.status(d.id()), DeviceStatus::PendingJoin);
+        if via_upsert {
+            let v = revoked_view(&net, d.id());
+            net.server.upsert_device(v);
+        } else {
+            net.server
+                .set_status(d.id(), DeviceStatus::Revoked)
+                .unwrap();
+        }
+        // The pending join is gone with the revocation.
+        assert!(net.server.pending_joins().is_empty());
+        assert_eq!(net.server.join_words(d.id()), None);
+        // A late approval with the right words is refused; the device stays revoked.
+        let err = net
+            .server
+            .operator_decide(d.id(), true, &words, T0 + 5)
+            .unwrap_err();
+        assert_eq!(err, EngineError::NoPendingJoin(d.id()));
+        assert_eq!(net.status(d.id()), DeviceStatus::Revoked);
+        assert!(net.server.decide_join(d.id(), true, T0 + 5).is_err());
+        assert_eq!(net.status(d.id()), DeviceStatus::Revoked);
+        // Revoked is final in the engine too.
+        assert_eq!(
+            net.server
+                .set_status(d.id(), DeviceStatus::PendingJoin)
+                .unwrap_err(),
+            EngineError::Revoked(d.id())
+        );
+        let mut back = net.server.device(d.id()).unwrap().clone();
+        back.status = DeviceStatus::Registered;
+        net.server.upsert_device(back);
+        assert_eq!(net.status(d.id()), DeviceStatus::Revoked);
+        // Its new join requests are dropped, and tick changes nothing.
+        let req = ok(d.request_join(JoinRequestKind::Human, T0 + 6).unwrap());
+        assert_eq!(reason(net.deliver(&req, T0 + 6)), DropReason::Revoked);
+        assert!(!net
+            .server
+            .tick(T0 + 10_000)
+            .iter()
+            .any(|e| matches!(e, ServerEvent::StatusChanged { device, .. } if *device == d.id())));
+        assert_eq!(net.status(d.id()), DeviceStatus::Revoked);
+    }
+}
+
+/// Runs an observed join up to the observer's answer, without delivering it.
+fn observed_join_answer(
+    net: &mut Net,
+    observer: &mut Device<Joined>,
+) -> (Device<Registered>, Outgoing) {
+    let (mut newcomer, _) = net.register(&[]);
+    let req = ok(newcomer
+        .request_join(
+            JoinRequestKind::Observed {
+                observer: observer.id(),
+            },
+            T0,
+        )
+        .unwrap());
+    let sh = net.deliver(&req, T0).unwrap();
+    let to_new = sh
+        .outgoing
+        .iter()
+        .find(|o| o.recipient == newcomer.id())
+        .unwrap();
+    let to_obs = sh
+        .outgoing
+        .iter()
+        .find(|o| o.recipient == observer.id())
+        .unwrap();
+    let h = ok(newcomer
+        .handle(&to_new.topic, &to_new.bytes, T0 + 1)
+        .unwrap());
+    let RegisteredEvent::PresentCode { code } = h.event else {
+        panic!("{:?}", h.event)
+    };
+    let h = to_dev(observer, to_obs, T0 + 1).unwrap();
+    let JoinedEvent::ObservationRequest { token, .. } = h.event else {
+        panic!("{:?}", h.event)
+    };
+    let resp = ok(observer.observe(&token, Some(&code), T0 + 2).unwrap());
+    (newcomer, resp)
+}
+
+#[test]
+fn revoked_joiner_is_not_admitted_by_a_late_observation() {
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let (mut observer, _) = net.joined(&[]);
+    let (newcomer, resp) = observed_join_answer(&mut net, &mut observer);
+    net.server
+        .set_status(newcomer.id(), DeviceStatus::Revoked)
+        .unwrap();
+    // The observer's (valid) confirmation arrives after the revocation.
+    assert_eq!(reason(net.deliver(&resp, T0 + 3)), DropReason::UnknownToken);
+    assert_eq!(net.status(newcomer.id()), DeviceStatus::Revoked);
+    assert!(net.server.pending_joins().is_empty());
+}
+
+#[test]
+fn observer_must_still_be_joined_when_it_confirms() {
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let (mut observer, _) = net.joined(&[]);
+    let (newcomer, resp) = observed_join_answer(&mut net, &mut observer);
+    // The observer is terminated before its confirmation is handled.
+    let _t = ok(net.server.terminate(observer.id(), EXP, T0 + 2).unwrap());
+    assert_eq!(reason(net.deliver(&resp, T0 + 3)), DropReason::UnknownToken);
+    assert_eq!(net.status(newcomer.id()), DeviceStatus::PendingJoin);
+    // The join cannot complete any more: tick refuses it at once, not at expiry.
+    let ev = net.server.tick(T0 + 4);
+    assert!(ev.contains(&ServerEvent::JoinRefused {
+        device: newcomer.id(),
+        method: JoinMethod::Observed,
+        reason: RefuseReason::ObserverRejected
+    }));
+    assert_eq!(net.status(newcomer.id()), DeviceStatus::Registered);
+    assert!(net.server.pending_joins().is_empty());
+
+    // An observer revoked meanwhile: same.
+    let (mut observer, _) = net.joined(&[]);
+    let (newcomer, resp) = observed_join_answer(&mut net, &mut observer);
+    let v = revoked_view(&net, observer.id());
+    net.server.upsert_device(v);
+    assert_eq!(reason(net.deliver(&resp, T0 + 3)), DropReason::Revoked);
+    net.server.tick(T0 + 4);
+    assert_eq!(net.status(newcomer.id()), DeviceStatus::Registered);
+}
+
+#[test]
+fn a_late_join_ok_does_not_rejoin_a_terminated_device() {
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let (mut d, _) = net.register(&[]);
+    let jc = ok(net.server.join_command(d.id(), EXP, T0).unwrap());
+    let h = ok(d.handle(&jc.topic, &jc.bytes, T0).unwrap());
+    let late_ok = h.reply.unwrap(); // held back by the broker (or an attacker)
+                                    // Meanwhile the operator marks it joined, then terminates it.
+    net.server.set_status(d.id(), DeviceStatus::Joined).unwrap();
+    let _t = ok(net.server.terminate(d.id(), EXP, T0 + 1).unwrap());
+    assert_eq!(net.status(d.id()), DeviceStatus::Registered);
+    assert_eq!(
+        reason(net.deliver(&late_ok, T0 + 2)),
+        DropReason::UnknownToken
+    );
+    assert_eq!(net.status(d.id()), DeviceStatus::Registered);
+
+    // A deregistered device: its late JoinOk is dropped too.
+    let (mut e, _) = net.register(&[]);
+    let jc = ok(net.server.join_command(e.id(), EXP, T0).unwrap());
+    let late_ok = ok(e.handle(&jc.topic, &jc.bytes, T0).unwrap())
+        .reply
+        .unwrap();
+    let _dr = ok(net.server.deregister(e.id(), EXP, T0 + 1).unwrap());
+    assert_eq!(reason(net.deliver(&late_ok, T0 + 2)), DropReason::Revoked);
+    assert_eq!(net.status(e.id()), DeviceStatus::Revoked);
+}
+
+#[test]
+fn a_terminated_device_ignores_a_join_command_delivered_late() {
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let (mut d, _) = net.joined(&[]);
+    // The server sends a join command (a stale one, as a buggy or replaying path would),
+    // then terminates; the broker delivers them out of order.
+    let stale_join = net.server_signed(d.id(), 5, EXP, Body::JoinCommand(crate::wire::JoinCommand));
+    let term = net.server_signed(d.id(), 6, EXP, Body::Terminate(crate::wire::Terminate));
+    let h = to_dev(&mut d, &term, T0).unwrap();
+    let JoinedEvent::Terminated(grant) = h.event else {
+        panic!("{:?}", h.event)
+    };
+    let mut r = d.leave(grant);
+    assert_eq!(
+        reason(
+            r.handle(&stale_join.topic, &stale_join.bytes, T0 + 1)
+                .map(ok)
+        ),
+        DropReason::Unexpected
+    );
+    // A join command sent after the terminate is obeyed.
+    let fresh = net.server_signed(r.id(), 7, EXP, Body::JoinCommand(crate::wire::JoinCommand));
+    let h = ok(r.handle(&fresh.topic, &fresh.bytes, T0 + 2).unwrap());
+    assert!(matches!(h.event, RegisteredEvent::Joined(_)));
+}
+
+#[test]
+fn a_code_join_cannot_be_replaced_by_a_new_request() {
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let (mut d, _) = net.register(&[]);
+    let (observer, _) = net.joined(&[]);
+    let words = start_human_join(&mut net, &mut d, T0);
+    // Every kind of new request is refused while the words are being compared.
+    for kind in [
+        JoinRequestKind::Human,
+        JoinRequestKind::Simple,
+        JoinRequestKind::Observed {
+            observer: observer.id(),
+        },
+    ] {
+        let req = ok(d.request_join(kind, T0 + 1).unwrap());
+        assert_eq!(
+            reason(net.deliver(&req, T0 + 1)),
+            DropReason::JoinInProgress
+        );
+        assert_eq!(net.server.join_words(d.id()), Some(words.clone()));
+    }
+    assert_eq!(net.server.counters().get(DropReason::JoinInProgress), 3);
+    // The wrong decision calls for the method are refused.
+    assert_eq!(
+        net.server.decide_join(d.id(), true, T0 + 2).unwrap_err(),
+        EngineError::NoPendingJoin(d.id())
+    );
+    // Once expired (before tick prunes it), a new request may start afresh.
+    let req = ok(d.request_join(JoinRequestKind::Human, T0 + 700).unwrap());
+    net.deliver(&req, T0 + 700).unwrap();
+    assert_ne!(net.server.join_words(d.id()), Some(words));
+
+    // Operator words only decide a human-moderated join: not an observed one.
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let (mut observer, _) = net.joined(&[]);
+    let (newcomer, resp) = observed_join_answer(&mut net, &mut observer);
+    assert_eq!(
+        net.server
+            .operator_decide(newcomer.id(), true, &["ant"], T0 + 3)
+            .unwrap_err(),
+        EngineError::NoPendingJoin(newcomer.id())
+    );
+    assert_eq!(net.status(newcomer.id()), DeviceStatus::PendingJoin);
+    // And an observed join cannot be restarted with another observer (one open at a time).
+    let (other, _) = net.joined(&[]);
+    let mut newcomer = newcomer;
+    let req = ok(newcomer
+        .request_join(
+            JoinRequestKind::Observed {
+                observer: other.id(),
+            },
+            T0 + 4,
+        )
+        .unwrap());
+    assert_eq!(
+        reason(net.deliver(&req, T0 + 4)),
+        DropReason::JoinInProgress
+    );
+    assert_eq!(net.server.pending_joins().len(), 1);
+    assert!(
+        net.server.pending(&resp.token),
+        "the observation is still open"
+    );
+    // Once that join expired, a new observed request replaces it and settles the old
+    // observation: one open observation per joining device.
+    let req = ok(newcomer
+        .request_join(
+            JoinRequestKind::Observed {
+                observer: other.id(),
+            },
+            T0 + 700,
+        )
+        .unwrap());
+    net.deliver(&req, T0 + 700).unwrap();
+    assert_eq!(net.server.outcome(&resp.token), None);
+    assert_eq!(
+        net.server.pending_joins(),
+        vec![(newcomer.id(), JoinMethod::Observed)]
+    );
+}
+
+#[test]
+fn open_joins_are_bounded() {
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let sid = net.server.id();
+    let join_req = |k: &SigningKey, now: u64| {
+        craft(
+            k,
+            sid,
+            sid,
+            1,
+            now + 60,
+            Token::random(),
+            Body::JoinRequest(crate::wire::JoinRequest),
+            false,
+        )
+    };
+    let mut keys = Vec::new();
+    for _ in 0..=MAX_PENDING_JOINS {
+        let k = SigningKey::generate(Alg::Ed25519).unwrap();
+        net.server
+            .upsert_device(DeviceView::new(k.public(), DeviceStatus::Registered));
+        keys.push(k);
+    }
+    for k in &keys[..MAX_PENDING_JOINS] {
+        net.deliver(&join_req(k, T0), T0).unwrap();
+    }
+    assert_eq!(net.server.pending_joins().len(), MAX_PENDING_JOINS);
+    let last = &keys[MAX_PENDING_JOINS];
+    assert_eq!(
+        reason(net.deliver(&join_req(last, T0), T0)),
+        DropReason::TooManyJoins
+    );
+    assert_eq!(net.status(last.device_id()), DeviceStatus::Registered);
+    // Tick prunes the expired ones; then there is room again.
+    let ev = net.server.tick(T0 + 601);
+    assert_eq!(
+        ev.iter()
+            .filter(|e| matches!(e, ServerEvent::JoinRefused { .. }))
+            .count(),
+        MAX_PENDING_JOINS
+    );
+    assert!(net.server.pending_joins().is_empty());
+    net.deliver(&join_req(last, T0 + 602), T0 + 602).unwrap();
+    assert_eq!(net.server.pending_joins().len(), 1);
+}
+
+#[test]
+fn a_forged_high_sequence_does_not_move_the_window() {
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let sid = net.server.id();
+    let (mut x, xk) = net.joined(&[]);
+    // Server side: a forgery claiming X with a high sequence number.
+    let mallory = SigningKey::generate(Alg::Ed25519).unwrap();
+    let env = Envelope {
+        sender: x.id(),
+        recipient: sid,
+        seq: 1000,
+        expiry: EXP,
+        token: Token::random(),
+    };
+    let body = Body::Generic(crate::wire::Generic { data: vec![1] });
+    let forged = Outgoing {
+        topic: net.server.topics().to_server(x.id()),
+        bytes: Message::sign(&env, &body, &mallory).unwrap(),
+        token: Token::random(),
+        recipient: sid,
+        msg_type: MessageType::Generic,
+    };
+    assert_eq!(reason(net.deliver(&forged, T0)), DropReason::BadSignature);
+    // A genuine message with a lower number is still accepted.
+    let genuine = craft(&xk, sid, sid, 3, EXP, Token::random(), body.clone(), false);
+    net.deliver(&genuine, T0).unwrap();
+    // A replay with a broken signature is refused by the cheap check, before verification.
+    let mut broken = genuine.clone();
+    let n = broken.bytes.len();
+    broken.bytes[n - 1] ^= 1;
+    assert_eq!(reason(net.deliver(&broken, T0)), DropReason::Replay);
+
+    // Device side: the same with a forgery claiming the server.
+    let env = Envelope {
+        sender: sid,
+        recipient: x.id(),
+        seq: 1000,
+        expiry: EXP,
+        token: Token::random(),
+    };
+    let forged = Outgoing {
+        topic: x.topic_in(),
+        bytes: Message::sign(&env, &action(9), &mallory).unwrap(),
+        token: Token::random(),
+        recipient: x.id(),
+        msg_type: MessageType::Action,
+    };
+    assert_eq!(
+        reason(to_dev(&mut x, &forged, T0)),
+        DropReason::BadSignature
+    );
+    let cmd = ok(net.server.command(x.id(), action(1), EXP, T0).unwrap());
+    assert!(Message::decode(&cmd.bytes).unwrap().header().seq < 1000);
+    assert!(matches!(
+        to_dev(&mut x, &cmd, T0).unwrap().event,
+        JoinedEvent::Action { action: 1, .. }
+    ));
+}
+
+#[test]
+fn reset_continuity_after_a_reinstall() {
+    let mut net = Net::new(JoinPolicy::Moderated);
+    let sid = net.server.id();
+    let (mut d, dk) = net.joined(&[]);
+    for i in 0..3 {
+        let c = ok(net.server.command(d.id(), action(i), EXP, T0).unwrap());
+        to_dev(&mut d, &c, T0).unwrap();
+    }
+    let data = |seq: u64| {
+        craft(
+            &dk,
+            sid,
+            sid,
+            seq,
+            EXP,
+            Token::random(),
+            Body::Generic(crate::wire::Generic { data: vec![] }),
+            false,
+        )
+    };
+    net.deliver(&data(5), T0).unwrap();
+    // The device is re-installed with the same key: its counters start at 1 again.
+    drop(d);
+    assert_eq!(reason(net.deliver(&data(1), T0)), DropReason::Replay);
+    let mp = net.server.reset_continuity(dk.device_id()).unwrap();
+    assert_eq!(
+        mp.record().peers(),
+        &[(dk.device_id(), crate::guard::PeerState::default())],
+        "the fresh state is handed over to persist"
+    );
+    ok(mp);
+    net.deliver(&data(1), T0 + 1).unwrap();
+    // Messages to it number from 1 again, which a fresh agent accepts.
+    let mut fresh = Device::new(
+        key_copy(&dk),
+        net.server_pub.clone(),
+        DeviceConfig::default(),
+    );
+    let jc = ok(net
+        .server
+        .command(
+            dk.device_id(),
+            Body::IdRequest(crate::wire::IdRequest),
+            EXP,
+            T0 + 2,
+        )
+        .unwrap());
+    assert_eq!(Message::decode(&jc.bytes).unwrap().header().seq, 1);
+    ok(fresh.handle(&jc.topic, &jc.bytes, T0 + 2).unwrap());
+    // The reset survives a restart of the server engine.
+    let state = net.server.export_state();
+    let rec = net.server.device(dk.device_id()).unwrap().clone();
+    let mut server =
+        ServerEngine::from_state(key_copy(&net.server_key), ServerConfig::default(), &state)
+            .unwrap();
+    server.upsert_device(rec);
+    assert_eq!(
+        reason(server.handle(&data(1).topic, &data(1).bytes, T0 + 3)),
+        DropReason::Replay,
+        "seq 1 was accepted after the reset"
+    );
+    server
+        .handle(&data(2).topic, &data(2).bytes, T0 + 3)
+        .map(ok)
+        .unwrap();
+    // Refused for unknown and revoked devices.
+    assert_eq!(
+        net.server.reset_continuity(DeviceId([3; 8])).unwrap_err(),
+        EngineError::UnknownDevice(DeviceId([3; 8]))
+    );
+    net.server
+        .set_status(dk.device_id(), DeviceStatus::Revoked)
+        .unwrap();
+    assert_eq!(
+        net.server.reset_continuity(dk.device_id()).unwrap_err(),
+        EngineError::Revoked(dk.device_id())
+    );
 }

@@ -20,8 +20,10 @@
 //! # Call order
 //!
 //! 1. [`crate::wire::Message::decode`] (no key);
-//! 2. optionally [`Guard::check`] on the unverified header as a cheap filter (it changes
-//!    nothing, so an unauthenticated message cannot move the state);
+//! 2. [`Guard::precheck`] on the unverified header: the cheap, read-only acceptance check
+//!    (recipient, expiry, window) before any public-key work. It changes nothing, so an
+//!    unauthenticated message cannot move the state (a forged message with a huge sequence
+//!    number is refused later by its signature and leaves the window where it was);
 //! 3. [`crate::wire::Unverified::verify`] with the sender's registered key. **The signature is
 //!    verified before the guard state is touched**;
 //! 4. [`Guard::check`] on the verified header → an [`Admission`];
@@ -401,6 +403,24 @@ impl Guard {
     /// do this when its key is no longer accepted.
     pub fn remove_peer(&mut self, peer: DeviceId) -> Option<PeerState> {
         self.state.peers.remove(&peer)
+    }
+
+    /// The read-only acceptance check to run on a header *before* its signature is verified
+    /// (cheap checks first): the same rules as [`Guard::check`], but it yields no
+    /// [`Admission`], so nothing unverified can be committed with it. Changes nothing.
+    pub fn precheck(&self, header: &Header, now: u64) -> Result<(), GuardError> {
+        self.check(header, now).map(|_| ())
+    }
+
+    /// Resets a peer's continuity: its receive window and its send counter start afresh, as
+    /// for a new peer, and the fresh state is returned to persist. For an operator, after
+    /// the peer's software was legitimately re-installed with the same key (its counters
+    /// lost). Until the messages it sent before expire ([`GuardConfig::max_lifetime`] at
+    /// most), a recorded one could be replayed once more.
+    pub fn reset_peer(&mut self, peer: DeviceId) -> &PeerState {
+        let p = self.state.peers.entry(peer).or_default();
+        *p = PeerState::default();
+        p
     }
 
     /// Checks a header against the replay rules at time `now`, changing nothing.

@@ -295,6 +295,74 @@ fn signed_messages_through_the_documented_call_order() {
     );
 }
 
+/// The documented order with the read-only precheck first: a forged message with a high
+/// sequence number passes the precheck, fails its signature, and leaves the window alone, so
+/// a later genuine message with a lower number is still accepted.
+fn receive(g: &mut Guard, bytes: &[u8], key: &crate::keys::PublicKey) -> Result<(), String> {
+    let u = Message::decode(bytes).map_err(|e| e.to_string())?;
+    g.precheck(u.header(), NOW).map_err(|e| e.to_string())?;
+    let m = u.verify(key).map_err(|e| e.to_string())?;
+    let a = g.check(m.header(), NOW).map_err(|e| e.to_string())?;
+    g.commit(a).map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn forged_high_sequence_does_not_advance_the_window() {
+    let server = SigningKey::generate(Alg::Ed25519).unwrap();
+    let mallory = SigningKey::generate(Alg::Ed25519).unwrap();
+    let msg = |seq: u64, key: &SigningKey| {
+        let env = Envelope {
+            sender: server.device_id(),
+            recipient: ME,
+            seq,
+            expiry: NOW + 30,
+            token: Token::random(),
+        };
+        Message::sign(&env, &crate::wire::Terminate.into(), key).unwrap()
+    };
+    let mut g = guard();
+    receive(&mut g, &msg(1, &server), &server.public()).unwrap();
+    let before = g.state().clone();
+    let forged = msg(500, &mallory);
+    assert!(g
+        .precheck(Message::decode(&forged).unwrap().header(), NOW)
+        .is_ok());
+    assert!(receive(&mut g, &forged, &server.public()).is_err());
+    assert_eq!(g.state(), &before, "a forgery moves nothing");
+    // Lower than the forgery's number, and still accepted.
+    receive(&mut g, &msg(2, &server), &server.public()).unwrap();
+    assert_eq!(g.peer(server.device_id()).unwrap().highest(), 2);
+    // The genuine number 500 is accepted later too (not marked as seen by the forgery).
+    receive(&mut g, &msg(500, &server), &server.public()).unwrap();
+    // The precheck refuses replays before any signature work, and changes nothing.
+    let st = g.state().clone();
+    assert_eq!(
+        g.precheck(Message::decode(&msg(500, &mallory)).unwrap().header(), NOW),
+        Err(GuardError::Replay { seq: 500 })
+    );
+    assert_eq!(g.state(), &st);
+}
+
+#[test]
+fn reset_peer_starts_afresh() {
+    let mut g = guard();
+    for s in 1..=5 {
+        admit(&mut g, &hdr(s), NOW).unwrap();
+    }
+    g.next_send(PEER).unwrap();
+    assert_eq!(
+        admit(&mut g, &hdr(1), NOW),
+        Err(GuardError::Replay { seq: 1 })
+    );
+    assert_eq!(g.reset_peer(PEER), &PeerState::default());
+    admit(&mut g, &hdr(1), NOW).unwrap();
+    assert_eq!(g.next_send(PEER).unwrap(), 1);
+    // Another peer is untouched; resetting an unknown peer creates a fresh state.
+    let other = DeviceId([0x22; 8]);
+    assert_eq!(g.reset_peer(other), &PeerState::default());
+    assert_eq!(g.peer(PEER).unwrap().highest(), 1);
+}
+
 #[test]
 fn corrupt_states_are_refused() {
     let mut g = guard();

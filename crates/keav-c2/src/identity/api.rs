@@ -2,12 +2,13 @@
 //! standard base64 with padding; device ids are 16 lower-case hex digits.
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 /// `POST /v1/challenge` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeBody {
-    /// The nonce to sign (32 bytes, base64).
+    /// The nonce to sign ([`super::NONCE_LEN`] bytes, base64): random, expiry, MAC.
     pub nonce: String,
     /// Seconds until the nonce expires.
     pub expires_in: u64,
@@ -21,12 +22,19 @@ pub struct RegisterBody {
     pub alg: String,
     /// The public key (base64 of [`crate::keys::PublicKey::to_bytes`]).
     pub public_key: String,
-    /// The operator-issued enrollment token.
+    /// The secret part of the operator-issued enrollment token (a whole token
+    /// `<secret>.<pin>` is accepted too; the service ignores the pin).
     pub enrollment_token: String,
     /// The challenge nonce (base64).
     pub nonce: String,
     /// Signature over [`super::registration_message`] (base64).
     pub signature: String,
+}
+
+impl Drop for RegisterBody {
+    fn drop(&mut self) {
+        self.enrollment_token.zeroize();
+    }
 }
 
 impl std::fmt::Debug for RegisterBody {
@@ -70,6 +78,12 @@ pub struct RegisteredBody {
     pub topics: TopicsBody,
 }
 
+impl Drop for RegisteredBody {
+    fn drop(&mut self) {
+        self.broker_password.zeroize();
+    }
+}
+
 impl std::fmt::Debug for RegisteredBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegisteredBody")
@@ -98,10 +112,17 @@ pub struct EnrollmentRequestBody {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollmentBody {
-    /// The one-time token (shown once; the service keeps only its hash).
+    /// The one-time token `<secret>.<server-key pin>` (shown once; the service keeps only
+    /// the hash of the secret).
     pub token: String,
     /// Expiry, seconds since the Unix epoch.
     pub expires: u64,
+}
+
+impl Drop for EnrollmentBody {
+    fn drop(&mut self) {
+        self.token.zeroize();
+    }
 }
 
 impl std::fmt::Debug for EnrollmentBody {

@@ -3,6 +3,11 @@
 //!
 //! Devices use [`Client::register`]; operator tools use [`Client::with_operator_token`] and
 //! the operator calls.
+//!
+//! [`Client::register`] checks the C2 server key it is given against the pin of the
+//! enrollment token (`<secret>.<pin>`, see [`super::token`]) and fails with
+//! [`IdentityError::ServerKeyMismatch`] if it differs. A token of the old format (no pin) is
+//! still accepted, with a logged warning: the server key is then trusted on first use.
 
 use std::time::Duration;
 
@@ -21,6 +26,7 @@ use super::api::{
     ChallengeBody, DeviceBody, DevicesBody, EnrollmentBody, EnrollmentRequestBody, ErrorBody,
     RegisterBody, RegisteredBody,
 };
+use super::token::EnrollmentToken;
 use super::{registration_message, BrokerPassword, IdentityError, NONCE_LEN};
 use crate::keys::{Alg, DeviceId, PublicKey, SigningKey};
 use crate::topics::Topics;
@@ -190,12 +196,25 @@ impl Client {
     }
 
     /// Registers `key` with `enrollment_token`: asks for a challenge, proves possession of
-    /// the key, and checks the answer (id, server id and topics consistent).
+    /// the key, and checks the answer (id, server id and topics consistent, and the server
+    /// key the token pins, if it pins one).
+    ///
+    /// Fails with [`IdentityError::BadEnrollmentToken`] (before any call) if the token's pin
+    /// is malformed, and with [`IdentityError::ServerKeyMismatch`] if the service answers
+    /// with another server key than the pinned one.
     pub async fn register(
         &self,
         key: &SigningKey,
         enrollment_token: &str,
     ) -> Result<Registration, IdentityError> {
+        let token = EnrollmentToken::new(Zeroizing::new(enrollment_token.to_string()));
+        let pin = token.pin()?;
+        if pin.is_none() {
+            tracing::warn!(
+                "enrollment token without a server-key pin (old format): the C2 server key \
+                 the identity service answers with is trusted unchecked"
+            );
+        }
         let challenge = self.challenge().await?;
         let public = key.public();
         let pk = public.to_bytes();
@@ -203,7 +222,7 @@ impl Client {
         let body = RegisterBody {
             alg: key.alg().name().to_string(),
             public_key: STANDARD.encode(&pk),
-            enrollment_token: enrollment_token.to_string(),
+            enrollment_token: token.secret().to_string(),
             nonce: STANDARD.encode(challenge.nonce),
             signature: STANDARD.encode(&signature),
         };
@@ -230,6 +249,15 @@ impl Client {
             .ok()
             .and_then(|b| PublicKey::from_bytes(server_alg, &b).ok())
             .ok_or(IdentityError::BadAnswer("server key"))?;
+        if let Some(pin) = pin {
+            if !pin.matches(&server_key) {
+                tracing::error!(
+                    "identity service answered with a C2 server key the enrollment token does \
+                     not pin"
+                );
+                return Err(IdentityError::ServerKeyMismatch);
+            }
+        }
         let server_id = DeviceId::of_key(&server_key);
         if r.server_id != server_id.to_hex() {
             return Err(IdentityError::BadAnswer("server id is not its key's"));
@@ -242,25 +270,29 @@ impl Client {
         }
         Ok(Registration {
             device_id,
-            broker_username: r.broker_username,
+            broker_username: std::mem::take(&mut r.broker_username),
             broker_password: password,
-            broker: r.broker,
+            broker: std::mem::take(&mut r.broker),
             server_id,
             server_key,
             topics,
         })
     }
 
-    /// Operator: issues a one-time enrollment token. Returns the token and its expiry.
+    /// Operator: issues a one-time enrollment token. Returns the token (`<secret>.<pin>`,
+    /// to hand to the device as it is) and its expiry.
     pub async fn create_enrollment(
         &self,
         request: &EnrollmentRequestBody,
-    ) -> Result<(Zeroizing<String>, u64), IdentityError> {
+    ) -> Result<(EnrollmentToken, u64), IdentityError> {
         let body = serde_json::to_vec(request).map_err(|_| IdentityError::BadAnswer("encode"))?;
         let mut e: EnrollmentBody = self
             .call(Method::POST, "/v1/enrollments", body, StatusCode::CREATED)
             .await?;
-        Ok((Zeroizing::new(std::mem::take(&mut e.token)), e.expires))
+        Ok((
+            EnrollmentToken::new(Zeroizing::new(std::mem::take(&mut e.token))),
+            e.expires,
+        ))
     }
 
     /// Operator: every device.

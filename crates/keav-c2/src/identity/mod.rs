@@ -1,17 +1,21 @@
 //! The identity service: dynamic device identities with proof of key possession.
 //!
-//! A device makes its own signing key, asks the service for a challenge (a fresh server
-//! nonce), signs a domain-separated message over that nonce, its algorithm id and its public
-//! key ([`registration_message`]), and registers with an enrollment token the operator
-//! issued. The service checks formats first, then the token and the nonce (cheap), then the
-//! signature; only then does it store the device (identity [`DeviceId::of_key`]) and issue
+//! A device makes its own signing key, asks the service for a challenge (a fresh, stateless
+//! server nonce: [`nonce`]), signs a domain-separated message over that nonce, its algorithm
+//! id and its public key ([`registration_message`]), and registers with an enrollment token
+//! the operator issued (which pins the C2 server key: [`token`]). The service checks formats
+//! first, then the nonce and the token (cheap), then the signature; only then does it store the device (identity [`DeviceId::of_key`]) and issue
 //! broker credentials. Operator calls (enrollment tokens, device list, revocation) need the
-//! operator's bearer token. HTTP routes, JSON bodies and error codes: `docs/C2-identity.md`.
+//! operator's bearer token. HTTP routes, JSON bodies and error codes: `docs/C2.md`,
+//! "Identity service".
 //!
 //! - [`server`]: [`serve`] (axum), [`IdentityState`], [`IdentityConfig`], the
 //!   [`BrokerAccounts`] trait and its Mosquitto implementation [`MosquittoAccounts`];
 //! - [`client`]: [`Client`], used by the device agent and by operator tools;
-//! - [`api`]: the JSON bodies both sides exchange.
+//! - [`api`]: the JSON bodies both sides exchange;
+//! - [`nonce`]: the stateless challenge nonces ([`NonceKey`]);
+//! - [`token`]: enrollment tokens ([`EnrollmentToken`]) and the C2 server-key pin they carry
+//!   ([`ServerKeyPin`]).
 //!
 //! The service speaks plain HTTP: the registration answer carries the device's broker
 //! password, so deploy it behind TLS (a terminating proxy) or on a trusted network.
@@ -27,15 +31,17 @@ use crate::registry::RegistryError;
 
 pub mod api;
 pub mod client;
+pub mod nonce;
 pub mod server;
+pub mod token;
 
 pub use client::{Challenge, Client, Registration};
+pub use nonce::{NonceError, NonceKey, NONCE_LEN};
 pub use server::{serve, BrokerAccounts, Clock, IdentityConfig, IdentityState, MosquittoAccounts};
+pub use token::{EnrollmentToken, ServerKeyPin};
 
 /// Domain separation label of the registration proof of possession.
 pub const REGISTER_LABEL: &[u8] = b"keav-c2 register v1";
-/// Length of a challenge nonce.
-pub const NONCE_LEN: usize = 32;
 
 /// Why an identity call failed.
 #[derive(Debug, Error)]
@@ -76,6 +82,13 @@ pub enum IdentityError {
     /// A blocking task (signature check, password hashing) failed.
     #[error("background task failed")]
     Task,
+    /// The enrollment token is neither `<secret>` nor `<secret>.<server-key pin>`.
+    #[error("enrollment token malformed (expected <secret> or <secret>.<server-key pin>)")]
+    BadEnrollmentToken,
+    /// The C2 server key the identity service answered with is not the one the enrollment
+    /// token pins: the service is an impostor or the answer was altered.
+    #[error("the identity service's C2 server key does not match the enrollment token's pin")]
+    ServerKeyMismatch,
 }
 
 /// A broker password: zeroized on drop, never printed by `Debug`.
@@ -101,7 +114,7 @@ impl fmt::Debug for BrokerPassword {
 }
 
 /// The message a device signs to prove it holds the private key of `public_key`:
-/// `"keav-c2 register v1" 0x00 nonce(32) alg-id(1) key-length(2, big-endian) key`.
+/// `"keav-c2 register v1" 0x00 nonce(NONCE_LEN) alg-id(1) key-length(2, big-endian) key`.
 pub fn registration_message(nonce: &[u8; NONCE_LEN], alg: Alg, public_key: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(REGISTER_LABEL.len() + 1 + NONCE_LEN + 3 + public_key.len());
     m.extend_from_slice(REGISTER_LABEL);
@@ -152,6 +165,23 @@ mod tests {
         // The label is in the message: a signature over the bare nonce does not count.
         let bare = k.sign(&n).unwrap();
         assert!(verify_registration(&pk, &n, &bare).is_err());
+    }
+
+    #[test]
+    fn bodies_carrying_secrets_do_not_print_them() {
+        let e = api::EnrollmentBody {
+            token: "enrollment-secret.pin".into(),
+            expires: 7,
+        };
+        assert!(!format!("{e:?}").contains("enrollment-secret"));
+        let r = api::RegisterBody {
+            alg: "ed25519".into(),
+            public_key: "pk".into(),
+            enrollment_token: "enrollment-secret".into(),
+            nonce: "n".into(),
+            signature: "s".into(),
+        };
+        assert!(!format!("{r:?}").contains("enrollment-secret"));
     }
 
     #[test]

@@ -15,6 +15,11 @@
 //!
 //! Errors are `{"error": "...", "code": "..."}` ([`ErrorBody`]); nothing secret (tokens,
 //! passwords, nonces) is ever logged.
+//!
+//! Challenges are stateless ([`super::nonce`]): `POST /v1/challenge` stores nothing. A nonce
+//! is remembered only once a registration presenting it has passed the nonce check and the
+//! enrollment-token check (so only holders of an operator-issued token can add entries), and
+//! only until it expires; that set is bounded by [`IdentityConfig::max_nonces`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -29,9 +34,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -42,6 +46,8 @@ use super::api::{
     ChallengeBody, DeviceBody, DevicesBody, EnrollmentBody, EnrollmentRequestBody, ErrorBody,
     RegisterBody, RegisteredBody, TopicsBody,
 };
+use super::nonce::{NonceError, NonceKey};
+use super::token::{token_secret, EnrollmentToken};
 use super::{verify_registration, IdentityError, NONCE_LEN};
 use crate::acl::{self, BrokerUser, MosquittoConfig};
 use crate::keys::{Alg, DeviceId, KeyError, PublicKey, MAX_PUBLIC_KEY_LEN};
@@ -50,7 +56,7 @@ use crate::topics::Topics;
 
 /// Longest enrollment lifetime an operator can ask for (30 days).
 pub const MAX_ENROLLMENT_TTL: u64 = 30 * 24 * 3600;
-/// Longest enrollment token accepted (issued tokens are 43 characters).
+/// Longest enrollment token accepted (issued tokens are 87 characters, their secret 43).
 const MAX_TOKEN_CHARS: usize = 128;
 
 /// Seconds since the Unix epoch, from the system clock or from a test's hand.
@@ -97,7 +103,11 @@ pub struct IdentityConfig {
     pub enrollment_ttl: u64,
     /// Challenge nonce lifetime, seconds.
     pub nonce_ttl: u64,
-    /// Most challenge nonces outstanding at once (further challenges get 503).
+    /// The key challenge nonces are authenticated with (random by default; share one between
+    /// instances behind one address).
+    pub nonce_key: NonceKey,
+    /// Most used nonces remembered at once (each until it expires; registrations beyond get
+    /// 503). Challenges themselves store nothing.
     pub max_nonces: usize,
     /// Most requests handled at once (further requests get 503).
     pub max_in_flight: usize,
@@ -108,15 +118,17 @@ pub struct IdentityConfig {
 }
 
 impl IdentityConfig {
-    /// A configuration with the defaults: enrollment tokens live a day, nonces a minute,
-    /// 1024 nonces outstanding, 64 requests in flight, 16 KiB bodies, the system clock.
+    /// A configuration with the defaults: enrollment tokens live a day, nonces two minutes
+    /// under a fresh random key, 1024 used nonces remembered, 64 requests in flight, 16 KiB
+    /// bodies, the system clock.
     pub fn new(operator_token: Zeroizing<String>, broker: String, server_key: PublicKey) -> Self {
         IdentityConfig {
             operator_token,
             broker,
             server_key,
             enrollment_ttl: 24 * 3600,
-            nonce_ttl: 60,
+            nonce_ttl: 120,
+            nonce_key: NonceKey::generate(),
             max_nonces: 1024,
             max_in_flight: 64,
             body_limit: 16 * 1024,
@@ -248,7 +260,8 @@ pub struct IdentityState<R, B> {
     server_id: DeviceId,
     topics: Topics,
     operator_digest: [u8; 32],
-    nonces: StdMutex<HashMap<[u8; NONCE_LEN], u64>>,
+    /// Nonces used by a registration, with their expiry (see the module docs).
+    used_nonces: StdMutex<HashMap<[u8; NONCE_LEN], u64>>,
     in_flight: Arc<Semaphore>,
 }
 
@@ -272,7 +285,7 @@ impl<R: Registry, B: BrokerAccounts> IdentityState<R, B> {
             server_id,
             topics: Topics::new(server_id),
             operator_digest,
-            nonces: StdMutex::new(HashMap::new()),
+            used_nonces: StdMutex::new(HashMap::new()),
             in_flight,
             config,
         })
@@ -291,6 +304,14 @@ impl<R: Registry, B: BrokerAccounts> IdentityState<R, B> {
     /// The C2 server's id.
     pub fn server_id(&self) -> DeviceId {
         self.server_id
+    }
+
+    /// How many used nonces the service remembers (the only per-nonce state it keeps).
+    pub fn used_nonces(&self) -> usize {
+        match self.used_nonces.lock() {
+            Ok(t) => t.len(),
+            Err(poisoned) => poisoned.into_inner().len(),
+        }
     }
 }
 
@@ -492,27 +513,9 @@ fn path_id(id: &str) -> Result<DeviceId, ApiError> {
 async fn challenge<R: Registry, B: BrokerAccounts>(
     State(st): State<Arc<IdentityState<R, B>>>,
 ) -> Result<Json<ChallengeBody>, ApiError> {
-    let now = st.config.clock.now();
-    let mut nonce = [0u8; NONCE_LEN];
-    OsRng.fill_bytes(&mut nonce);
-    {
-        let mut table = st
-            .nonces
-            .lock()
-            .map_err(|_| internal("nonce table poisoned"))?;
-        if table.len() >= st.config.max_nonces {
-            table.retain(|_, expires| now < *expires);
-        }
-        if table.len() >= st.config.max_nonces {
-            tracing::warn!("identity service: challenge refused, nonce table full");
-            return Err(err(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                "too many challenges outstanding",
-            ));
-        }
-        table.insert(nonce, now.saturating_add(st.config.nonce_ttl));
-    }
+    // Stateless: the nonce carries its expiry and a MAC; nothing is stored.
+    let expires = st.config.clock.now().saturating_add(st.config.nonce_ttl);
+    let nonce = st.config.nonce_key.issue(expires);
     Ok(Json(ChallengeBody {
         nonce: STANDARD.encode(nonce),
         expires_in: st.config.nonce_ttl,
@@ -558,7 +561,9 @@ fn parse_register(b: &RegisterBody) -> Result<Parsed, ApiError> {
                 "signature malformed or of the wrong length",
             )
         })?;
-    if b.enrollment_token.is_empty() || b.enrollment_token.len() > MAX_TOKEN_CHARS {
+    // Devices send the secret part of the token; a whole `<secret>.<pin>` token works too.
+    let secret = token_secret(&b.enrollment_token);
+    if secret.is_empty() || b.enrollment_token.len() > MAX_TOKEN_CHARS {
         return Err(err(
             StatusCode::UNAUTHORIZED,
             "enrollment_invalid",
@@ -567,7 +572,7 @@ fn parse_register(b: &RegisterBody) -> Result<Parsed, ApiError> {
     }
     Ok(Parsed {
         key,
-        token: TokenHash::of(&b.enrollment_token),
+        token: TokenHash::of(secret),
         nonce,
         signature,
     })
@@ -583,32 +588,50 @@ async fn register<R: Registry, B: BrokerAccounts>(
     let p = parse_register(&req)?;
     drop(req);
     let now = st.config.clock.now();
-    // 2. Cheap checks: the enrollment token (not consumed yet), then the nonce (consumed
-    //    whatever happens next: single use).
+    // 2. Cheap checks: the nonce's MAC and expiry (no state), the enrollment token (not
+    //    consumed yet), then single use of the nonce (remembered as used whatever happens
+    //    next, until it expires).
+    let nonce_expires = st
+        .config
+        .nonce_key
+        .check(&p.nonce, now)
+        .map_err(|e| match e {
+            NonceError::Expired => err(StatusCode::GONE, "nonce_expired", "nonce expired"),
+            _ => err(
+                StatusCode::BAD_REQUEST,
+                "nonce_invalid",
+                "nonce not issued by this service or altered",
+            ),
+        })?;
     let enrollment = st
         .registry
         .enrollment(p.token, now)
         .await
         .map_err(registry_error)?;
-    let expires = {
-        let mut table = st
-            .nonces
+    {
+        let mut used = st
+            .used_nonces
             .lock()
             .map_err(|_| internal("nonce table poisoned"))?;
-        table.remove(&p.nonce)
-    };
-    match expires {
-        None => {
+        if used.contains_key(&p.nonce) {
             return Err(err(
-                StatusCode::BAD_REQUEST,
-                "nonce_unknown",
-                "nonce unknown or already used",
-            ))
+                StatusCode::CONFLICT,
+                "nonce_used",
+                "nonce already used",
+            ));
         }
-        Some(e) if now >= e => {
-            return Err(err(StatusCode::GONE, "nonce_expired", "nonce expired"));
+        if used.len() >= st.config.max_nonces {
+            used.retain(|_, expires| now < *expires);
         }
-        Some(_) => {}
+        if used.len() >= st.config.max_nonces {
+            tracing::warn!("identity service: registration refused, used-nonce table full");
+            return Err(err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many registrations in progress",
+            ));
+        }
+        used.insert(p.nonce, nonce_expires);
     }
     // 3. The proof of possession (on the blocking pool: RSA verification is slow).
     let Parsed {
@@ -715,9 +738,8 @@ async fn create_enrollment<R: Registry, B: BrokerAccounts>(
         ));
     }
     let now = st.config.clock.now();
-    let mut raw = Zeroizing::new([0u8; 32]);
-    OsRng.fill_bytes(raw.as_mut());
-    let token = Zeroizing::new(URL_SAFE_NO_PAD.encode(raw.as_ref()));
+    // `<secret>.<pin of the C2 server key>`: the device checks the key it is given.
+    let token = EnrollmentToken::issue(&st.config.server_key);
     let expires = now.saturating_add(ttl);
     let enrollment = Enrollment {
         expires,
@@ -725,12 +747,12 @@ async fn create_enrollment<R: Registry, B: BrokerAccounts>(
         groups: req.groups,
     };
     st.registry
-        .add_enrollment(TokenHash::of(&token), enrollment, now)
+        .add_enrollment(TokenHash::of(token.secret()), enrollment, now)
         .await
         .map_err(registry_error)?;
     tracing::info!(expires, "identity service: enrollment token issued");
     let answer = EnrollmentBody {
-        token: token.to_string(),
+        token: token.as_str().to_string(),
         expires,
     };
     Ok((StatusCode::CREATED, Json(answer)).into_response())

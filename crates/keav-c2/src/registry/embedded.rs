@@ -19,9 +19,9 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 use super::BlobKind;
 use super::{
-    decode_device, decode_enrollment, encode_device, encode_enrollment, seal, unseal,
-    validate_blob, validate_counters, validate_groups, validate_token, DeviceRecord, DeviceStatus,
-    Enrollment, Registry, RegistryError, ResponseRecord, TokenHash,
+    check_transition, decode_device, decode_enrollment, encode_device, encode_enrollment, seal,
+    unseal, validate_blob, validate_counters, validate_groups, validate_token, DeviceRecord,
+    DeviceStatus, Enrollment, Registry, RegistryError, ResponseRecord, TokenHash,
 };
 use crate::keys::DeviceId;
 
@@ -123,10 +123,11 @@ impl RedbRegistry {
         Ok(())
     }
 
-    /// Reads, changes and writes back one device row in one transaction.
+    /// Reads, changes and writes back one device row in one transaction; if `change`
+    /// fails, nothing is written.
     fn update<F>(db: &Database, id: DeviceId, change: F) -> Result<DeviceRecord, RegistryError>
     where
-        F: FnOnce(&mut DeviceRecord),
+        F: FnOnce(&mut DeviceRecord) -> Result<(), RegistryError>,
     {
         let tx = db.begin_write().map_err(db_err)?;
         let rec = {
@@ -135,7 +136,7 @@ impl RedbRegistry {
                 Some(row) => decode_device(id, row.value())?,
                 None => return Err(RegistryError::NotFound(id)),
             };
-            change(&mut rec);
+            change(&mut rec)?;
             rec.validate()?;
             devices
                 .insert(id.0.as_slice(), encode_device(&rec).as_slice())
@@ -215,14 +216,42 @@ impl Registry for RedbRegistry {
         id: DeviceId,
         status: DeviceStatus,
     ) -> Result<DeviceRecord, RegistryError> {
-        self.blocking(move |db| Self::update(db, id, |r| r.status = status))
-            .await
+        self.blocking(move |db| {
+            Self::update(db, id, |r| {
+                check_transition(id, r.status, None, status)?;
+                r.status = status;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn set_status_if(
+        &self,
+        id: DeviceId,
+        expected: DeviceStatus,
+        new: DeviceStatus,
+    ) -> Result<DeviceRecord, RegistryError> {
+        self.blocking(move |db| {
+            Self::update(db, id, |r| {
+                check_transition(id, r.status, Some(expected), new)?;
+                r.status = new;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn set_groups(&self, id: DeviceId, groups: Vec<String>) -> Result<(), RegistryError> {
         validate_groups(&groups)?;
-        self.blocking(move |db| Self::update(db, id, |r| r.groups = groups).map(|_| ()))
-            .await
+        self.blocking(move |db| {
+            Self::update(db, id, |r| {
+                r.groups = groups;
+                Ok(())
+            })
+            .map(|_| ())
+        })
+        .await
     }
 
     async fn delete_device(&self, id: DeviceId) -> Result<bool, RegistryError> {

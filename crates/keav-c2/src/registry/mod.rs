@@ -106,6 +106,43 @@ pub enum RegistryError {
     /// A blocking task running a registry call panicked or was cancelled.
     #[error("registry task failed")]
     Task,
+    /// The device is revoked: its status cannot change any more (a revoked identity is
+    /// deleted and enrolled again, never brought back).
+    #[error("device {0} is revoked; its status cannot change")]
+    Revoked(DeviceId),
+    /// [`Registry::set_status_if`]: the stored status is not the one expected (someone else
+    /// changed it since it was read); nothing was written.
+    #[error("device {id} is {found:?}, not {expected:?}")]
+    StatusConflict {
+        /// The device.
+        id: DeviceId,
+        /// The status the caller expected.
+        expected: DeviceStatus,
+        /// The status stored.
+        found: DeviceStatus,
+    },
+}
+
+/// Whether a device stored as `current` may be set to `new`, when the caller expected it to
+/// be `expected` (if given). Revoked is final ([`RegistryError::Revoked`]); setting Revoked
+/// again is allowed (idempotent).
+pub(crate) fn check_transition(
+    id: DeviceId,
+    current: DeviceStatus,
+    expected: Option<DeviceStatus>,
+    new: DeviceStatus,
+) -> Result<(), RegistryError> {
+    if current == DeviceStatus::Revoked && new != DeviceStatus::Revoked {
+        return Err(RegistryError::Revoked(id));
+    }
+    match expected {
+        Some(expected) if expected != current => Err(RegistryError::StatusConflict {
+            id,
+            expected,
+            found: current,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Where a device stands in the fleet.
@@ -272,11 +309,25 @@ pub trait Registry: Send + Sync + 'static {
     /// Every device, ordered by id.
     fn devices(&self) -> impl Future<Output = Result<Vec<DeviceRecord>, RegistryError>> + Send;
 
-    /// Sets a device's status and returns the updated record.
+    /// Sets a device's status and returns the updated record. A revoked device stays
+    /// revoked ([`RegistryError::Revoked`] for any other status).
     fn set_status(
         &self,
         id: DeviceId,
         status: DeviceStatus,
+    ) -> impl Future<Output = Result<DeviceRecord, RegistryError>> + Send;
+
+    /// Compare-and-set: sets the status to `new` only if it is `expected`, atomically (one
+    /// transaction / one conditional `UPDATE`), and returns the updated record. Otherwise
+    /// nothing is written: [`RegistryError::StatusConflict`] with the stored status,
+    /// [`RegistryError::Revoked`] if the device is revoked and `new` is not Revoked,
+    /// [`RegistryError::NotFound`]. Use it wherever a status is changed because of a status
+    /// read earlier, so a concurrent change (a revocation above all) is never overwritten.
+    fn set_status_if(
+        &self,
+        id: DeviceId,
+        expected: DeviceStatus,
+        new: DeviceStatus,
     ) -> impl Future<Output = Result<DeviceRecord, RegistryError>> + Send;
 
     /// Replaces a device's groups.
@@ -617,6 +668,9 @@ fn decode_enrollment(row: &[u8]) -> Result<Enrollment, RegistryError> {
         .map_err(|err| RegistryError::Corrupt(format!("enrollment: {err}")))?;
     Ok(e)
 }
+
+#[cfg(test)]
+mod store_tests;
 
 #[cfg(test)]
 mod tests {

@@ -16,8 +16,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, NoTls, Row};
 
 use super::{
-    checked, validate_blob, validate_counters, validate_groups, validate_token, BlobKind,
-    DeviceRecord, DeviceStatus, Enrollment, Registry, RegistryError, ResponseRecord, TokenHash,
+    check_transition, checked, validate_blob, validate_counters, validate_groups, validate_token,
+    BlobKind, DeviceRecord, DeviceStatus, Enrollment, Registry, RegistryError, ResponseRecord,
+    TokenHash,
 };
 use crate::keys::{Alg, DeviceId};
 
@@ -200,7 +201,51 @@ impl PgRegistry {
             Err(e) => Err(e.into()),
         }
     }
+
+    /// The error for a conditional status update that changed no row (read after the fact;
+    /// the classification is informative, the refusal itself was atomic).
+    async fn why_not_updated(
+        c: &impl GenericClient,
+        s: &str,
+        id: DeviceId,
+        expected: Option<DeviceStatus>,
+        new: DeviceStatus,
+    ) -> RegistryError {
+        let row = match c
+            .query_opt(
+                &format!("SELECT status FROM {s}.devices WHERE id = $1"),
+                &[&id.0.as_slice()],
+            )
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => return e.into(),
+        };
+        let Some(row) = row else {
+            return RegistryError::NotFound(id);
+        };
+        let current = row
+            .try_get::<_, i16>(0)
+            .ok()
+            .and_then(|v| u8::try_from(v).ok())
+            .and_then(DeviceStatus::from_code);
+        let Some(current) = current else {
+            return RegistryError::Corrupt("devices row: status".into());
+        };
+        match check_transition(id, current, expected, new) {
+            Err(e) => e,
+            // Changed again in between: report it as a conflict with what is stored now.
+            Ok(()) => RegistryError::StatusConflict {
+                id,
+                expected: expected.unwrap_or(current),
+                found: current,
+            },
+        }
+    }
 }
+
+/// The stored code of [`DeviceStatus::Revoked`].
+const REVOKED: i16 = DeviceStatus::Revoked as i16;
 
 impl Registry for PgRegistry {
     async fn insert_device(&self, record: DeviceRecord) -> Result<(), RegistryError> {
@@ -269,17 +314,49 @@ impl Registry for PgRegistry {
     ) -> Result<DeviceRecord, RegistryError> {
         let s = &self.schema;
         let c = self.client.lock().await;
+        // Revoked is final: the row is only updated if it is not revoked or stays revoked.
         let row = c
             .query_opt(
                 &format!(
-                    "UPDATE {s}.devices SET status = $2 WHERE id = $1 RETURNING {DEVICE_COLUMNS}"
+                    "UPDATE {s}.devices SET status = $2 WHERE id = $1 AND (status <> $3 OR $2 = $3)
+                     RETURNING {DEVICE_COLUMNS}"
                 ),
-                &[&id.0.as_slice(), &i16::from(status.code())],
+                &[&id.0.as_slice(), &i16::from(status.code()), &REVOKED],
             )
             .await?;
         match row {
             Some(row) => device_of_row(&row),
-            None => Err(RegistryError::NotFound(id)),
+            None => Err(Self::why_not_updated(&*c, s, id, None, status).await),
+        }
+    }
+
+    async fn set_status_if(
+        &self,
+        id: DeviceId,
+        expected: DeviceStatus,
+        new: DeviceStatus,
+    ) -> Result<DeviceRecord, RegistryError> {
+        let s = &self.schema;
+        let c = self.client.lock().await;
+        // One conditional statement: the compare and the set are atomic.
+        let row = c
+            .query_opt(
+                &format!(
+                    "UPDATE {s}.devices SET status = $3
+                     WHERE id = $1 AND status = $2 AND (status <> $4 OR $3 = $4)
+                     RETURNING {DEVICE_COLUMNS}"
+                ),
+                &[
+                    &id.0.as_slice(),
+                    &i16::from(expected.code()),
+                    &i16::from(new.code()),
+                    &REVOKED,
+                ],
+            )
+            .await?;
+        match row {
+            Some(row) => device_of_row(&row),
+            None => Err(Self::why_not_updated(&*c, s, id, Some(expected), new).await),
         }
     }
 

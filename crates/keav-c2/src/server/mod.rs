@@ -336,6 +336,14 @@ impl<R: Registry> Registry for SharedRegistry<R> {
     ) -> Result<DeviceRecord, RegistryError> {
         self.0.set_status(id, status).await
     }
+    async fn set_status_if(
+        &self,
+        id: DeviceId,
+        expected: DeviceStatus,
+        new: DeviceStatus,
+    ) -> Result<DeviceRecord, RegistryError> {
+        self.0.set_status_if(id, expected, new).await
+    }
     async fn set_groups(&self, id: DeviceId, groups: Vec<String>) -> Result<(), RegistryError> {
         self.0.set_groups(id, groups).await
     }

@@ -1,96 +1,97 @@
-//! A bounds-checked cursor over untrusted bytes.
+//! The C2 wire module's view of `keav_proto::codec::Reader`, the one bounds-checked cursor
+//! over untrusted bytes in keav.
 //!
-//! Every accessor checks the remaining length first and returns [`WireError::Truncated`]
+//! Every accessor checks the remaining length first and fails with [`WireError::Truncated`]
 //! when the input is too short, leaving the reader where it was. [`Reader::sub`] confines a
 //! length-prefixed field to the bytes its length announced, so a bad inner length can never
-//! read past its enclosing field. Integers are big-endian (network byte order).
+//! read past its enclosing field. Integers are big-endian (network byte order). This wrapper
+//! only maps `keav-proto`'s [`ParseError`] to keav-c2's typed [`WireError`]; the cursor
+//! logic lives in `keav-proto`.
+
+use keav_proto::codec;
+use keav_proto::error::ParseError;
 
 use super::WireError;
 
+/// `keav-proto`'s parse errors as wire errors: a short read is [`WireError::Truncated`],
+/// unconsumed bytes are [`WireError::TrailingBytes`].
+fn wire(e: ParseError) -> WireError {
+    match e {
+        ParseError::Truncated => WireError::Truncated,
+        ParseError::TooLong => WireError::TrailingBytes,
+        // The reader produces no other error; anything else is a malformed encoding.
+        _ => WireError::BadField("encoding"),
+    }
+}
+
 /// A cursor over a borrowed byte slice with checked reads.
 #[derive(Debug, Clone)]
-pub struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
+pub struct Reader<'a>(codec::Reader<'a>);
 
 impl<'a> Reader<'a> {
     /// A reader positioned at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
+        Reader(codec::Reader::new(buf))
     }
 
     /// Takes the next `n` bytes, or [`WireError::Truncated`] if fewer remain.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        let end = self.pos.checked_add(n).ok_or(WireError::Truncated)?;
-        let out = self.buf.get(self.pos..end).ok_or(WireError::Truncated)?;
-        self.pos = end;
-        Ok(out)
+        self.0.take(n).map_err(wire)
     }
 
     /// Reads exactly `N` bytes into an array.
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
-        let s = self.take(N)?;
-        let mut out = [0u8; N];
-        out.copy_from_slice(s);
-        Ok(out)
+        self.0.array().map_err(wire)
     }
 
     /// Reads one byte.
     pub fn u8(&mut self) -> Result<u8, WireError> {
-        let [b] = self.array::<1>()?;
-        Ok(b)
+        self.0.u8().map_err(wire)
     }
 
     /// Reads a big-endian `u16`.
     pub fn u16(&mut self) -> Result<u16, WireError> {
-        Ok(u16::from_be_bytes(self.array()?))
+        self.0.u16().map_err(wire)
     }
 
     /// Reads a big-endian `u32`.
     pub fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_be_bytes(self.array()?))
+        self.0.u32().map_err(wire)
     }
 
     /// Reads a big-endian `u64`.
     pub fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_be_bytes(self.array()?))
+        self.0.u64().map_err(wire)
     }
 
     /// Reads a one-byte length, then that many bytes.
     pub fn vec8(&mut self) -> Result<&'a [u8], WireError> {
-        let n = self.u8()?;
-        self.take(usize::from(n))
+        self.0.vec8().map_err(wire)
     }
 
     /// Reads a two-byte length, then that many bytes.
     pub fn vec16(&mut self) -> Result<&'a [u8], WireError> {
-        let n = self.u16()?;
-        self.take(usize::from(n))
+        self.0.vec16().map_err(wire)
     }
 
     /// Splits off a reader over the next `n` bytes and advances past them.
     pub fn sub(&mut self, n: usize) -> Result<Reader<'a>, WireError> {
-        Ok(Reader::new(self.take(n)?))
+        self.0.sub(n).map(Reader).map_err(wire)
     }
 
     /// How many bytes are left.
     pub fn remaining(&self) -> usize {
-        self.buf.len().saturating_sub(self.pos)
+        self.0.remaining()
     }
 
     /// How many bytes were consumed so far.
     pub fn position(&self) -> usize {
-        self.pos
+        self.0.position()
     }
 
     /// [`WireError::TrailingBytes`] unless every byte was consumed.
     pub fn expect_end(&self) -> Result<(), WireError> {
-        if self.remaining() == 0 {
-            Ok(())
-        } else {
-            Err(WireError::TrailingBytes)
-        }
+        self.0.expect_end().map_err(wire)
     }
 }
 
@@ -133,6 +134,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn parse_errors_map_to_wire_errors() {
+        assert_eq!(wire(ParseError::Truncated), WireError::Truncated);
+        assert_eq!(wire(ParseError::TooLong), WireError::TrailingBytes);
+        assert_eq!(wire(ParseError::BadCrc), WireError::BadField("encoding"));
+    }
+
+    #[test]
     fn reads_big_endian_and_refuses_short_reads() {
         let b = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
         let mut r = Reader::new(&b);
@@ -159,6 +167,7 @@ mod tests {
         assert_eq!(s.u16(), Err(WireError::Truncated));
         assert_eq!(s.u8(), Ok(0xcc));
         assert_eq!(r.vec16(), Err(WireError::Truncated));
+        assert_eq!(r.remaining(), 3, "a failed vector read consumes nothing");
         let mut out = Vec::new();
         assert_eq!(
             put_vec8(&mut out, &[0; 9], 8, "x"),
