@@ -177,6 +177,10 @@ impl From<ServerError> for ApiError {
             | ServerError::ConfidentialRequired(_) => {
                 ApiError(StatusCode::CONFLICT, "refused", e.to_string())
             }
+            ServerError::Registry(crate::registry::RegistryError::Revoked(_))
+            | ServerError::Registry(crate::registry::RegistryError::StatusConflict { .. }) => {
+                ApiError(StatusCode::CONFLICT, "refused", e.to_string())
+            }
             ServerError::Registry(crate::registry::RegistryError::NotFound(_)) => {
                 ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }

@@ -477,15 +477,6 @@ fn load_or_make_key(dir: &Path, alg: Alg) -> Result<SigningKey, ServerError> {
     }
 }
 
-/// The replay state [`Server::reset_continuity`] gives a device: nothing received yet,
-/// next message to it numbered 1.
-///
-/// FALLBACK until the engine's own `ServerEngine::reset_continuity(device)` is on this
-/// branch: wire that in here (it then owns what a reset means for the guard).
-fn reset_peer_continuity_fallback() -> PeerState {
-    PeerState::default()
-}
-
 fn view_of(r: &DeviceRecord) -> Option<DeviceView> {
     match DeviceView::from_record(r) {
         Ok(v) => Some(v),
@@ -624,13 +615,24 @@ impl<R: Registry> Inner<R> {
         if rec.status == status {
             return Ok(true);
         }
-        if let Err(e) = self.registry.set_status(device, status).await {
-            // The registry may refuse on its own (e.g. the device was revoked meanwhile):
-            // the engine follows the registry.
-            let _ = self.refresh_locked(eng, device).await;
-            return Err(e.into());
+        // Compare-and-set: the identity service writes the registry without the engine
+        // lock, so the status read above may be stale by now.
+        match self
+            .registry
+            .set_status_if(device, rec.status, status)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(RegistryError::Revoked(_) | RegistryError::StatusConflict { .. }) => {
+                tracing::warn!(%device, ?status, "device status changed meanwhile; status change refused");
+                self.refresh_locked(eng, device).await?;
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = self.refresh_locked(eng, device).await;
+                Err(e.into())
+            }
         }
-        Ok(true)
     }
 
     /// Writes the status changes among `events` into the registry (engine lock held by the
@@ -1385,16 +1387,10 @@ impl<R: Registry> Server<R> {
     pub async fn reset_continuity(&self, device: DeviceId) -> Result<(), ServerError> {
         let mut eng = self.inner.engine.lock().await;
         self.inner.refuse_revoked(&mut eng, device).await?;
-        if eng.device(device).is_none() {
-            return Err(ServerError::UnknownDevice(device));
-        }
-        let fresh = reset_peer_continuity_fallback();
-        self.inner
-            .registry
-            .store_counters(device, fresh.encode())
-            .await?;
-        eng.remove_device(device);
-        eng.load_peer(device, fresh);
+        // The engine resets the replay window and the send counter and forgets the pending
+        // join; the fresh counters are stored before anything else.
+        let mp = eng.reset_continuity(device)?;
+        self.inner.persist(mp).await?;
         let written = self
             .inner
             .write_status(&mut eng, device, DeviceStatus::Registered)

@@ -117,3 +117,155 @@ async fn write_status_never_leaves_revoked() {
     drop(eng);
     server.shutdown().await;
 }
+
+/// A registry where a device is revoked right after its record is read (the record read is
+/// the one from before): the identity service revoking between the server's read and write.
+struct RevokedBetween {
+    inner: RedbRegistry,
+    revoke_after_read: std::sync::Mutex<Option<DeviceId>>,
+}
+
+impl Registry for RevokedBetween {
+    async fn insert_device(&self, record: DeviceRecord) -> Result<(), RegistryError> {
+        self.inner.insert_device(record).await
+    }
+    async fn enroll_device(
+        &self,
+        record: DeviceRecord,
+        token: TokenHash,
+        now: u64,
+    ) -> Result<(), RegistryError> {
+        self.inner.enroll_device(record, token, now).await
+    }
+    async fn device(&self, id: DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
+        let rec = self.inner.device(id).await?;
+        let revoke = self.revoke_after_read.lock().unwrap().take();
+        if revoke == Some(id) {
+            self.inner.set_status(id, DeviceStatus::Revoked).await?;
+        }
+        Ok(rec)
+    }
+    async fn devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
+        self.inner.devices().await
+    }
+    async fn set_status(
+        &self,
+        id: DeviceId,
+        status: DeviceStatus,
+    ) -> Result<DeviceRecord, RegistryError> {
+        self.inner.set_status(id, status).await
+    }
+    async fn set_status_if(
+        &self,
+        id: DeviceId,
+        expected: DeviceStatus,
+        new: DeviceStatus,
+    ) -> Result<DeviceRecord, RegistryError> {
+        self.inner.set_status_if(id, expected, new).await
+    }
+    async fn set_groups(&self, id: DeviceId, groups: Vec<String>) -> Result<(), RegistryError> {
+        self.inner.set_groups(id, groups).await
+    }
+    async fn delete_device(&self, id: DeviceId) -> Result<bool, RegistryError> {
+        self.inner.delete_device(id).await
+    }
+    async fn load_counters(&self, peer: DeviceId) -> Result<Option<Vec<u8>>, RegistryError> {
+        self.inner.load_counters(peer).await
+    }
+    async fn store_counters(&self, peer: DeviceId, state: Vec<u8>) -> Result<(), RegistryError> {
+        self.inner.store_counters(peer, state).await
+    }
+    async fn load_blob(
+        &self,
+        kind: BlobKind,
+        peer: DeviceId,
+    ) -> Result<Option<Vec<u8>>, RegistryError> {
+        self.inner.load_blob(kind, peer).await
+    }
+    async fn store_blob(
+        &self,
+        kind: BlobKind,
+        peer: DeviceId,
+        blob: Vec<u8>,
+    ) -> Result<(), RegistryError> {
+        self.inner.store_blob(kind, peer, blob).await
+    }
+    async fn record_response(
+        &self,
+        token: Vec<u8>,
+        device: DeviceId,
+        status: u8,
+    ) -> Result<(), RegistryError> {
+        self.inner.record_response(token, device, status).await
+    }
+    async fn responses(&self, token: Vec<u8>) -> Result<Vec<ResponseRecord>, RegistryError> {
+        self.inner.responses(token).await
+    }
+    async fn add_enrollment(
+        &self,
+        token: TokenHash,
+        enrollment: Enrollment,
+        now: u64,
+    ) -> Result<(), RegistryError> {
+        self.inner.add_enrollment(token, enrollment, now).await
+    }
+    async fn enrollment(&self, token: TokenHash, now: u64) -> Result<Enrollment, RegistryError> {
+        self.inner.enrollment(token, now).await
+    }
+    async fn devices_in_group(&self, group: String) -> Result<Vec<DeviceRecord>, RegistryError> {
+        self.inner.devices_in_group(group).await
+    }
+}
+
+/// The status read under the engine lock is stale (revoked right after the read): the
+/// compare-and-set refuses the write, the registry stays revoked, the engine follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_between_read_and_write_is_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = RevokedBetween {
+        inner: RedbRegistry::open(&dir.path().join("registry.redb")).unwrap(),
+        revoke_after_read: std::sync::Mutex::new(None),
+    };
+    let o = ServerOptions::new(dir.path().join("server"), Zeroizing::new("op".into()));
+    let server = Server::start(o, registry).await.unwrap();
+    let key = SigningKey::generate(Alg::Ed25519).unwrap();
+    let dev = key.device_id();
+    server
+        .add_device(DeviceRecord {
+            id: dev,
+            alg: Alg::Ed25519,
+            public_key: key.public().to_bytes(),
+            status: DeviceStatus::Registered,
+            password_hash: hash_password(&new_password()).unwrap(),
+            created: unix_now(),
+            name: None,
+            groups: vec![],
+        })
+        .await
+        .unwrap();
+    let inner = &server.inner;
+    let mut eng = inner.engine.lock().await;
+    *server.registry().revoke_after_read.lock().unwrap() = Some(dev);
+    let written = inner
+        .write_status(&mut eng, dev, DeviceStatus::Joined)
+        .await
+        .unwrap();
+    assert!(!written);
+    assert_eq!(
+        server
+            .registry()
+            .inner
+            .device(dev)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        DeviceStatus::Revoked
+    );
+    assert_eq!(
+        eng.device(dev).map(|d| d.status),
+        Some(DeviceStatus::Revoked)
+    );
+    drop(eng);
+    server.shutdown().await;
+}
