@@ -601,7 +601,7 @@ async fn serve_with<R: Registry>(o: ServerOptions, registry: R) -> Result<()> {
             }
         }
     });
-    let _ = tokio::signal::ctrl_c().await;
+    stop_signal().await;
     eprintln!("stopping");
     server.shutdown().await;
     console.abort();
@@ -853,13 +853,29 @@ async fn device(a: DeviceArgs) -> Result<()> {
         .map_err(|e| agent_failed(id, e))?;
     println!("device {id} {:?}", agent.status());
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
+        _ = stop_signal() => {
             eprintln!("stopping");
             agent.stop().await?;
         }
         r = agent.finished() => r.map_err(|e| agent_failed(id, e))?,
     }
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM (so a service manager's stop also stops a broker `serve` started).
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 /// A clear message for how the agent failed (the process then exits non-zero).
