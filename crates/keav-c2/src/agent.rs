@@ -135,9 +135,9 @@ pub enum AgentError {
     #[error("the broker refuses this device's credentials ({0}): the device was revoked")]
     Revoked(String),
     /// The state file belongs to another device (or has no device binding).
-    #[error("the state file is not this device's (it is {found}'s); refusing to load it")]
+    #[error("the state file is not this device's (it names {found}); refusing to load it")]
     ForeignState {
-        /// The device the file names (`-` if it names none).
+        /// The device the file names (`no device` if it has no binding).
         found: String,
     },
     /// The identity is registered but its state file is missing: starting afresh would
@@ -386,7 +386,9 @@ fn bind_state(device: DeviceId, snapshot: &[u8]) -> Vec<u8> {
 /// Checks the binding header of a state file and returns what follows it.
 fn unbind_state(device: DeviceId, bytes: &[u8]) -> Result<Stored, AgentError> {
     let Some(rest) = bytes.strip_prefix(AGENT_STATE_MAGIC.as_slice()) else {
-        return Err(AgentError::ForeignState { found: "-".into() });
+        return Err(AgentError::ForeignState {
+            found: "no device".into(),
+        });
     };
     let (&version, rest) = rest
         .split_first()
@@ -1643,5 +1645,43 @@ impl Handlers for AcceptAll {
     }
     fn on_data(&mut self, _data: &Data, _confidential: bool) -> Status {
         Status::DataSuccess
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_are_bound_to_their_device() {
+        let (me, other) = (DeviceId([1; 8]), DeviceId([2; 8]));
+        let snap = b"KC2D snapshot".to_vec();
+        assert_eq!(
+            unbind_state(me, &bind_state(me, &snap)).unwrap(),
+            Stored::Snapshot(snap.clone())
+        );
+        assert_eq!(
+            unbind_state(me, &bind_state(me, &[])).unwrap(),
+            Stored::Enrolled
+        );
+        match unbind_state(me, &bind_state(other, &snap)) {
+            Err(AgentError::ForeignState { found }) => assert_eq!(found, other.to_hex()),
+            r => panic!("{r:?}"),
+        }
+        // The engine's bare snapshot (no binding), and cut or unknown headers.
+        assert!(matches!(
+            unbind_state(me, &snap),
+            Err(AgentError::ForeignState { .. })
+        ));
+        let full = bind_state(me, &snap);
+        for cut in 0..13 {
+            assert!(unbind_state(me, &full[..cut]).is_err(), "{cut}");
+        }
+        let mut v2 = full.clone();
+        v2[4] = 2;
+        assert!(matches!(
+            unbind_state(me, &v2),
+            Err(AgentError::Corrupt("state file version"))
+        ));
     }
 }
