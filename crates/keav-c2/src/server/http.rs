@@ -96,6 +96,29 @@ async fn require_operator<R: Registry>(
     }
 }
 
+/// Runs every revocation request (`POST …/revoke`, the identity service's and the operator
+/// C2 route) on its own task, so it completes even if the client goes away mid-request
+/// (axum drops a handler's future when its connection closes). Revocations have no body,
+/// so this costs nothing to a client that never finishes sending one.
+pub fn uncancellable_revocations(app: Router) -> Router {
+    app.layer(middleware::from_fn(|req: Request, next: Next| async move {
+        let revoke =
+            req.method() == axum::http::Method::POST && req.uri().path().ends_with("/revoke");
+        if !revoke {
+            return next.run(req).await;
+        }
+        match tokio::spawn(next.run(req)).await {
+            Ok(r) => r,
+            Err(_) => ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error".into(),
+            )
+            .into_response(),
+        }
+    }))
+}
+
 /// Puts `app` behind a limit of `max` requests in flight (at least 1): one more is answered
 /// `503 {"code": "busy"}` at once, without being read. A request taking longer than
 /// `timeout` (reading its body included) is answered `408 {"code": "timeout"}` and its

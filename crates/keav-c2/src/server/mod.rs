@@ -1028,8 +1028,10 @@ impl<R: Registry> Server<R> {
                 running: Arc::new(StdMutex::new(None)),
             };
             let app = http::limit_in_flight(
-                identity::server::router(id_state)
-                    .merge(http::router(server, &options.operator_token)),
+                http::uncancellable_revocations(
+                    identity::server::router(id_state)
+                        .merge(http::router(server, &options.operator_token)),
+                ),
                 options.http_max_in_flight,
                 options.http_request_timeout,
             );

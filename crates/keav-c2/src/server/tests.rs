@@ -269,3 +269,97 @@ async fn a_revocation_between_read_and_write_is_not_overwritten() {
     drop(eng);
     server.shutdown().await;
 }
+
+/// One raw HTTP/1.1 request on a fresh connection; the answer's status code.
+async fn status_of(addr: SocketAddr, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    std::str::from_utf8(&buf[9..12]).unwrap().parse().unwrap()
+}
+
+/// The identity service's revocation route, its client gone while the revocation waits for
+/// the engine: the request's future is dropped (its place among those in flight is freed),
+/// yet the revocation completes (engine and broker account).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_revocation_completes_when_its_client_goes_away() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = RedbRegistry::open(&dir.path().join("registry.redb")).unwrap();
+    let mut o = ServerOptions::new(dir.path().join("server"), Zeroizing::new("op".into()));
+    o.http = Some("127.0.0.1:0".parse().unwrap());
+    o.http_max_in_flight = 1;
+    let server = Server::start(o, registry).await.unwrap();
+    let addr = server.http_addr().unwrap();
+    let key = SigningKey::generate(Alg::Ed25519).unwrap();
+    let dev = key.device_id();
+    server
+        .add_device(DeviceRecord {
+            id: dev,
+            alg: Alg::Ed25519,
+            public_key: key.public().to_bytes(),
+            status: DeviceStatus::Registered,
+            password_hash: hash_password(&new_password()).unwrap(),
+            created: unix_now(),
+            name: None,
+            groups: vec![],
+        })
+        .await
+        .unwrap();
+    let passwd = dir.path().join("server/mosquitto").join(acl::PASSWD_FILE);
+    let list = "GET /v1/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer op\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(addr, list).await, 200);
+
+    let busy = server.inner.engine.lock().await;
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let revoke = format!(
+        "POST /v1/devices/{dev}/revoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer op\r\nContent-Length: 0\r\n\r\n"
+    );
+    client.write_all(revoke.as_bytes()).await.unwrap();
+    // The registry is written first; then the revocation waits for the engine.
+    let deadline = Instant::now() + PATIENCE;
+    while server.registry().device(dev).await.unwrap().unwrap().status != DeviceStatus::Revoked {
+        assert!(Instant::now() < deadline, "the revocation never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It holds the only place in flight.
+    assert_eq!(status_of(addr, list).await, 503);
+    // The client goes away; the server notices (the place is freed).
+    drop(client);
+    let deadline = Instant::now() + PATIENCE;
+    while status_of(addr, list).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped request never let go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(busy);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let engine = server
+            .inner
+            .engine
+            .lock()
+            .await
+            .device(dev)
+            .map(|d| d.status);
+        let account = std::fs::read_to_string(&passwd)
+            .unwrap()
+            .contains(&dev.to_hex());
+        if engine == Some(DeviceStatus::Revoked) && !account {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revocation never completed: engine {engine:?}, account {account}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await;
+}
