@@ -449,6 +449,27 @@ async fn human_moderated_join_wrong_words_refused_right_words_accepted() {
     })
     .await;
     assert_eq!(shown, words);
+    // Accepted without the words: refused as a call (409), the join stays pending.
+    match fleet
+        .op
+        .decide(
+            &dev.to_hex(),
+            &DecideBody {
+                accept: true,
+                words: vec![],
+            },
+        )
+        .await
+    {
+        Err(IdentityError::Refused { status: 409, code }) => {
+            assert!(code.starts_with("words_required"), "{code}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let still = fleet.op.joins().await.unwrap();
+    assert!(still
+        .iter()
+        .any(|j| j.device == dev.to_hex() && j.words.as_ref() == Some(&words)));
     // The operator types one word wrong: refused, and the attempt is over.
     let mut wrong = words.clone();
     wrong[0] = if wrong[0] == "acid" {

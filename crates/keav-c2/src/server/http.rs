@@ -189,6 +189,9 @@ impl From<ServerError> for ApiError {
             ServerError::WordsNotExpected(_) => {
                 ApiError(StatusCode::CONFLICT, "no_human_join", e.to_string())
             }
+            ServerError::WordsRequired(_) => {
+                ApiError(StatusCode::CONFLICT, "words_required", e.to_string())
+            }
             ServerError::Engine(EngineError::NoPendingJoin(_)) => {
                 ApiError(StatusCode::CONFLICT, "no_pending_join", e.to_string())
             }

@@ -130,6 +130,9 @@ pub enum ServerError {
     /// Words were given for a join that is not human-moderated.
     #[error("device {0} has no pending human-moderated join: words are not expected")]
     WordsNotExpected(DeviceId),
+    /// A human-moderated join was accepted without the words read on the device.
+    #[error("device {0}'s join is human-moderated: give the words it shows")]
+    WordsRequired(DeviceId),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -1285,6 +1288,11 @@ impl<R: Registry> Server<R> {
             .ok_or(EngineError::NoPendingJoin(device))?;
         if !words.is_empty() && method != JoinMethod::Human {
             return Err(ServerError::WordsNotExpected(device));
+        }
+        // Accepting a human-moderated join without the words would only refuse it (and end
+        // the attempt): refuse the call instead, the join stays pending.
+        if accept && words.is_empty() && method == JoinMethod::Human {
+            return Err(ServerError::WordsRequired(device));
         }
         self.inner.refuse_revoked(&mut eng, device).await?;
         let mp = match method {
