@@ -31,7 +31,9 @@ use keav_c2::keys::{Alg, DeviceId, SigningKey};
 use keav_c2::registry::{DeviceStatus, RedbRegistry, Registry};
 use keav_c2::server::api::{CommandBody, DecideBody};
 use keav_c2::server::client::OperatorClient;
-use keav_c2::server::{unix_now, BrokerSetup, Server, ServerError, ServerNotice, ServerOptions};
+use keav_c2::server::{
+    unix_now, BrokerSetup, Server, ServerError, ServerNotice, ServerOptions, STATE_FILE,
+};
 use keav_c2::topics::Topics;
 use keav_c2::wire::{Action, Body, Data, Envelope, Message, MessageType, Status, Token, Value};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -764,7 +766,21 @@ mod pg {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_registry_survives_a_server_restart_and_replays_have_no_effect() {
-        in_schema("restart", |s| async move {
+        in_schema("restart", |s| restart_case(s, false)).await;
+    }
+
+    /// As above, but the server's local state file is an older one, as after a crash between
+    /// two saves: what was accepted since (and the sequence numbers used since) must come
+    /// from the registry, which is written before anything is published or recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_registry_is_authoritative_when_the_state_file_is_stale() {
+        in_schema("stale", |s| restart_case(s, true)).await;
+    }
+
+    /// A fleet on PostgreSQL, a command answered, a server restart (with the state file the
+    /// shutdown saved, or with one older than the command if `stale_state`), then replays.
+    async fn restart_case(s: String, stale_state: bool) {
+        {
             let fleet = Fleet::new(connect(&s).await, Alg::Ed25519).await;
             let server_id = fleet.server.id();
             let topics = Topics::new(server_id);
@@ -777,6 +793,13 @@ mod pg {
             let c_id = c.id();
             drop(c);
             fleet.operator().revoke(c_id).await.unwrap();
+
+            // The server's state file as saved before the command below.
+            let state_file = fleet.dir.path().join("server").join(STATE_FILE);
+            let stale = eventually("the server's state file", || {
+                std::future::ready(std::fs::read(&state_file).ok())
+            })
+            .await;
 
             // A command to A, and A's response as it went over the broker.
             let mut tap = fleet.tap().await;
@@ -825,6 +848,11 @@ mod pg {
             let Fleet {
                 dir, tap_password, ..
             } = fleet;
+            if stale_state {
+                // A crash after the last save before the command: the file knows nothing of
+                // the command, its response or the sequence numbers they used.
+                std::fs::write(&state_file, &stale).unwrap();
+            }
 
             // Start again: a new process would connect afresh to the same schema.
             let fleet =
@@ -957,7 +985,6 @@ mod pg {
             );
             drop(a);
             fleet.server.shutdown().await;
-        })
-        .await;
+        }
     }
 }
