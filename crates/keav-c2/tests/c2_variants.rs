@@ -927,10 +927,12 @@ mod pg {
                 std::fs::write(&state_file, &stale).unwrap();
             }
 
-            // Start again: a new process would connect afresh to the same schema.
+            // Start again: a new process would connect afresh to the same schema. The options
+            // now ask for RSA: that is for a new key only; the existing key keeps its own.
             let fleet =
-                Fleet::start(dir, connect(&s).await, Alg::Ed25519, port, tap_password).await;
+                Fleet::start(dir, connect(&s).await, Alg::RsaPss2048, port, tap_password).await;
             assert_eq!(fleet.server.id(), server_id);
+            assert_eq!(fleet.server.public_key().alg(), Alg::Ed25519);
             let mut after = fleet.server.registry().devices().await.unwrap();
             after.sort_by_key(|d| d.id);
             assert_eq!(after.len(), 3);
