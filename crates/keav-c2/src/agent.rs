@@ -1207,7 +1207,13 @@ impl<H: Handlers> Runner<H> {
         Ok(())
     }
 
+    /// Reports `n`, after publishing the status and counters, so that whoever a notice wakes
+    /// reads counters that include what the notice reports. (While the phase is taken out
+    /// for a step, the run loop publishes once the step is over.)
     fn notice(&self, n: AgentNotice) {
+        if !matches!(self.phase, Phase::Gone) {
+            self.sync();
+        }
         let _ = self.notices.send(n);
     }
 

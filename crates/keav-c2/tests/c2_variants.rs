@@ -83,9 +83,8 @@ async fn agent_drop(notices: &mut tokio::sync::broadcast::Receiver<AgentNotice>)
     r.expect("the agent reported no drop")
 }
 
-/// Asserts that the agent counted exactly `want` drops for `reason`. The agent publishes its
-/// counters after its notices (see `agent_counters_agree_with_drop_notices`), so this waits
-/// (bounded) for the count to reach `want` before comparing.
+/// Asserts that the agent counted exactly `want` drops for `reason` (waiting, bounded, for
+/// drops still in flight to be counted).
 async fn agent_count(agent: &Agent, reason: DropReason, want: u64) {
     eventually("the agent's counters", || {
         std::future::ready((agent.counters().get(reason) >= want).then_some(()))
@@ -706,13 +705,10 @@ async fn rsa_server_full_flow_and_foreign_signatures_refused_by_the_device() {
     fleet.server.shutdown().await;
 }
 
-/// A drop the agent reports as a notice is already in its counters. A race: it fails
-/// within the first few forgeries on this machine, though not on every check. `Agent` sends
-/// `AgentNotice::Dropped` from inside its inbound handler but copies the engine's counters
-/// into what `Agent::counters` reads only afterwards (`sync`, after `on_inbound` returns), so
-/// a caller woken by the notice can read counters that do not include that drop yet.
+/// A drop the agent reports as a notice is already in its counters (a regression test: the
+/// agent used to publish its counters only after its inbound step, so a caller woken by the
+/// notice could read counters without that drop; it failed within a few forgeries).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "library race: agent counters are published after the Dropped notice (src/agent.rs on_inbound/sync)"]
 async fn agent_counters_agree_with_drop_notices() {
     let dir = tempfile::tempdir().unwrap();
     let registry = RedbRegistry::open(&dir.path().join("registry.redb")).unwrap();
