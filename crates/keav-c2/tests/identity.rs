@@ -872,6 +872,39 @@ async fn operator_calls_need_the_operator_token() {
     svc.stop().await;
 }
 
+/// An unauthenticated caller is answered 401 before its body is read: a request that
+/// announces a body and never sends it gets its answer at once, instead of holding the
+/// connection (and a place among the requests in flight) while the service waits for it.
+#[tokio::test]
+async fn unauthenticated_enrollment_is_refused_before_its_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(&dir.path().join("id.redb")).await;
+    let mut s = TcpStream::connect(svc.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/enrollments HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n{{",
+        svc.addr
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Read until the end of the answer's head (bounded: a service that waits for the body
+    // never answers and the test fails).
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 512];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !resp.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => resp.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer while the body is outstanding");
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text:?}");
+    svc.stop().await;
+}
+
 #[tokio::test]
 async fn malformed_registrations_are_400() {
     let dir = tempfile::tempdir().unwrap();

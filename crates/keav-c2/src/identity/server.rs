@@ -28,7 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -719,11 +719,12 @@ async fn register<R: Registry, B: BrokerAccounts>(
 
 async fn create_enrollment<R: Registry, B: BrokerAccounts>(
     State(st): State<Arc<IdentityState<R, B>>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    operator(&st, &headers)?;
-    let bytes = body_bytes(body)?;
+    // The operator's token first: an unauthenticated caller gets its 401 before a byte of
+    // its body is read.
+    operator(&st, request.headers())?;
+    let bytes = body_bytes(Bytes::from_request(request, &()).await)?;
     let req: EnrollmentRequestBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         EnrollmentRequestBody::default()
     } else {
