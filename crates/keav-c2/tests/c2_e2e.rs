@@ -1451,13 +1451,8 @@ async fn whole_cycle_with_rsa_2048_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_cycle_with_the_postgres_registry() {
     use keav_c2::registry::PgRegistry;
-    let url = std::env::var("KEAV_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let schema = format!("keav_e2e_{}_{}", std::process::id(), nanos % 1_000_000_000);
+    let url = common::pg::url();
+    let schema = common::pg::schema("e2e");
     let registry = match PgRegistry::connect(&url, &schema).await {
         Ok(r) => r,
         Err(e) => {
@@ -1465,17 +1460,11 @@ async fn whole_cycle_with_the_postgres_registry() {
             return;
         }
     };
-    // A second connection to drop the schema afterwards, whatever happens.
-    let cleanup = PgRegistry::connect(&url, &schema).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let outcome = tokio::spawn(async move {
+    common::pg::dropping_schema(&schema, async move {
         let fleet = Fleet::start_on(dir, registry, JoinPolicy::Moderated, |_| {}).await;
         whole_cycle(&fleet, "pg-1").await;
         fleet.shutdown().await;
     })
     .await;
-    cleanup.drop_schema().await.unwrap();
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }

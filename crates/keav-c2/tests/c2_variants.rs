@@ -768,54 +768,11 @@ async fn agent_counters_agree_with_drop_notices() {
 #[cfg(feature = "postgres")]
 mod pg {
     use super::*;
-    use keav_c2::registry::PgRegistry;
-
-    fn url() -> String {
-        std::env::var("KEAV_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-    }
-
-    /// A schema name no other test run uses.
-    fn schema(tag: &str) -> String {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        format!(
-            "keav_c2v_{tag}_{}_{}",
-            std::process::id(),
-            nanos % 1_000_000_000
-        )
-    }
-
-    async fn connect(schema: &str) -> PgRegistry {
-        let url = url();
-        match PgRegistry::connect(&url, schema).await {
-            Ok(r) => r,
-            Err(e) => panic!(
-                "PostgreSQL unreachable at {url} ({e}); start it (trust auth, user postgres, \
-                 database test) or set KEAV_TEST_POSTGRES"
-            ),
-        }
-    }
-
-    /// Runs `body` with a fresh schema, then drops the schema (also if `body` panicked).
-    async fn in_schema<F, Fut>(tag: &str, body: F)
-    where
-        F: FnOnce(String) -> Fut,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let s = schema(tag);
-        let outcome = tokio::spawn(body(s.clone())).await;
-        connect(&s).await.drop_schema().await.unwrap();
-        if let Err(e) = outcome {
-            std::panic::resume_unwind(e.into_panic());
-        }
-    }
+    use common::pg::connect;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_registry_full_flow() {
-        in_schema("flow", |s| async move {
+        common::pg::in_schema("c2v_flow", |s| async move {
             let fleet = Fleet::new(connect(&s).await, Alg::Ed25519).await;
             full_flow(&fleet).await;
             // The registry the flow wrote is the PostgreSQL one: a second connection sees it.
@@ -835,7 +792,7 @@ mod pg {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_registry_survives_a_server_restart_and_replays_have_no_effect() {
-        in_schema("restart", |s| restart_case(s, false)).await;
+        common::pg::in_schema("c2v_restart", |s| restart_case(s, false)).await;
     }
 
     /// As above, but the server's local state file is an older one, as after a crash between
@@ -843,7 +800,7 @@ mod pg {
     /// from the registry, which is written before anything is published or recorded.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_registry_is_authoritative_when_the_state_file_is_stale() {
-        in_schema("stale", |s| restart_case(s, true)).await;
+        common::pg::in_schema("c2v_stale", |s| restart_case(s, true)).await;
     }
 
     /// A fleet on PostgreSQL, a command answered, a server restart (with the state file the

@@ -3,6 +3,8 @@
 //! stateless nonces, operator auth, malformed input, duplicates, revocation, body limit,
 //! persistence across restarts.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -286,27 +288,10 @@ async fn registry_suite_redb() {
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn registry_suite_postgres() {
-    use keav_c2::registry::PgRegistry;
-    let url = std::env::var("KEAV_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let schema = format!("keav_test_{}_{}", std::process::id(), nanos % 1_000_000_000);
-    let r = match PgRegistry::connect(&url, &schema).await {
-        Ok(r) => Arc::new(r),
-        Err(e) => panic!(
-            "PostgreSQL unreachable at {url} ({e}); start it (trust auth, user postgres, \
-             database test) or set KEAV_TEST_POSTGRES"
-        ),
-    };
-    let r2 = r.clone();
-    let outcome = tokio::spawn(async move { registry_suite(&*r2).await }).await;
-    r.drop_schema().await.unwrap();
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    common::pg::in_schema("test", |s| async move {
+        registry_suite(&common::pg::connect(&s).await).await;
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -4,6 +4,9 @@
 //! and is killed by its PID when the guard drops, also when the test panics.
 #![allow(dead_code)]
 
+#[cfg(feature = "postgres")]
+pub mod pg;
+
 use std::collections::VecDeque;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
