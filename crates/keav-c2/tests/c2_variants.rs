@@ -18,55 +18,25 @@ mod common;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use keav_c2::acl::{hash_password, new_password, BrokerUser, Role};
+use keav_c2::acl::new_password;
 use keav_c2::agent::{
     Agent, AgentNotice, AgentOptions, AgentStatus, Handlers, Identity, StateStore,
 };
-use keav_c2::engine::{DropReason, EngineError, JoinPolicy, JoinRequestKind};
-use keav_c2::identity::api::EnrollmentRequestBody;
-use keav_c2::identity::{Client, IdentityError};
-use keav_c2::keys::{Alg, DeviceId, SigningKey};
+use keav_c2::engine::{DropReason, EngineError, JoinRequestKind};
+use keav_c2::identity::IdentityError;
+use keav_c2::keys::{Alg, SigningKey};
 use keav_c2::registry::{DeviceStatus, RedbRegistry, Registry};
-use keav_c2::server::api::{CommandBody, DecideBody};
-use keav_c2::server::client::OperatorClient;
-use keav_c2::server::{
-    unix_now, BrokerSetup, Server, ServerError, ServerNotice, ServerOptions, STATE_FILE,
-};
+use keav_c2::server::api::CommandBody;
+use keav_c2::server::{unix_now, BrokerSetup, ServerError, ServerNotice, STATE_FILE};
 use keav_c2::topics::Topics;
 use keav_c2::wire::{Action, Body, Data, Envelope, Message, MessageType, Status, Token, Value};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
-const PATIENCE: Duration = Duration::from_secs(20);
-const OPERATOR: &str = "operator-token-for-tests-0123456789";
-
-/// Polls `f` until it gives `Some`, failing after [`PATIENCE`].
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits (bounded) until `agent` stands at `want`.
-async fn reach(agent: &Agent, want: AgentStatus) {
-    let r = tokio::time::timeout(PATIENCE, agent.wait_status(|s| s == want)).await;
-    assert_eq!(
-        r.unwrap_or_else(|_| panic!("{} never reached {want:?}", agent.id())),
-        Some(want)
-    );
-}
+use common::fleet::{action, broker_refuses, eventually, hex, Fleet, PATIENCE};
 
 /// The next drop an agent reports (bounded).
 async fn agent_drop(notices: &mut tokio::sync::broadcast::Receiver<AgentNotice>) -> DropReason {
@@ -284,16 +254,6 @@ impl Drop for Tap {
     }
 }
 
-/// Whether the broker refuses a fresh connection with these credentials.
-async fn broker_refuses(port: u16, user: String, pass: String) -> bool {
-    tokio::task::spawn_blocking(move || {
-        let (_c, mut conn) = common::client(port, "probe", Some((&user, &pass)));
-        common::connack(&mut conn).is_err()
-    })
-    .await
-    .unwrap()
-}
-
 /// A device's broker credentials, from its data directory.
 fn broker_creds(data: &Path) -> (String, String) {
     let id = Identity::load(data).unwrap().unwrap();
@@ -303,93 +263,34 @@ fn broker_creds(data: &Path) -> (String, String) {
     )
 }
 
-/// A server with HTTP, its own broker, and the tap account.
-struct Fleet<R: Registry> {
-    dir: Arc<tempfile::TempDir>,
-    server: Server<R>,
-    op: OperatorClient,
-    http: String,
-    tap_password: Zeroizing<String>,
-}
-
 impl<R: Registry> Fleet<R> {
     /// Starts a server in `dir` with `registry`, signing with `alg`, its broker on `port`
     /// (0: a free one).
-    async fn start(
+    async fn on_port(
         dir: Arc<tempfile::TempDir>,
         registry: R,
         alg: Alg,
         port: u16,
         tap_password: Zeroizing<String>,
     ) -> Fleet<R> {
-        let data = dir.path().join("server");
-        let mut o = ServerOptions::new(data.clone(), Zeroizing::new(OPERATOR.into()));
-        o.alg = alg;
-        o.broker = BrokerSetup::Spawn {
-            dir: data.join("mosquitto"),
-            port,
-            program: PathBuf::from("mosquitto"),
-        };
-        o.http = Some("127.0.0.1:0".parse().unwrap());
-        o.engine.join_policy = JoinPolicy::Moderated;
-        o.extra_broker_users.push(BrokerUser {
-            username: "tap".into(),
-            password_hash: hash_password(&tap_password).unwrap(),
-            role: Role::Server,
-        });
-        let server = Server::start(o, registry).await.unwrap();
-        let http = format!("http://{}", server.http_addr().unwrap());
-        let op = OperatorClient::new(&http, Zeroizing::new(OPERATOR.into())).unwrap();
-        Fleet {
-            dir,
-            server,
-            op,
-            http,
-            tap_password,
-        }
+        Fleet::start(dir, registry, tap_password, |o| {
+            o.alg = alg;
+            o.broker = BrokerSetup::Spawn {
+                dir: o.data_dir.join("mosquitto"),
+                port,
+                program: PathBuf::from("mosquitto"),
+            };
+        })
+        .await
     }
 
     async fn new(registry: R, alg: Alg) -> Fleet<R> {
         let dir = Arc::new(tempfile::tempdir().unwrap());
-        Fleet::start(dir, registry, alg, 0, new_password()).await
-    }
-
-    fn port(&self) -> u16 {
-        self.server
-            .broker_addr()
-            .rsplit_once(':')
-            .unwrap()
-            .1
-            .parse()
-            .unwrap()
-    }
-
-    fn operator(&self) -> Client {
-        Client::new(&self.http)
-            .unwrap()
-            .with_operator_token(Zeroizing::new(OPERATOR.into()))
+        Fleet::on_port(dir, registry, alg, 0, new_password()).await
     }
 
     async fn tap(&self) -> Tap {
         Tap::connect(self.port(), "tap", "tap", &self.tap_password).await
-    }
-
-    /// Registers a new device over HTTP into its own data directory.
-    async fn enroll(&self, name: &str, groups: &[&str]) -> (Identity, PathBuf) {
-        let (token, _) = self
-            .operator()
-            .create_enrollment(&EnrollmentRequestBody {
-                ttl_secs: None,
-                name: Some(name.into()),
-                groups: groups.iter().map(|g| g.to_string()).collect(),
-            })
-            .await
-            .unwrap();
-        let data = self.dir.path().join(name);
-        let id = Identity::enroll(&data, &self.http, &token, Alg::Ed25519)
-            .await
-            .unwrap();
-        (id, data)
     }
 
     async fn agent(
@@ -408,59 +309,10 @@ impl<R: Registry> Fleet<R> {
     /// A joined device: enrolled over HTTP, simple join approved by the operator over HTTP.
     async fn joined(&self, name: &str, groups: &[&str]) -> (Agent, Arc<Mutex<Log>>, PathBuf) {
         let (id, data) = self.enroll(name, groups).await;
-        let dev = id.device_id();
         let (agent, log) = self.agent(id, &data, Some(JoinRequestKind::Simple)).await;
-        eventually("the join request", || async {
-            let joins = self.op.joins().await.unwrap();
-            joins.iter().any(|j| j.device == dev.to_hex()).then_some(())
-        })
-        .await;
-        let d = self
-            .op
-            .decide(
-                &dev.to_hex(),
-                &DecideBody {
-                    accept: true,
-                    words: vec![],
-                },
-            )
-            .await
-            .unwrap();
-        assert!(d.joined);
-        reach(&agent, AgentStatus::Joined).await;
+        self.approve(&agent).await;
         (agent, log, data)
     }
-
-    /// Waits until `token` has a recorded response and returns its status code.
-    async fn response(&self, token: &str) -> u8 {
-        eventually("a response", || async {
-            let t = self.op.responses(&[token.to_string()]).await.unwrap();
-            t[0].responses.first().map(|r| r.status)
-        })
-        .await
-    }
-
-    async fn status(&self, dev: DeviceId) -> DeviceStatus {
-        self.server
-            .registry()
-            .device(dev)
-            .await
-            .unwrap()
-            .unwrap()
-            .status
-    }
-}
-
-fn action(id: u16) -> CommandBody {
-    CommandBody {
-        action: Some(id),
-        args: Some("AQID".into()),
-        ..Default::default()
-    }
-}
-
-fn hex(t: &Token) -> String {
-    t.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Register -> join -> action -> response tracked per token -> revoke, over HTTP; the broker
@@ -883,7 +735,7 @@ mod pg {
             // Start again: a new process would connect afresh to the same schema. The options
             // now ask for RSA: that is for a new key only; the existing key keeps its own.
             let fleet =
-                Fleet::start(dir, connect(&s).await, Alg::RsaPss2048, port, tap_password).await;
+                Fleet::on_port(dir, connect(&s).await, Alg::RsaPss2048, port, tap_password).await;
             assert_eq!(fleet.server.id(), server_id);
             assert_eq!(fleet.server.public_key().alg(), Alg::Ed25519);
             let mut after = fleet.server.registry().devices().await.unwrap();

@@ -4,6 +4,7 @@
 //! and is killed by its PID when the guard drops, also when the test panics.
 #![allow(dead_code)]
 
+pub mod fleet;
 #[cfg(feature = "postgres")]
 pub mod pg;
 
