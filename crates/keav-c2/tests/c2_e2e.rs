@@ -8,53 +8,26 @@
 mod common;
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keav_c2::acl::{hash_password, new_password, BrokerUser, Role};
+use keav_c2::acl::new_password;
 use keav_c2::agent::{
     Agent, AgentError, AgentNotice, AgentOptions, AgentStatus, Handlers, Identity, StateStore,
 };
 use keav_c2::engine::{DropReason, EngineError, JoinPolicy, JoinRequestKind, ServerEvent};
-use keav_c2::identity::api::EnrollmentRequestBody;
 use keav_c2::identity::{Client, IdentityError};
 use keav_c2::keys::{Alg, DeviceId};
 use keav_c2::registry::{DeviceStatus, RedbRegistry, Registry};
 use keav_c2::server::api::{CommandBody, DecideBody, UpdateBody, ValueBody};
-use keav_c2::server::client::OperatorClient;
-use keav_c2::server::{RateLimit, Server, ServerError, ServerNotice, ServerOptions};
-use keav_c2::wire::{Action, Body, Data, JoinCode, Status, Token};
+use keav_c2::server::{RateLimit, ServerError, ServerNotice, ServerOptions};
+use keav_c2::wire::{Action, Body, Data, JoinCode, Status};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-const PATIENCE: Duration = Duration::from_secs(20);
-const OPERATOR: &str = "operator-token-for-tests-0123456789";
-
-/// Polls `f` until it gives `Some`, failing after [`PATIENCE`].
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits (bounded) until `agent` stands at `want`.
-async fn reach(agent: &Agent, want: AgentStatus) {
-    let r = tokio::time::timeout(PATIENCE, agent.wait_status(|s| s == want)).await;
-    assert_eq!(
-        r.unwrap_or_else(|_| panic!("{} never reached {want:?}", agent.id())),
-        Some(want)
-    );
-}
+use common::fleet::{action, broker_refuses, eventually, hex, reach, OPERATOR, PATIENCE};
 
 /// What a test device saw and did.
 #[derive(Default)]
@@ -143,17 +116,25 @@ impl Handlers for TestHandlers {
     }
 }
 
-/// A server with HTTP, its own broker, and a "tap" broker account with the server role (it
-/// may write to device topics: used to replay captured commands as a broker-level attacker).
+/// The common fleet (server with HTTP, its own broker, and a "tap" broker account with the
+/// server role: used to replay captured commands as a broker-level attacker), with the
+/// "screen" the test devices show their join codes on.
 struct Fleet<R: Registry = RedbRegistry> {
-    dir: tempfile::TempDir,
-    server: Server<R>,
-    /// Algorithm of the keys devices enroll with.
-    alg: Alg,
-    op: OperatorClient,
-    http: String,
-    tap_password: Zeroizing<String>,
+    core: common::fleet::Fleet<R>,
     screen: Screen,
+}
+
+impl<R: Registry> Deref for Fleet<R> {
+    type Target = common::fleet::Fleet<R>;
+    fn deref(&self) -> &Self::Target {
+        &self.core
+    }
+}
+
+impl<R: Registry> DerefMut for Fleet<R> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.core
+    }
 }
 
 impl Fleet {
@@ -175,59 +156,15 @@ impl<R: Registry> Fleet<R> {
         policy: JoinPolicy,
         tweak: impl FnOnce(&mut ServerOptions),
     ) -> Fleet<R> {
-        let mut o = ServerOptions::new(dir.path().join("server"), Zeroizing::new(OPERATOR.into()));
-        o.http = Some("127.0.0.1:0".parse().unwrap());
-        o.engine.join_policy = policy;
-        tweak(&mut o);
-        let tap_password = new_password();
-        o.extra_broker_users.push(BrokerUser {
-            username: "tap".into(),
-            password_hash: hash_password(&tap_password).unwrap(),
-            role: Role::Server,
-        });
-        let server = Server::start(o, registry).await.unwrap();
-        let http = format!("http://{}", server.http_addr().unwrap());
-        let op = OperatorClient::new(&http, Zeroizing::new(OPERATOR.into())).unwrap();
+        let core = common::fleet::Fleet::start(Arc::new(dir), registry, new_password(), |o| {
+            o.engine.join_policy = policy;
+            tweak(o);
+        })
+        .await;
         Fleet {
-            dir,
-            server,
-            alg: Alg::Ed25519,
-            op,
-            http,
-            tap_password,
+            core,
             screen: Screen::default(),
         }
-    }
-
-    fn port(&self) -> u16 {
-        self.server
-            .broker_addr()
-            .rsplit_once(':')
-            .unwrap()
-            .1
-            .parse()
-            .unwrap()
-    }
-
-    /// Registers a new device over HTTP (enrollment token from the operator, proof of
-    /// possession) into its own data directory.
-    async fn enroll(&self, name: &str, groups: &[&str]) -> (Identity, std::path::PathBuf) {
-        let operator = Client::new(&self.http)
-            .unwrap()
-            .with_operator_token(Zeroizing::new(OPERATOR.into()));
-        let (token, _) = operator
-            .create_enrollment(&EnrollmentRequestBody {
-                ttl_secs: None,
-                name: Some(name.into()),
-                groups: groups.iter().map(|g| g.to_string()).collect(),
-            })
-            .await
-            .unwrap();
-        let data = self.dir.path().join(name);
-        let id = Identity::enroll(&data, &self.http, &token, self.alg)
-            .await
-            .unwrap();
-        (id, data)
     }
 
     async fn agent(
@@ -256,60 +193,15 @@ impl<R: Registry> Fleet<R> {
         groups: &[&str],
     ) -> (Agent, Arc<Mutex<Log>>, std::path::PathBuf) {
         let (id, data) = self.enroll(name, groups).await;
-        let dev = id.device_id();
         let (agent, log) = self
             .agent(id, &data, Some(JoinRequestKind::Simple), vec![])
             .await;
-        eventually("the join request", || async {
-            let joins = self.op.joins().await.unwrap();
-            joins.iter().any(|j| j.device == dev.to_hex()).then_some(())
-        })
-        .await;
-        let d = self
-            .op
-            .decide(
-                &dev.to_hex(),
-                &DecideBody {
-                    accept: true,
-                    words: vec![],
-                },
-            )
-            .await
-            .unwrap();
-        assert!(d.joined);
-        reach(&agent, AgentStatus::Joined).await;
+        self.approve(&agent).await;
         (agent, log, data)
     }
 
-    /// Waits until `token` has a recorded response and returns its status code.
-    async fn response(&self, token: &str) -> u8 {
-        eventually("a response", || async {
-            let t = self.op.responses(&[token.to_string()]).await.unwrap();
-            t[0].responses.first().map(|r| r.status)
-        })
-        .await
-    }
-
     async fn shutdown(self) {
-        self.server.shutdown().await;
-    }
-}
-
-/// Whether the broker refuses a fresh connection with these credentials.
-async fn broker_refuses(port: u16, user: String, pass: String) -> bool {
-    tokio::task::spawn_blocking(move || {
-        let (_c, mut conn) = common::client(port, "probe", Some((&user, &pass)));
-        common::connack(&mut conn).is_err()
-    })
-    .await
-    .unwrap()
-}
-
-fn action(id: u16) -> CommandBody {
-    CommandBody {
-        action: Some(id),
-        args: Some("AQID".into()),
-        ..Default::default()
+        self.core.shutdown().await;
     }
 }
 
@@ -897,22 +789,7 @@ fn action_body() -> Body {
     })
 }
 
-fn hex(t: &Token) -> String {
-    t.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 // ---- review fixes (issue 6): races, approval words, HTTP, revocation, state, rate limit ----
-
-async fn status_of(fleet: &Fleet, dev: DeviceId) -> DeviceStatus {
-    fleet
-        .server
-        .registry()
-        .device(dev)
-        .await
-        .unwrap()
-        .unwrap()
-        .status
-}
 
 /// The registry says revoked (as the identity service writes it, before the server hears of
 /// it), then the device resigns: the status the engine derives from its message must not
@@ -944,7 +821,7 @@ async fn a_revoked_status_is_never_overwritten_by_an_inbound_message() {
     })
     .await;
     // …but the registry stays revoked, and the engine follows it.
-    assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
     let e = fleet.server.join_command(dev).await.unwrap_err();
     assert!(
         matches!(e, ServerError::Engine(EngineError::Revoked(d)) if d == dev),
@@ -972,7 +849,7 @@ async fn terminate_of_a_device_revoked_meanwhile_is_refused_and_keeps_it_revoked
         matches!(e, ServerError::Engine(EngineError::Revoked(d)) if d == dev),
         "{e}"
     );
-    assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
     for verb in ["terminate", "join", "deregister", "reset"] {
         let e = fleet.op.device_verb(&dev.to_hex(), verb).await.unwrap_err();
         assert!(
@@ -980,7 +857,7 @@ async fn terminate_of_a_device_revoked_meanwhile_is_refused_and_keeps_it_revoked
             "{verb}: {e}"
         );
     }
-    assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
     drop(agent);
     fleet.shutdown().await;
 }
@@ -1009,7 +886,7 @@ async fn terminate_racing_revoke_always_ends_revoked() {
                 "{e}"
             );
         }
-        assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+        assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
         assert!(matches!(
             fleet.server.join_command(dev).await,
             Err(ServerError::Engine(EngineError::Revoked(_)))
@@ -1196,7 +1073,7 @@ async fn revoking_a_running_device_stops_its_agent_with_revoked() {
         .await
         .expect("the agent never stopped");
     assert!(matches!(ended, Err(AgentError::Revoked(_))), "{ended:?}");
-    assert_eq!(status_of(&fleet, dev).await, DeviceStatus::Revoked);
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
     // Started again, it stops at once with the same typed error.
     let identity = Identity::load(&data).unwrap().unwrap();
     let e = Agent::start(
@@ -1281,7 +1158,7 @@ async fn agent_state_is_bound_to_its_device_and_a_reset_needs_the_operator() {
         .device_verb(&dev_b.to_hex(), "reset")
         .await
         .unwrap();
-    assert_eq!(status_of(&fleet, dev_b).await, DeviceStatus::Registered);
+    assert_eq!(fleet.status(dev_b).await, DeviceStatus::Registered);
     b.request_join(JoinRequestKind::Simple).await.unwrap();
     eventually("the new join request", || async {
         let joins = fleet.op.joins().await.unwrap();
