@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keav_c2::acl::{hash_password, new_password, BrokerUser, Role};
 use keav_c2::agent::{
@@ -25,25 +25,10 @@ use keav_c2::server::{BrokerSetup, ConfNotice, Server, ServerError, ServerNotice
 use keav_c2::wire::{Body, Data, Value};
 use zeroize::Zeroizing;
 
-const PATIENCE: Duration = Duration::from_secs(20);
-const OPERATOR: &str = "operator-token-for-tests-0123456789";
+use common::fleet::{eventually, reach, OPERATOR, PATIENCE};
+
 const SECRET: &str = "the-launch-code-is-PURPLE-OTTER-42";
 const SECRET_UP: &str = "device-reading-SECRET-LEMUR-77";
-
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Payloads a spy read.
 type Payloads = Arc<Mutex<Vec<Vec<u8>>>>;
@@ -113,8 +98,7 @@ async fn agent(dir: &std::path::Path, name: &str, seen: Seen, join: bool) -> Age
         o.join = Some(JoinRequestKind::Simple);
     }
     let a = Agent::start(id, o, H(seen)).await.unwrap();
-    let r = tokio::time::timeout(PATIENCE, a.wait_status(|s| s == AgentStatus::Joined)).await;
-    assert_eq!(r.unwrap(), Some(AgentStatus::Joined));
+    reach(&a, AgentStatus::Joined).await;
     a
 }
 
