@@ -476,6 +476,11 @@ impl Service {
     }
 
     /// A fresh nonce from the service.
+    /// POSTs `body` to the registration route (no authorization).
+    async fn post_register(&self, body: &[u8]) -> (u16, Value) {
+        self.raw("POST", "/v1/register", None, body).await
+    }
+
     async fn nonce(&self) -> [u8; NONCE_LEN] {
         self.client().challenge().await.unwrap().nonce
     }
@@ -626,24 +631,14 @@ async fn proof_of_possession_is_checked() {
     // Signed by another key.
     let n = svc.nonce().await;
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&key, &other, &token, &n, &n),
-        )
+        .post_register(&register_body(&key, &other, &token, &n, &n))
         .await;
     assert_eq!((st, code(&v)), (422, "bad_signature"));
     // Signed over another nonce than the one sent.
     let n1 = svc.nonce().await;
     let n2 = svc.nonce().await;
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&key, &key, &token, &n1, &n2),
-        )
+        .post_register(&register_body(&key, &key, &token, &n1, &n2))
         .await;
     assert_eq!((st, code(&v)), (422, "bad_signature"));
     // The algorithm id is signed: a proof made for another algorithm id does not verify.
@@ -659,30 +654,18 @@ async fn proof_of_possession_is_checked() {
         "nonce": STANDARD.encode(n3),
         "signature": STANDARD.encode(&sig),
     });
-    let (st, v) = svc
-        .raw("POST", "/v1/register", None, body.to_string().as_bytes())
-        .await;
+    let (st, v) = svc.post_register(body.to_string().as_bytes()).await;
     assert_eq!((st, code(&v)), (422, "bad_signature"));
     // Nothing was stored and the broker saw nothing.
     assert!(svc.state.registry().devices().await.unwrap().is_empty());
     assert!(svc.events().is_empty());
     // The failed attempts used up their nonces but not the enrollment token.
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&key, &key, &token, &n1, &n1),
-        )
+        .post_register(&register_body(&key, &key, &token, &n1, &n1))
         .await;
     assert_eq!((st, code(&v)), (409, "nonce_used"));
     let (st, _) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&key, &key, &token, &n2, &n2),
-        )
+        .post_register(&register_body(&key, &key, &token, &n2, &n2))
         .await;
     assert_eq!(st, 201);
     svc.stop().await;
@@ -697,48 +680,22 @@ async fn nonces_are_single_use_and_expire() {
     let t1 = svc.token().await;
     let t2 = svc.token().await;
     let n = svc.nonce().await;
-    let (st, _) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&a, &a, &t1, &n, &n),
-        )
-        .await;
+    let (st, _) = svc.post_register(&register_body(&a, &a, &t1, &n, &n)).await;
     assert_eq!(st, 201);
     // Replaying the nonce (with a fresh token and another key) is refused.
-    let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&b, &b, &t2, &n, &n),
-        )
-        .await;
+    let (st, v) = svc.post_register(&register_body(&b, &b, &t2, &n, &n)).await;
     assert_eq!((st, code(&v)), (409, "nonce_used"));
     // A nonce the service never issued.
     let made_up = [0x5a; NONCE_LEN];
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&b, &b, &t2, &made_up, &made_up),
-        )
+        .post_register(&register_body(&b, &b, &t2, &made_up, &made_up))
         .await;
     assert_eq!((st, code(&v)), (400, "nonce_invalid"));
     // An expired nonce (60 s lifetime here): refused from its expiry on, every time.
     let n = svc.nonce().await;
     svc.now.fetch_add(60, Ordering::SeqCst);
     for _ in 0..2 {
-        let (st, v) = svc
-            .raw(
-                "POST",
-                "/v1/register",
-                None,
-                &register_body(&b, &b, &t2, &n, &n),
-            )
-            .await;
+        let (st, v) = svc.post_register(&register_body(&b, &b, &t2, &n, &n)).await;
         assert_eq!((st, code(&v)), (410, "nonce_expired"));
     }
     // The token survived all of that.
@@ -762,9 +719,7 @@ async fn enrollment_tokens_are_required_once_and_expire() {
     let n = svc.nonce().await;
     let mut body: Value = serde_json::from_slice(&register_body(&a, &a, "x", &n, &n)).unwrap();
     body.as_object_mut().unwrap().remove("enrollment_token");
-    let (st, _) = svc
-        .raw("POST", "/v1/register", None, body.to_string().as_bytes())
-        .await;
+    let (st, _) = svc.post_register(body.to_string().as_bytes()).await;
     assert_eq!(st, 400);
     // One use.
     let t = svc.token().await;
@@ -972,7 +927,7 @@ async fn malformed_registrations_are_400() {
         ),
     ];
     for (what, body, want) in cases {
-        let (st, v) = svc.raw("POST", "/v1/register", None, &body).await;
+        let (st, v) = svc.post_register(&body).await;
         assert_eq!((st, code(&v)), (400, want), "{what}: {v}");
     }
     // RSA keys that are not 2048-bit / e = 65537.
@@ -981,16 +936,12 @@ async fn malformed_registrations_are_400() {
         b["alg"] = json!("rsa2048");
         b["public_key"] = json!(STANDARD.encode(der));
         b["signature"] = json!(STANDARD.encode([0u8; 256]));
-        let (st, v) = svc
-            .raw("POST", "/v1/register", None, b.to_string().as_bytes())
-            .await;
+        let (st, v) = svc.post_register(b.to_string().as_bytes()).await;
         assert_eq!((st, code(&v)), (400, "bad_key"), "{what}: {v}");
     }
     // None of that consumed the nonce (formats are checked before it) or stored anything.
     assert!(svc.state.registry().devices().await.unwrap().is_empty());
-    let (st, _) = svc
-        .raw("POST", "/v1/register", None, &base.to_string().into_bytes())
-        .await;
+    let (st, _) = svc.post_register(&base.to_string().into_bytes()).await;
     assert_eq!(st, 201);
     // Bad device ids in operator routes.
     let bearer = format!("Bearer {OPERATOR}");
@@ -1077,7 +1028,7 @@ async fn oversize_body_is_413() {
     let dir = tempfile::tempdir().unwrap();
     let svc = Service::start(&dir.path().join("id.redb")).await;
     let big = vec![b' '; 32 * 1024];
-    let (st, v) = svc.raw("POST", "/v1/register", None, &big).await;
+    let (st, v) = svc.post_register(&big).await;
     assert_eq!((st, code(&v)), (413, "body_too_large"));
     let bearer = format!("Bearer {OPERATOR}");
     let (st, v) = svc
@@ -1085,9 +1036,7 @@ async fn oversize_body_is_413() {
         .await;
     assert_eq!((st, code(&v)), (413, "body_too_large"));
     // Just under the limit is read (and refused for what it is).
-    let (st, v) = svc
-        .raw("POST", "/v1/register", None, &vec![b' '; 16 * 1024])
-        .await;
+    let (st, v) = svc.post_register(&vec![b' '; 16 * 1024]).await;
     assert_eq!((st, code(&v)), (400, "bad_json"));
     svc.stop().await;
 }
@@ -1124,12 +1073,9 @@ async fn registry_survives_a_service_restart() {
     // A nonce issued before the restart (under the old random nonce key) is refused.
     let other = SigningKey::generate(Alg::Ed25519).unwrap();
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&other, &other, &spare, &old_nonce, &old_nonce),
-        )
+        .post_register(&register_body(
+            &other, &other, &spare, &old_nonce, &old_nonce,
+        ))
         .await;
     assert_eq!((st, code(&v)), (400, "nonce_invalid"));
     svc.client().register(&other, &spare).await.unwrap();
@@ -1266,14 +1212,7 @@ async fn challenge_flood_stores_nothing_and_registration_still_works() {
     let t = svc.token().await;
     let b = SigningKey::generate(Alg::Ed25519).unwrap();
     let n = nonces[9_999];
-    let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&b, &b, &t, &n, &n),
-        )
-        .await;
+    let (st, v) = svc.post_register(&register_body(&b, &b, &t, &n, &n)).await;
     assert_eq!(st, 201, "{v}");
     assert_eq!(svc.state.used_nonces(), 2);
     svc.stop().await;
@@ -1293,35 +1232,20 @@ async fn tampered_and_foreign_nonces_are_refused() {
         let mut t = n;
         t[bit / 8] ^= 1 << (bit % 8);
         let (st, v) = svc
-            .raw(
-                "POST",
-                "/v1/register",
-                None,
-                &register_body(&key, &key, &token, &t, &t),
-            )
+            .post_register(&register_body(&key, &key, &token, &t, &t))
             .await;
         assert_eq!((st, code(&v)), (400, "nonce_invalid"), "bit {bit}");
     }
     // A genuine nonce of another service (another key).
     let foreign = other.nonce().await;
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&key, &key, &token, &foreign, &foreign),
-        )
+        .post_register(&register_body(&key, &key, &token, &foreign, &foreign))
         .await;
     assert_eq!((st, code(&v)), (400, "nonce_invalid"));
     // None of that was remembered, and the untampered nonce still works.
     assert_eq!(svc.state.used_nonces(), 0);
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&key, &key, &token, &n, &n),
-        )
+        .post_register(&register_body(&key, &key, &token, &n, &n))
         .await;
     assert_eq!(st, 201, "{v}");
     other.stop().await;
@@ -1342,12 +1266,7 @@ async fn used_nonces_are_bounded_and_forgotten_when_they_expire() {
     // Without a valid enrollment token nothing is remembered.
     let n = svc.nonce().await;
     let (st, _) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&key, &key, "made-up", &n, &n),
-        )
+        .post_register(&register_body(&key, &key, "made-up", &n, &n))
         .await;
     assert_eq!(st, 401);
     assert_eq!(svc.state.used_nonces(), 0);
@@ -1355,24 +1274,14 @@ async fn used_nonces_are_bounded_and_forgotten_when_they_expire() {
     for _ in 0..2 {
         let n = svc.nonce().await;
         let (st, v) = svc
-            .raw(
-                "POST",
-                "/v1/register",
-                None,
-                &register_body(&key, &liar, &token, &n, &n),
-            )
+            .post_register(&register_body(&key, &liar, &token, &n, &n))
             .await;
         assert_eq!((st, code(&v)), (422, "bad_signature"));
     }
     assert_eq!(svc.state.used_nonces(), 2);
     let n = svc.nonce().await;
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&key, &key, &token, &n, &n),
-        )
+        .post_register(&register_body(&key, &key, &token, &n, &n))
         .await;
     assert_eq!((st, code(&v)), (503, "busy"));
     assert_eq!(svc.state.used_nonces(), 2);
@@ -1457,12 +1366,7 @@ async fn old_unpinned_tokens_and_whole_tokens_on_the_wire_are_accepted() {
     let b = SigningKey::generate(Alg::Ed25519).unwrap();
     let n = svc.nonce().await;
     let (st, v) = svc
-        .raw(
-            "POST",
-            "/v1/register",
-            None,
-            &register_body(&b, &b, t.as_str(), &n, &n),
-        )
+        .post_register(&register_body(&b, &b, t.as_str(), &n, &n))
         .await;
     assert_eq!(st, 201, "{v}");
     // A malformed pin is refused by the client before it calls the service.
