@@ -23,11 +23,14 @@ use keav_c2::keys::{Alg, DeviceId};
 use keav_c2::registry::{DeviceStatus, RedbRegistry, Registry};
 use keav_c2::server::api::{CommandBody, DecideBody, UpdateBody, ValueBody};
 use keav_c2::server::{RateLimit, ServerError, ServerNotice, ServerOptions};
-use keav_c2::wire::{Action, Body, Data, JoinCode, Status};
+use keav_c2::wire::{Data, JoinCode, Status};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use common::fleet::{action, broker_refuses, eventually, hex, reach, OPERATOR, PATIENCE};
+use common::fleet::{
+    action_body, action_to, action_to_group, broker_refuses, eventually, hex, reach, OPERATOR,
+    PATIENCE,
+};
 
 /// What a test device saw and did.
 #[derive(Default)]
@@ -224,14 +227,7 @@ async fn register_join_command_respond_then_revoke() {
 
     // An action to the device, by id, over the operator API: the response is recorded under
     // the command's token.
-    let sent = fleet
-        .op
-        .command(&CommandBody {
-            device: Some(dev.to_hex()),
-            ..action(7)
-        })
-        .await
-        .unwrap();
+    let sent = fleet.command(&action_to(dev, 7)).await;
     assert_eq!(sent.sent.len(), 1);
     assert_eq!(
         fleet.response(&sent.sent[0].token).await,
@@ -239,29 +235,20 @@ async fn register_join_command_respond_then_revoke() {
     );
     assert_eq!(log.lock().unwrap().actions, vec![(7, vec![1, 2, 3])]);
     // An action the device does not know: answered, not run as another.
-    let sent = fleet
-        .op
-        .command(&CommandBody {
-            group: Some("pumps".into()),
-            ..action(9)
-        })
-        .await
-        .unwrap();
+    let sent = fleet.command(&action_to_group("pumps", 9)).await;
     assert_eq!(
         fleet.response(&sent.sent[0].token).await,
         Status::ActionUnknown.code()
     );
     // Typed data.
     let sent = fleet
-        .op
         .command(&CommandBody {
             device: Some(dev.to_hex()),
             data_id: Some("setpoint".into()),
             value: Some(ValueBody::U64(42)),
             ..Default::default()
         })
-        .await
-        .unwrap();
+        .await;
     assert_eq!(
         fleet.response(&sent.sent[0].token).await,
         Status::DataSuccess.code()
@@ -285,20 +272,10 @@ async fn register_join_command_respond_then_revoke() {
     })
     .await;
     // The server refuses to command it…
-    let to_revoked = CommandBody {
-        device: Some(dev.to_hex()),
-        ..action(7)
-    };
+    let to_revoked = action_to(dev, 7);
     assert!(fleet.op.command(&to_revoked).await.is_err());
     // …and a group command skips it.
-    let sent = fleet
-        .op
-        .command(&CommandBody {
-            group: Some("pumps".into()),
-            ..action(7)
-        })
-        .await
-        .unwrap();
+    let sent = fleet.command(&action_to_group("pumps", 7)).await;
     assert!(sent.sent.is_empty());
     assert_eq!(sent.skipped.len(), 1);
     // What the revoked agent still sends reaches nothing: the broker cut it off.
@@ -635,13 +612,7 @@ async fn restart_then_replay_has_no_effect() {
     let mut notices = fleet.server.notices();
     let token = fleet
         .server
-        .command(
-            dev,
-            Body::Action(Action {
-                action: 7,
-                args: vec![],
-            }),
-        )
+        .command(dev, action_body(7, vec![]))
         .await
         .unwrap();
     // The signed command as it went over the broker.
@@ -699,13 +670,7 @@ async fn restart_then_replay_has_no_effect() {
     // The restarted agent still takes fresh commands.
     let t2 = fleet
         .server
-        .command(
-            dev,
-            Body::Action(Action {
-                action: 7,
-                args: vec![9],
-            }),
-        )
+        .command(dev, action_body(7, vec![9]))
         .await
         .unwrap();
     assert_eq!(
@@ -735,7 +700,11 @@ async fn terminate_resign_and_deregister_end_to_end() {
         .unwrap();
     reach(&agent, AgentStatus::Registered).await;
     assert_eq!(log.lock().unwrap().terminated, 1);
-    assert!(fleet.server.command(dev, action_body()).await.is_err());
+    assert!(fleet
+        .server
+        .command(dev, action_body(7, vec![]))
+        .await
+        .is_err());
 
     // Join again (automatic policy), then resign on the device's initiative.
     agent.request_join(JoinRequestKind::Simple).await.unwrap();
@@ -780,13 +749,6 @@ async fn terminate_resign_and_deregister_end_to_end() {
     );
     // Registering the same key again is refused (its identity was revoked).
     fleet.shutdown().await;
-}
-
-fn action_body() -> Body {
-    Body::Action(Action {
-        action: 7,
-        args: vec![],
-    })
 }
 
 // ---- review fixes (issue 6): races, approval words, HTTP, revocation, state, rate limit ----
@@ -1277,14 +1239,7 @@ async fn whole_cycle<R: Registry>(fleet: &Fleet<R>, name: &str) {
     let rec = fleet.server.registry().device(dev).await.unwrap().unwrap();
     assert_eq!(rec.alg, fleet.alg);
     assert_eq!(rec.status, DeviceStatus::Joined);
-    let sent = fleet
-        .op
-        .command(&CommandBody {
-            group: Some("cycle".into()),
-            ..action(7)
-        })
-        .await
-        .unwrap();
+    let sent = fleet.command(&action_to_group("cycle", 7)).await;
     assert_eq!(sent.sent.len(), 1);
     assert_eq!(
         fleet.response(&sent.sent[0].token).await,

@@ -28,15 +28,16 @@ use keav_c2::engine::{DropReason, EngineError, JoinRequestKind};
 use keav_c2::identity::IdentityError;
 use keav_c2::keys::{Alg, SigningKey};
 use keav_c2::registry::{DeviceStatus, RedbRegistry, Registry};
-use keav_c2::server::api::CommandBody;
 use keav_c2::server::{unix_now, BrokerSetup, ServerError, ServerNotice, STATE_FILE};
 use keav_c2::topics::Topics;
-use keav_c2::wire::{Action, Body, Data, Envelope, Message, MessageType, Status, Token, Value};
+use keav_c2::wire::{Data, Envelope, Message, MessageType, Status, Token, Value};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
-use common::fleet::{action, broker_refuses, eventually, hex, Fleet, PATIENCE};
+use common::fleet::{
+    action_body, action_to, action_to_group, broker_refuses, eventually, hex, Fleet, PATIENCE,
+};
 
 /// The next drop an agent reports (bounded).
 async fn agent_drop(notices: &mut tokio::sync::broadcast::Receiver<AgentNotice>) -> DropReason {
@@ -323,14 +324,7 @@ async fn full_flow<R: Registry>(fleet: &Fleet<R>) {
     let dev = agent.id();
     assert_eq!(fleet.status(dev).await, DeviceStatus::Joined);
 
-    let sent = fleet
-        .op
-        .command(&CommandBody {
-            device: Some(dev.to_hex()),
-            ..action(7)
-        })
-        .await
-        .unwrap();
+    let sent = fleet.command(&action_to(dev, 7)).await;
     assert_eq!(sent.sent.len(), 1);
     assert_eq!(
         fleet.response(&sent.sent[0].token).await,
@@ -338,14 +332,7 @@ async fn full_flow<R: Registry>(fleet: &Fleet<R>) {
     );
     assert_eq!(log.lock().unwrap().actions, vec![(7, vec![1, 2, 3])]);
     // By group, an action the device does not know: answered under its own token.
-    let unknown = fleet
-        .op
-        .command(&CommandBody {
-            group: Some("pumps".into()),
-            ..action(9)
-        })
-        .await
-        .unwrap();
+    let unknown = fleet.command(&action_to_group("pumps", 9)).await;
     assert_eq!(unknown.sent.len(), 1);
     assert_ne!(unknown.sent[0].token, sent.sent[0].token);
     assert_eq!(
@@ -378,39 +365,15 @@ async fn full_flow<R: Registry>(fleet: &Fleet<R>) {
         async move { broker_refuses(port, u, p).await.then_some(()) }
     })
     .await;
-    match fleet
-        .server
-        .command(
-            dev,
-            Body::Action(Action {
-                action: 7,
-                args: vec![],
-            }),
-        )
-        .await
-    {
+    match fleet.server.command(dev, action_body(7, vec![])).await {
         Err(ServerError::Engine(EngineError::Revoked(d))) => assert_eq!(d, dev),
         other => panic!("command to a revoked device: {other:?}"),
     }
-    match fleet
-        .op
-        .command(&CommandBody {
-            device: Some(dev.to_hex()),
-            ..action(7)
-        })
-        .await
-    {
+    match fleet.op.command(&action_to(dev, 7)).await {
         Err(IdentityError::Refused { status, .. }) => assert!((400..500).contains(&status)),
         other => panic!("HTTP command to a revoked device: {other:?}"),
     }
-    let group = fleet
-        .op
-        .command(&CommandBody {
-            group: Some("pumps".into()),
-            ..action(7)
-        })
-        .await
-        .unwrap();
+    let group = fleet.command(&action_to_group("pumps", 7)).await;
     assert!(group.sent.is_empty());
     assert_eq!(group.skipped.len(), 1);
     // What the revoked agent still sends reaches nothing; a live device's join request is a
@@ -452,13 +415,7 @@ async fn rsa_server_full_flow_and_foreign_signatures_refused_by_the_device() {
     let mut notices = fleet.server.notices();
     let token = fleet
         .server
-        .command(
-            dev,
-            Body::Action(Action {
-                action: 7,
-                args: vec![1],
-            }),
-        )
+        .command(dev, action_body(7, vec![1]))
         .await
         .unwrap();
     let bytes = published(&mut notices, &token).await;
@@ -475,13 +432,7 @@ async fn rsa_server_full_flow_and_foreign_signatures_refused_by_the_device() {
     assert_eq!(header.recipient, dev);
     assert_eq!(bytes.len() - unverified.signed_bytes().len() - 2, 256);
     let msg = unverified.verify(fleet.server.public_key()).unwrap();
-    assert_eq!(
-        msg.body(),
-        &Body::Action(Action {
-            action: 7,
-            args: vec![1]
-        })
-    );
+    assert_eq!(msg.body(), &action_body(7, vec![1]));
     // Flipping the algorithm id in the signed header breaks it: the id is not a free label.
     let mut relabelled = bytes.clone();
     relabelled[2] = Alg::Ed25519.id();
@@ -499,15 +450,7 @@ async fn rsa_server_full_flow_and_foreign_signatures_refused_by_the_device() {
             expiry: unix_now() + 120,
             token: Token::random(),
         };
-        Message::sign(
-            &env,
-            &Body::Action(Action {
-                action: 7,
-                args: vec![0xee],
-            }),
-            key,
-        )
-        .unwrap()
+        Message::sign(&env, &action_body(7, vec![0xee]), key).unwrap()
     };
     let mut an = agent.notices();
     let ed = SigningKey::generate(Alg::Ed25519).unwrap();
@@ -530,13 +473,7 @@ async fn rsa_server_full_flow_and_foreign_signatures_refused_by_the_device() {
     // number) is accepted.
     let t2 = fleet
         .server
-        .command(
-            dev,
-            Body::Action(Action {
-                action: 7,
-                args: vec![2],
-            }),
-        )
+        .command(dev, action_body(7, vec![2]))
         .await
         .unwrap();
     let b2 = published(&mut notices, &t2).await;
@@ -570,13 +507,7 @@ async fn agent_counters_agree_with_drop_notices() {
     let mut notices = fleet.server.notices();
     let token = fleet
         .server
-        .command(
-            dev,
-            Body::Action(Action {
-                action: 7,
-                args: vec![],
-            }),
-        )
+        .command(dev, action_body(7, vec![]))
         .await
         .unwrap();
     let seq = Message::decode(&published(&mut notices, &token).await)
@@ -599,10 +530,7 @@ async fn agent_counters_agree_with_drop_notices() {
             expiry: unix_now() + 120,
             token: Token::random(),
         };
-        let body = Body::Action(Action {
-            action: 7,
-            args: vec![],
-        });
+        let body = action_body(7, vec![]);
         tap.publish(&topic, &Message::sign(&env, &body, &stranger).unwrap())
             .await;
         assert_eq!(agent_drop(&mut an).await, DropReason::BadSignature);
@@ -685,13 +613,7 @@ mod pg {
             let mut notices = fleet.server.notices();
             let token = fleet
                 .server
-                .command(
-                    a_id,
-                    Body::Action(Action {
-                        action: 7,
-                        args: vec![5],
-                    }),
-                )
+                .command(a_id, action_body(7, vec![5]))
                 .await
                 .unwrap();
             let command = published(&mut notices, &token).await;
@@ -771,31 +693,11 @@ mod pg {
                 (a_id, Status::ActionSuccess.code())
             );
             // Statuses hold in the engine too: B is not joined, C is revoked and locked out.
-            match fleet
-                .server
-                .command(
-                    b_id,
-                    Body::Action(Action {
-                        action: 7,
-                        args: vec![],
-                    }),
-                )
-                .await
-            {
+            match fleet.server.command(b_id, action_body(7, vec![])).await {
                 Err(ServerError::Engine(EngineError::NotJoined(d))) => assert_eq!(d, b_id),
                 other => panic!("command to a registered device: {other:?}"),
             }
-            match fleet
-                .server
-                .command(
-                    c_id,
-                    Body::Action(Action {
-                        action: 7,
-                        args: vec![],
-                    }),
-                )
-                .await
-            {
+            match fleet.server.command(c_id, action_body(7, vec![])).await {
                 Err(ServerError::Engine(EngineError::Revoked(d))) => assert_eq!(d, c_id),
                 other => panic!("command to a revoked device: {other:?}"),
             }
@@ -844,13 +746,7 @@ mod pg {
             // survived the restart.
             let t2 = fleet
                 .server
-                .command(
-                    a_id,
-                    Body::Action(Action {
-                        action: 7,
-                        args: vec![6],
-                    }),
-                )
+                .command(a_id, action_body(7, vec![6]))
                 .await
                 .unwrap();
             assert_eq!(

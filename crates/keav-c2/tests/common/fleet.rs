@@ -19,10 +19,10 @@ use keav_c2::identity::api::EnrollmentRequestBody;
 use keav_c2::identity::Client;
 use keav_c2::keys::{Alg, DeviceId};
 use keav_c2::registry::{DeviceStatus, Registry};
-use keav_c2::server::api::{CommandBody, DecideBody};
+use keav_c2::server::api::{CommandBody, DecideBody, SentBody};
 use keav_c2::server::client::OperatorClient;
 use keav_c2::server::{Server, ServerOptions};
-use keav_c2::wire::Token;
+use keav_c2::wire::{Action, Body, Token};
 use zeroize::Zeroizing;
 
 /// How long a test waits for what it expects before failing (bounds a hang).
@@ -72,6 +72,27 @@ pub fn action(id: u16) -> CommandBody {
         args: Some("AQID".into()),
         ..Default::default()
     }
+}
+
+/// [`action`] `id` to the device `dev`.
+pub fn action_to(dev: DeviceId, id: u16) -> CommandBody {
+    CommandBody {
+        device: Some(dev.to_hex()),
+        ..action(id)
+    }
+}
+
+/// [`action`] `id` to every device of `group`.
+pub fn action_to_group(group: &str, id: u16) -> CommandBody {
+    CommandBody {
+        group: Some(group.into()),
+        ..action(id)
+    }
+}
+
+/// The wire body of action `id` with `args`.
+pub fn action_body(id: u16, args: Vec<u8>) -> Body {
+    Body::Action(Action { action: id, args })
 }
 
 /// A token in lower-case hex, as the operator API writes it.
@@ -180,6 +201,11 @@ impl<R: Registry> Fleet<R> {
             .unwrap();
         assert!(d.joined);
         reach(agent, AgentStatus::Joined).await;
+    }
+
+    /// Sends `body` over the operator API (which must accept it).
+    pub async fn command(&self, body: &CommandBody) -> SentBody {
+        self.op.command(body).await.unwrap()
     }
 
     /// Waits until `token` has a recorded response and returns its status code.
