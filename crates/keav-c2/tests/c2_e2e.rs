@@ -213,17 +213,7 @@ async fn register_join_command_respond_then_revoke() {
     let fleet = Fleet::start(JoinPolicy::Moderated).await;
     let (agent, log, data) = fleet.joined("pump-1", &["pumps"]).await;
     let dev = agent.id();
-    assert_eq!(
-        fleet
-            .server
-            .registry()
-            .device(dev)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        DeviceStatus::Joined
-    );
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Joined);
 
     // An action to the device, by id, over the operator API: the response is recorded under
     // the command's token.
@@ -319,17 +309,7 @@ async fn human_moderated_join_wrong_words_refused_right_words_accepted() {
     .await;
     assert_eq!(shown, words);
     // Accepted without the words: refused as a call (409), the join stays pending.
-    match fleet
-        .op
-        .decide(
-            &dev.to_hex(),
-            &DecideBody {
-                accept: true,
-                words: vec![],
-            },
-        )
-        .await
-    {
+    match fleet.accept(dev, vec![]).await {
         Err(IdentityError::Refused { status: 409, code }) => {
             assert!(code.starts_with("words_required"), "{code}")
         }
@@ -346,17 +326,7 @@ async fn human_moderated_join_wrong_words_refused_right_words_accepted() {
     } else {
         "acid".into()
     };
-    let d = fleet
-        .op
-        .decide(
-            &dev.to_hex(),
-            &DecideBody {
-                accept: true,
-                words: wrong,
-            },
-        )
-        .await
-        .unwrap();
+    let d = fleet.accept(dev, wrong).await.unwrap();
     assert!(!d.joined);
     eventually("the refusal on the device", || async {
         (!log.lock().unwrap().refused.is_empty()).then_some(())
@@ -365,17 +335,7 @@ async fn human_moderated_join_wrong_words_refused_right_words_accepted() {
     assert_eq!(agent.status(), AgentStatus::Registered);
     assert_eq!(log.lock().unwrap().refused, vec![Status::JoinRefused]);
     // The right words afterwards do not help: no join is pending any more.
-    assert!(fleet
-        .op
-        .decide(
-            &dev.to_hex(),
-            &DecideBody {
-                accept: true,
-                words: words.clone()
-            }
-        )
-        .await
-        .is_err());
+    assert!(fleet.accept(dev, words.clone()).await.is_err());
     // A new attempt gets a new code; the right words join the device.
     agent.request_join(JoinRequestKind::Human).await.unwrap();
     let words2 = eventually("new words", || async {
@@ -395,30 +355,10 @@ async fn human_moderated_join_wrong_words_refused_right_words_accepted() {
     })
     .await;
     assert_eq!(console, words2);
-    let d = fleet
-        .op
-        .decide(
-            &dev.to_hex(),
-            &DecideBody {
-                accept: true,
-                words: words2,
-            },
-        )
-        .await
-        .unwrap();
+    let d = fleet.accept(dev, words2).await.unwrap();
     assert!(d.joined);
     reach(&agent, AgentStatus::Joined).await;
-    assert_eq!(
-        fleet
-            .server
-            .registry()
-            .device(dev)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        DeviceStatus::Joined
-    );
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Joined);
     drop(agent);
     fleet.shutdown().await;
 }
@@ -467,17 +407,7 @@ async fn observed_join_confirmed_by_a_second_device_and_refused_on_a_wrong_code(
     })
     .await;
     assert_eq!(cagent.status(), AgentStatus::Registered);
-    assert_eq!(
-        fleet
-            .server
-            .registry()
-            .device(c)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        DeviceStatus::Registered
-    );
+    assert_eq!(fleet.status(c).await, DeviceStatus::Registered);
     drop((observer, b, cagent));
     fleet.shutdown().await;
 }
@@ -736,17 +666,7 @@ async fn terminate_resign_and_deregister_end_to_end() {
         async move { broker_refuses(port, u, p).await.then_some(()) }
     })
     .await;
-    assert_eq!(
-        fleet
-            .server
-            .registry()
-            .device(dev)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        DeviceStatus::Revoked
-    );
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
     // Registering the same key again is refused (its identity was revoked).
     fleet.shutdown().await;
 }
@@ -880,11 +800,7 @@ async fn approve_with_words_needs_a_pending_human_join() {
     let (agent, _log) = fleet
         .agent(id, &data, Some(JoinRequestKind::Simple), vec![])
         .await;
-    eventually("the join request", || async {
-        let joins = fleet.op.joins().await.unwrap();
-        joins.iter().any(|j| j.device == dev.to_hex()).then_some(())
-    })
-    .await;
+    fleet.join_requested(dev).await;
     match fleet.op.decide(&dev.to_hex(), &with_words).await {
         Err(IdentityError::Refused { status: 409, code }) => {
             assert!(code.starts_with("no_human_join"), "{code}")
@@ -1122,27 +1038,7 @@ async fn agent_state_is_bound_to_its_device_and_a_reset_needs_the_operator() {
         .unwrap();
     assert_eq!(fleet.status(dev_b).await, DeviceStatus::Registered);
     b.request_join(JoinRequestKind::Simple).await.unwrap();
-    eventually("the new join request", || async {
-        let joins = fleet.op.joins().await.unwrap();
-        joins
-            .iter()
-            .any(|j| j.device == dev_b.to_hex())
-            .then_some(())
-    })
-    .await;
-    let d = fleet
-        .op
-        .decide(
-            &dev_b.to_hex(),
-            &DecideBody {
-                accept: true,
-                words: vec![],
-            },
-        )
-        .await
-        .unwrap();
-    assert!(d.joined);
-    reach(&b, AgentStatus::Joined).await;
+    fleet.approve(&b).await;
     // The state file written since is bound to B again.
     let again = std::fs::read(&state_b).unwrap();
     assert_eq!(&again[5..13], &dev_b.0);
@@ -1253,17 +1149,7 @@ async fn whole_cycle<R: Registry>(fleet: &Fleet<R>, name: &str) {
         .expect("the agent never stopped");
     assert!(matches!(ended, Err(AgentError::Revoked(_))), "{ended:?}");
     assert_eq!(agent.counters().accepted(), before);
-    assert_eq!(
-        fleet
-            .server
-            .registry()
-            .device(dev)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        DeviceStatus::Revoked
-    );
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
     assert!(fleet.server.join_command(dev).await.is_err());
 }
 

@@ -16,10 +16,10 @@ use keav_c2::acl::{hash_password, BrokerUser, Role};
 use keav_c2::agent::{Agent, AgentStatus, Identity};
 use keav_c2::engine::JoinPolicy;
 use keav_c2::identity::api::EnrollmentRequestBody;
-use keav_c2::identity::Client;
+use keav_c2::identity::{Client, IdentityError};
 use keav_c2::keys::{Alg, DeviceId};
 use keav_c2::registry::{DeviceStatus, Registry};
-use keav_c2::server::api::{CommandBody, DecideBody, SentBody};
+use keav_c2::server::api::{CommandBody, DecideBody, DecidedBody, SentBody};
 use keav_c2::server::client::OperatorClient;
 use keav_c2::server::{Server, ServerOptions};
 use keav_c2::wire::{Action, Body, Token};
@@ -183,24 +183,37 @@ impl<R: Registry> Fleet<R> {
     /// over HTTP, and waits until the agent has joined.
     pub async fn approve(&self, agent: &Agent) {
         let dev = agent.id();
+        self.join_requested(dev).await;
+        let d = self.accept(dev, vec![]).await.unwrap();
+        assert!(d.joined);
+        reach(agent, AgentStatus::Joined).await;
+    }
+
+    /// Waits until the operator API lists a join request of `dev`.
+    pub async fn join_requested(&self, dev: DeviceId) {
         eventually("the join request", || async {
             let joins = self.op.joins().await.unwrap();
             joins.iter().any(|j| j.device == dev.to_hex()).then_some(())
         })
         .await;
-        let d = self
-            .op
+    }
+
+    /// The operator accepts `dev`'s pending join over HTTP, giving `words` (those a human
+    /// join shows; none for a simple join).
+    pub async fn accept(
+        &self,
+        dev: DeviceId,
+        words: Vec<String>,
+    ) -> Result<DecidedBody, IdentityError> {
+        self.op
             .decide(
                 &dev.to_hex(),
                 &DecideBody {
                     accept: true,
-                    words: vec![],
+                    words,
                 },
             )
             .await
-            .unwrap();
-        assert!(d.joined);
-        reach(agent, AgentStatus::Joined).await;
     }
 
     /// Sends `body` over the operator API (which must accept it).
