@@ -7,10 +7,14 @@ use crate::registry::RedbRegistry;
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
-async fn server_with_device(dir: &Path) -> (Server<RedbRegistry>, DeviceId) {
-    let registry = RedbRegistry::open(&dir.join("registry.redb")).unwrap();
-    let o = ServerOptions::new(dir.join("server"), Zeroizing::new("op".into()));
-    let server = Server::start(o, registry).await.unwrap();
+/// Options for a server in `dir/server` (operator token `op`), its broker spawned on a free
+/// loopback port.
+fn options(dir: &Path) -> ServerOptions {
+    ServerOptions::new(dir.join("server"), Zeroizing::new("op".into()))
+}
+
+/// Adds a registered device with a fresh Ed25519 key; its id.
+async fn add_registered<R: Registry>(server: &Server<R>) -> DeviceId {
     let key = SigningKey::generate(Alg::Ed25519).unwrap();
     let id = key.device_id();
     server
@@ -26,7 +30,53 @@ async fn server_with_device(dir: &Path) -> (Server<RedbRegistry>, DeviceId) {
         })
         .await
         .unwrap();
+    id
+}
+
+async fn server_with_device(dir: &Path) -> (Server<RedbRegistry>, DeviceId) {
+    let registry = RedbRegistry::open(&dir.join("registry.redb")).unwrap();
+    let server = Server::start(options(dir), registry).await.unwrap();
+    let id = add_registered(&server).await;
     (server, id)
+}
+
+/// Waits (bounded) until the engine holds `dev` as revoked and the broker's password file
+/// (`passwd`) has no account of it any more; with `with_registry`, also until the registry says
+/// revoked.
+async fn until_revoked<R: Registry>(
+    server: &Server<R>,
+    dev: DeviceId,
+    passwd: &Path,
+    with_registry: bool,
+) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let registry = match with_registry {
+            true => Some(server.registry().device(dev).await.unwrap().unwrap().status),
+            false => None,
+        };
+        let engine = server
+            .inner
+            .engine
+            .lock()
+            .await
+            .device(dev)
+            .map(|d| d.status);
+        let account = std::fs::read_to_string(passwd)
+            .unwrap()
+            .contains(&dev.to_hex());
+        if matches!(registry, None | Some(DeviceStatus::Revoked))
+            && engine == Some(DeviceStatus::Revoked)
+            && !account
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revocation never completed: registry {registry:?}, engine {engine:?}, account {account}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A revocation whose caller is cancelled while it waits (an HTTP client that went away
@@ -44,28 +94,7 @@ async fn revocation_completes_when_its_caller_is_cancelled() {
     let r = tokio::time::timeout(Duration::from_millis(50), server.revoke(dev)).await;
     assert!(r.is_err(), "the revocation did not wait for the engine");
     drop(busy);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let registry = server.registry().device(dev).await.unwrap().unwrap().status;
-        let engine = server
-            .inner
-            .engine
-            .lock()
-            .await
-            .device(dev)
-            .map(|d| d.status);
-        let account = std::fs::read_to_string(&passwd)
-            .unwrap()
-            .contains(&dev.to_hex());
-        if registry == DeviceStatus::Revoked && engine == Some(DeviceStatus::Revoked) && !account {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "revocation never completed: registry {registry:?}, engine {engine:?}, account {account}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_revoked(&server, dev, &passwd, true).await;
     server.shutdown().await;
 }
 
@@ -226,23 +255,8 @@ async fn a_revocation_between_read_and_write_is_not_overwritten() {
         inner: RedbRegistry::open(&dir.path().join("registry.redb")).unwrap(),
         revoke_after_read: std::sync::Mutex::new(None),
     };
-    let o = ServerOptions::new(dir.path().join("server"), Zeroizing::new("op".into()));
-    let server = Server::start(o, registry).await.unwrap();
-    let key = SigningKey::generate(Alg::Ed25519).unwrap();
-    let dev = key.device_id();
-    server
-        .add_device(DeviceRecord {
-            id: dev,
-            alg: Alg::Ed25519,
-            public_key: key.public().to_bytes(),
-            status: DeviceStatus::Registered,
-            password_hash: hash_password(&new_password()).unwrap(),
-            created: unix_now(),
-            name: None,
-            groups: vec![],
-        })
-        .await
-        .unwrap();
+    let server = Server::start(options(dir.path()), registry).await.unwrap();
+    let dev = add_registered(&server).await;
     let inner = &server.inner;
     let mut eng = inner.engine.lock().await;
     *server.registry().revoke_after_read.lock().unwrap() = Some(dev);
@@ -291,26 +305,12 @@ async fn identity_revocation_completes_when_its_client_goes_away() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let registry = RedbRegistry::open(&dir.path().join("registry.redb")).unwrap();
-    let mut o = ServerOptions::new(dir.path().join("server"), Zeroizing::new("op".into()));
+    let mut o = options(dir.path());
     o.http = Some("127.0.0.1:0".parse().unwrap());
     o.http_max_in_flight = 1;
     let server = Server::start(o, registry).await.unwrap();
     let addr = server.http_addr().unwrap();
-    let key = SigningKey::generate(Alg::Ed25519).unwrap();
-    let dev = key.device_id();
-    server
-        .add_device(DeviceRecord {
-            id: dev,
-            alg: Alg::Ed25519,
-            public_key: key.public().to_bytes(),
-            status: DeviceStatus::Registered,
-            password_hash: hash_password(&new_password()).unwrap(),
-            created: unix_now(),
-            name: None,
-            groups: vec![],
-        })
-        .await
-        .unwrap();
+    let dev = add_registered(&server).await;
     let passwd = dir.path().join("server/mosquitto").join(acl::PASSWD_FILE);
     let list = "GET /v1/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer op\r\nConnection: close\r\n\r\n";
     assert_eq!(status_of(addr, list).await, 200);
@@ -340,26 +340,6 @@ async fn identity_revocation_completes_when_its_client_goes_away() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(busy);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let engine = server
-            .inner
-            .engine
-            .lock()
-            .await
-            .device(dev)
-            .map(|d| d.status);
-        let account = std::fs::read_to_string(&passwd)
-            .unwrap()
-            .contains(&dev.to_hex());
-        if engine == Some(DeviceStatus::Revoked) && !account {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "revocation never completed: engine {engine:?}, account {account}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_revoked(&server, dev, &passwd, false).await;
     server.shutdown().await;
 }
