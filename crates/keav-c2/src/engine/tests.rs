@@ -603,13 +603,12 @@ fn simple_join_by_policy_and_by_operator() {
     assert_eq!(net.status(e.id()), DeviceStatus::Registered);
 }
 
-/// Runs an observed join of a new device vouched for by `observer`, the observer reporting
-/// `observed` (None: the code the newcomer presents). Returns the newcomer's last event.
-fn observed_join(
+/// Starts an observed join of a new device vouched for by `observer`, up to the observation
+/// request the observer receives: the newcomer, the code it presents, the request's token.
+fn start_observation(
     net: &mut Net,
     observer: &mut Device<Joined>,
-    wrong_code: bool,
-) -> (Device<Registered>, RegisteredEvent) {
+) -> (Device<Registered>, JoinCode, Token) {
     let (mut newcomer, _) = net.register(&[]);
     let req = ok(newcomer
         .request_join(
@@ -645,6 +644,17 @@ fn observed_join(
         panic!("{:?}", h.event)
     };
     assert_eq!(joining, newcomer.id());
+    (newcomer, code, token)
+}
+
+/// Runs an observed join of a new device vouched for by `observer`, the observer reporting
+/// `observed` (None: the code the newcomer presents). Returns the newcomer's last event.
+fn observed_join(
+    net: &mut Net,
+    observer: &mut Device<Joined>,
+    wrong_code: bool,
+) -> (Device<Registered>, RegisteredEvent) {
+    let (mut newcomer, code, token) = start_observation(net, observer);
     // The observer reads what the newcomer presents (or something else).
     let seen = if wrong_code {
         let mut b = code.as_bytes().to_vec();
@@ -1325,36 +1335,7 @@ fn observed_join_answer(
     net: &mut Net,
     observer: &mut Device<Joined>,
 ) -> (Device<Registered>, Outgoing) {
-    let (mut newcomer, _) = net.register(&[]);
-    let req = ok(newcomer
-        .request_join(
-            JoinRequestKind::Observed {
-                observer: observer.id(),
-            },
-            T0,
-        )
-        .unwrap());
-    let sh = net.deliver(&req, T0).unwrap();
-    let to_new = sh
-        .outgoing
-        .iter()
-        .find(|o| o.recipient == newcomer.id())
-        .unwrap();
-    let to_obs = sh
-        .outgoing
-        .iter()
-        .find(|o| o.recipient == observer.id())
-        .unwrap();
-    let h = ok(newcomer
-        .handle(&to_new.topic, &to_new.bytes, T0 + 1)
-        .unwrap());
-    let RegisteredEvent::PresentCode { code } = h.event else {
-        panic!("{:?}", h.event)
-    };
-    let h = to_dev(observer, to_obs, T0 + 1).unwrap();
-    let JoinedEvent::ObservationRequest { token, .. } = h.event else {
-        panic!("{:?}", h.event)
-    };
+    let (newcomer, code, token) = start_observation(net, observer);
     let resp = ok(observer.observe(&token, Some(&code), T0 + 2).unwrap());
     (newcomer, resp)
 }
