@@ -28,8 +28,8 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use common::fleet::{
-    action_body, action_to, action_to_group, broker_refuses, eventually, hex, reach, OPERATOR,
-    PATIENCE,
+    action_body, action_to, action_to_group, broker_refuses, eventually, hex, reach, run_action,
+    server_notice, OPERATOR, PATIENCE,
 };
 
 /// What a test device saw and did.
@@ -58,16 +58,7 @@ struct TestHandlers {
 
 impl Handlers for TestHandlers {
     fn on_action(&mut self, action: u16, args: &[u8]) -> Status {
-        self.log
-            .lock()
-            .unwrap()
-            .actions
-            .push((action, args.to_vec()));
-        if action == 7 {
-            Status::ActionSuccess
-        } else {
-            Status::ActionUnknown
-        }
+        run_action(&mut self.log.lock().unwrap().actions, action, args)
     }
     fn on_data(&mut self, data: &Data, confidential: bool) -> Status {
         assert!(!confidential, "no confidential session in these tests");
@@ -546,19 +537,11 @@ async fn restart_then_replay_has_no_effect() {
         .await
         .unwrap();
     // The signed command as it went over the broker.
-    let captured = eventually("the published command", || {
-        let mut got = None;
-        while let Ok(n) = notices.try_recv() {
-            if let ServerNotice::Published {
-                token: t, bytes, ..
-            } = n
-            {
-                if t == token {
-                    got = Some(bytes);
-                }
-            }
-        }
-        std::future::ready(got)
+    let captured = server_notice("the published command", &mut notices, |n| match n {
+        ServerNotice::Published {
+            token: t, bytes, ..
+        } if t == token => Some(bytes),
+        _ => None,
     })
     .await;
     assert_eq!(
@@ -690,16 +673,9 @@ async fn a_revoked_status_is_never_overwritten_by_an_inbound_message() {
         .unwrap();
     // The engine still thinks the device joined: its resignation is accepted…
     agent.resign().await.unwrap();
-    eventually("the resignation", || {
-        let mut got = None;
-        while let Ok(n) = notices.try_recv() {
-            if let ServerNotice::Event(ServerEvent::Resigned { device }) = n {
-                if device == dev {
-                    got = Some(());
-                }
-            }
-        }
-        std::future::ready(got)
+    server_notice("the resignation", &mut notices, |n| match n {
+        ServerNotice::Event(ServerEvent::Resigned { device }) if device == dev => Some(()),
+        _ => None,
     })
     .await;
     // …but the registry stays revoked, and the engine follows it.
@@ -1017,17 +993,14 @@ async fn agent_state_is_bound_to_its_device_and_a_reset_needs_the_operator() {
     let mut notices = fleet.server.notices();
     b.request_join(JoinRequestKind::Simple).await.unwrap();
     // …so the server drops its join request as a replay…
-    let reason = eventually("the stale join request to be dropped", || {
-        let mut got = None;
-        while let Ok(n) = notices.try_recv() {
-            if let ServerNotice::Dropped(d) = n {
-                if d.sender == Some(dev_b) {
-                    got = Some(d.reason);
-                }
-            }
-        }
-        std::future::ready(got)
-    })
+    let reason = server_notice(
+        "the stale join request to be dropped",
+        &mut notices,
+        |n| match n {
+            ServerNotice::Dropped(d) if d.sender == Some(dev_b) => Some(d.reason),
+            _ => None,
+        },
+    )
     .await;
     assert_eq!(reason, DropReason::Replay);
     // …until the operator resets the server's continuity with it.
@@ -1106,16 +1079,9 @@ async fn a_flooding_device_is_rate_limited_and_others_still_pass() {
     })
     .await
     .unwrap();
-    eventually("the other device's data", || {
-        let mut got = None;
-        while let Ok(n) = notices.try_recv() {
-            if let ServerNotice::Event(ServerEvent::Data { device, .. }) = n {
-                if device == dev_b {
-                    got = Some(());
-                }
-            }
-        }
-        std::future::ready(got)
+    server_notice("the other device's data", &mut notices, |n| match n {
+        ServerNotice::Event(ServerEvent::Data { device, .. }) if device == dev_b => Some(()),
+        _ => None,
     })
     .await;
     assert_eq!(

@@ -36,7 +36,8 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use common::fleet::{
-    action_body, action_to, action_to_group, broker_refuses, eventually, hex, Fleet, PATIENCE,
+    action_body, action_to, action_to_group, broker_refuses, eventually, hex, run_action, Fleet,
+    PATIENCE,
 };
 
 /// The next drop an agent reports (bounded).
@@ -114,16 +115,7 @@ struct TestHandlers {
 
 impl Handlers for TestHandlers {
     fn on_action(&mut self, action: u16, args: &[u8]) -> Status {
-        self.log
-            .lock()
-            .unwrap()
-            .actions
-            .push((action, args.to_vec()));
-        if action == 7 {
-            Status::ActionSuccess
-        } else {
-            Status::ActionUnknown
-        }
+        run_action(&mut self.log.lock().unwrap().actions, action, args)
     }
     fn on_data(&mut self, data: &Data, _confidential: bool) -> Status {
         self.log.lock().unwrap().data.push(data.id.clone());

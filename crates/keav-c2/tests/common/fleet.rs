@@ -21,8 +21,8 @@ use keav_c2::keys::{Alg, DeviceId};
 use keav_c2::registry::{DeviceStatus, Registry};
 use keav_c2::server::api::{CommandBody, DecideBody, DecidedBody, SentBody};
 use keav_c2::server::client::OperatorClient;
-use keav_c2::server::{Server, ServerOptions};
-use keav_c2::wire::{Action, Body, Token};
+use keav_c2::server::{Server, ServerNotice, ServerOptions};
+use keav_c2::wire::{Action, Body, Status, Token};
 use zeroize::Zeroizing;
 
 /// How long a test waits for what it expects before failing (bounds a hang).
@@ -44,6 +44,25 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Polls `notices` (bounded) until `f` picks a value out of one; of several picked in one
+/// poll, the last.
+pub async fn server_notice<T>(
+    what: &str,
+    notices: &mut tokio::sync::broadcast::Receiver<ServerNotice>,
+    mut f: impl FnMut(ServerNotice) -> Option<T>,
+) -> T {
+    eventually(what, || {
+        let mut got = None;
+        while let Ok(n) = notices.try_recv() {
+            if let Some(t) = f(n) {
+                got = Some(t);
+            }
+        }
+        std::future::ready(got)
+    })
+    .await
 }
 
 /// Waits (bounded) until `agent` stands at `want`.
@@ -93,6 +112,16 @@ pub fn action_to_group(group: &str, id: u16) -> CommandBody {
 /// The wire body of action `id` with `args`.
 pub fn action_body(id: u16, args: Vec<u8>) -> Body {
     Body::Action(Action { action: id, args })
+}
+
+/// What the test devices do with an action: note it in `actions`; only action 7 is known.
+pub fn run_action(actions: &mut Vec<(u16, Vec<u8>)>, action: u16, args: &[u8]) -> Status {
+    actions.push((action, args.to_vec()));
+    if action == 7 {
+        Status::ActionSuccess
+    } else {
+        Status::ActionUnknown
+    }
 }
 
 /// A token in lower-case hex, as the operator API writes it.
