@@ -18,17 +18,16 @@ use keav_c2::agent::{
     Agent, AgentError, AgentNotice, AgentOptions, AgentStatus, Handlers, Identity, StateStore,
 };
 use keav_c2::engine::{DropReason, EngineError, JoinPolicy, JoinRequestKind, ServerEvent};
-use keav_c2::identity::{Client, IdentityError};
+use keav_c2::identity::IdentityError;
 use keav_c2::keys::{Alg, DeviceId};
 use keav_c2::registry::{DeviceStatus, RedbRegistry, Registry};
 use keav_c2::server::api::{CommandBody, DecideBody, UpdateBody, ValueBody};
 use keav_c2::server::{RateLimit, ServerError, ServerNotice, ServerOptions};
 use keav_c2::wire::{Data, JoinCode, Status};
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
 use common::fleet::{
-    action_body, action_to, action_to_group, broker_refuses, eventually, hex, reach, run_action,
+    action_body, action_to, action_to_group, broker_creds, eventually, hex, reach, run_action,
     server_notice, OPERATOR, PATIENCE,
 };
 
@@ -237,21 +236,11 @@ async fn register_join_command_respond_then_revoke() {
     assert_eq!(log.lock().unwrap().data[0].id, "setpoint");
 
     // Revocation through the identity service's route: registry, engine, broker.
-    let creds = Identity::load(&data).unwrap().unwrap();
-    let (user, pass) = (
-        creds.registration().broker_username.clone(),
-        creds.registration().broker_password.expose().to_string(),
-    );
-    let operator = Client::new(&fleet.http)
-        .unwrap()
-        .with_operator_token(Zeroizing::new(OPERATOR.into()));
-    operator.revoke(dev).await.unwrap();
-    let port = fleet.port();
-    eventually("the broker to refuse the revoked device", || {
-        let (u, p) = (user.clone(), pass.clone());
-        async move { broker_refuses(port, u, p).await.then_some(()) }
-    })
-    .await;
+    let (user, pass) = broker_creds(&data);
+    fleet.operator().revoke(dev).await.unwrap();
+    fleet
+        .until_broker_refuses("the broker to refuse the revoked device", &user, &pass)
+        .await;
     // The server refuses to command it…
     let to_revoked = action_to(dev, 7);
     assert!(fleet.op.command(&to_revoked).await.is_err());
@@ -630,11 +619,7 @@ async fn terminate_resign_and_deregister_end_to_end() {
     .await;
 
     // Deregister: the device erases its identity, the broker refuses its account.
-    let creds = Identity::load(&data).unwrap().unwrap();
-    let (user, pass) = (
-        creds.registration().broker_username.clone(),
-        creds.registration().broker_password.expose().to_string(),
-    );
+    let (user, pass) = broker_creds(&data);
     fleet
         .op
         .device_verb(&dev.to_hex(), "deregister")
@@ -643,12 +628,9 @@ async fn terminate_resign_and_deregister_end_to_end() {
     reach(&agent, AgentStatus::Deregistered).await;
     assert_eq!(log.lock().unwrap().deregistered, 1);
     assert!(Identity::load(&data).unwrap().is_none());
-    let port = fleet.port();
-    eventually("the broker to refuse the deregistered device", || {
-        let (u, p) = (user.clone(), pass.clone());
-        async move { broker_refuses(port, u, p).await.then_some(()) }
-    })
-    .await;
+    fleet
+        .until_broker_refuses("the broker to refuse the deregistered device", &user, &pass)
+        .await;
     assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
     // Registering the same key again is refused (its identity was revoked).
     fleet.shutdown().await;

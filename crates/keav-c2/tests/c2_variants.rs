@@ -36,8 +36,8 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use common::fleet::{
-    action_body, action_to, action_to_group, broker_refuses, eventually, hex, run_action, Fleet,
-    PATIENCE,
+    action_body, action_to, action_to_group, broker_creds, broker_refuses, eventually, hex,
+    run_action, Fleet, PATIENCE,
 };
 
 /// The next drop an agent reports (bounded).
@@ -247,15 +247,6 @@ impl Drop for Tap {
     }
 }
 
-/// A device's broker credentials, from its data directory.
-fn broker_creds(data: &Path) -> (String, String) {
-    let id = Identity::load(data).unwrap().unwrap();
-    (
-        id.registration().broker_username.clone(),
-        id.registration().broker_password.expose().to_string(),
-    )
-}
-
 impl<R: Registry> Fleet<R> {
     /// Starts a server in `dir` with `registry`, signing with `alg`, its broker on `port`
     /// (0: a free one).
@@ -351,12 +342,9 @@ async fn full_flow<R: Registry>(fleet: &Fleet<R>) {
     let (user, pass) = broker_creds(&data);
     fleet.operator().revoke(dev).await.unwrap();
     assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
-    let port = fleet.port();
-    eventually("the broker to refuse the revoked device", || {
-        let (u, p) = (user.clone(), pass.clone());
-        async move { broker_refuses(port, u, p).await.then_some(()) }
-    })
-    .await;
+    fleet
+        .until_broker_refuses("the broker to refuse the revoked device", &user, &pass)
+        .await;
     match fleet.server.command(dev, action_body(7, vec![])).await {
         Err(ServerError::Engine(EngineError::Revoked(d))) => assert_eq!(d, dev),
         other => panic!("command to a revoked device: {other:?}"),

@@ -8,7 +8,7 @@
 //!
 //! Waits are bounded (a hang fails the test after [`PATIENCE`]); nothing asserts on timing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,15 @@ pub async fn broker_refuses(port: u16, user: String, pass: String) -> bool {
     })
     .await
     .unwrap()
+}
+
+/// A device's broker credentials, from its data directory.
+pub fn broker_creds(data: &Path) -> (String, String) {
+    let id = Identity::load(data).unwrap().unwrap();
+    (
+        id.registration().broker_username.clone(),
+        id.registration().broker_password.expose().to_string(),
+    )
 }
 
 /// An action command (`args` 1, 2, 3) with no target yet.
@@ -180,6 +189,16 @@ impl<R: Registry> Fleet<R> {
             .1
             .parse()
             .unwrap()
+    }
+
+    /// Waits (bounded) until the broker refuses a fresh connection with these credentials.
+    pub async fn until_broker_refuses(&self, what: &str, user: &str, pass: &str) {
+        let port = self.port();
+        eventually(what, || {
+            let (u, p) = (user.to_string(), pass.to_string());
+            async move { broker_refuses(port, u, p).await.then_some(()) }
+        })
+        .await;
     }
 
     /// The identity service's client, with the operator token.
