@@ -476,6 +476,24 @@ impl Service {
     }
 
     /// A fresh nonce from the service.
+    /// Stores an enrollment for the token secret `secret` (never expiring, no name, no
+    /// groups) straight into the registry.
+    async fn accept_token(&self, secret: &str) {
+        self.state
+            .registry()
+            .add_enrollment(
+                TokenHash::of(secret),
+                Enrollment {
+                    expires: u64::MAX,
+                    name: None,
+                    groups: Vec::new(),
+                },
+                0,
+            )
+            .await
+            .unwrap();
+    }
+
     /// POSTs `body` to the registration route (no authorization).
     async fn post_register(&self, body: &[u8]) -> (u16, Value) {
         self.raw("POST", "/v1/register", None, body).await
@@ -1308,20 +1326,7 @@ async fn pinned_token_refuses_a_service_with_another_server_key() {
     assert!(!format!("{token:?}").contains(token.secret()));
     // The impostor accepts the token's secret (as a relaying man in the middle would) and
     // answers with its own server key: the device refuses.
-    impostor
-        .state
-        .registry()
-        .add_enrollment(
-            TokenHash::of(token.secret()),
-            Enrollment {
-                expires: u64::MAX,
-                name: None,
-                groups: Vec::new(),
-            },
-            0,
-        )
-        .await
-        .unwrap();
+    impostor.accept_token(token.secret()).await;
     let key = SigningKey::generate(Alg::Ed25519).unwrap();
     let r = impostor.client().register(&key, &token).await;
     assert!(
@@ -1341,19 +1346,7 @@ async fn old_unpinned_tokens_and_whole_tokens_on_the_wire_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let svc = Service::start(&dir.path().join("id.redb")).await;
     // An old-format token (no pin), as issued before pins existed.
-    svc.state
-        .registry()
-        .add_enrollment(
-            TokenHash::of("legacy-token-without-pin"),
-            Enrollment {
-                expires: u64::MAX,
-                name: None,
-                groups: Vec::new(),
-            },
-            0,
-        )
-        .await
-        .unwrap();
+    svc.accept_token("legacy-token-without-pin").await;
     let a = SigningKey::generate(Alg::Ed25519).unwrap();
     let reg = svc
         .client()
