@@ -594,13 +594,25 @@ fn simple_join_by_policy_and_by_operator() {
     let (mut e, _) = net.register(&[]);
     let req = ok(e.request_join(JoinRequestKind::Simple, T0).unwrap());
     net.deliver(&req, T0).unwrap();
-    let ev = net.server.tick(T0 + 601);
+    tick_refuses(
+        &mut net,
+        e.id(),
+        T0 + 601,
+        JoinMethod::Simple,
+        RefuseReason::Expired,
+    );
+}
+
+/// The tick at `now` refuses `dev`'s join (by `method`, for `why`) and leaves the device
+/// registered.
+fn tick_refuses(net: &mut Net, dev: DeviceId, now: u64, method: JoinMethod, why: RefuseReason) {
+    let ev = net.server.tick(now);
     assert!(ev.contains(&ServerEvent::JoinRefused {
-        device: e.id(),
-        method: JoinMethod::Simple,
-        reason: RefuseReason::Expired
+        device: dev,
+        method,
+        reason: why
     }));
-    assert_eq!(net.status(e.id()), DeviceStatus::Registered);
+    assert_eq!(net.status(dev), DeviceStatus::Registered);
 }
 
 /// Starts an observed join of a new device vouched for by `observer`, up to the observation
@@ -1364,13 +1376,13 @@ fn observer_must_still_be_joined_when_it_confirms() {
     assert_eq!(reason(net.deliver(&resp, T0 + 3)), DropReason::UnknownToken);
     assert_eq!(net.status(newcomer.id()), DeviceStatus::PendingJoin);
     // The join cannot complete any more: tick refuses it at once, not at expiry.
-    let ev = net.server.tick(T0 + 4);
-    assert!(ev.contains(&ServerEvent::JoinRefused {
-        device: newcomer.id(),
-        method: JoinMethod::Observed,
-        reason: RefuseReason::ObserverRejected
-    }));
-    assert_eq!(net.status(newcomer.id()), DeviceStatus::Registered);
+    tick_refuses(
+        &mut net,
+        newcomer.id(),
+        T0 + 4,
+        JoinMethod::Observed,
+        RefuseReason::ObserverRejected,
+    );
     assert!(net.server.pending_joins().is_empty());
 
     // An observer revoked meanwhile: same.
