@@ -2,6 +2,10 @@
 //!
 //! The broker runs the configuration keav generated, on a free loopback port (never 1883),
 //! and is killed by its PID when the guard drops, also when the test panics.
+//!
+//! Submodules: [`fleet`], a whole C2 fleet (server, HTTP, broker, tap account) for the
+//! end-to-end tests; [`pg`], a PostgreSQL schema of one's own for one test.
+//! Each test file uses only part of this (hence `dead_code` allowed).
 #![allow(dead_code)]
 
 pub mod fleet;
