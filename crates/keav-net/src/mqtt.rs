@@ -90,11 +90,11 @@ fn mqtt_error(what: &str, e: impl core::fmt::Display) -> Error {
     Error::Io(std::io::Error::other(format!("MQTT {what}: {e}")))
 }
 
-/// Queues `d` for publication on `topic` (QoS 1). Waits while the client's request queue is
-/// full.
-pub(crate) async fn publish(client: &AsyncClient, topic: &str, d: &[u8]) -> Result<(), Error> {
+/// Queues `d` for publication on `topic` (QoS 1); `d` becomes the payload without a copy.
+/// Waits while the client's request queue is full.
+pub(crate) async fn publish(client: &AsyncClient, topic: &str, d: Vec<u8>) -> Result<(), Error> {
     client
-        .publish(topic, QoS::AtLeastOnce, false, d.to_vec())
+        .publish(topic, QoS::AtLeastOnce, false, d)
         .await
         .map_err(|e| mqtt_error("publish", e))
 }
