@@ -805,16 +805,38 @@ impl Feed {
     }
 
     /// Waits up to [`STALL`] for room in a full route's queue.
+    ///
+    /// It waits for an eighth of the queue to be free, not for one slot: a reader that is
+    /// busy with a full queue would otherwise wake this loop (another thread, often) for
+    /// every record it takes, and the loop put one record back each time. If the reader
+    /// took less than that within [`STALL`], whatever room it made is used; only a reader
+    /// that took nothing loses the message.
     async fn wait_for_room(&self, b: Blocked) {
         let (c, carrier) = (&self.router.counters, self.router.scheme.name);
-        match b.tx.send_timeout(b.payload, STALL).await {
+        let room = (b.tx.max_capacity() / 8).max(1);
+        let payload = match tokio::time::timeout(STALL, b.tx.reserve_many(room)).await {
+            Ok(Ok(mut permits)) => match permits.next() {
+                Some(permit) => {
+                    permit.send(b.payload);
+                    return;
+                }
+                None => b.payload,
+            },
+            Ok(Err(_)) => {
+                bump(&c.unrouted);
+                debug!(carrier, "peer route closed while waiting: message dropped");
+                return;
+            }
+            Err(_) => b.payload,
+        };
+        match b.tx.try_send(payload) {
             Ok(()) => {}
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            Err(mpsc::error::TrySendError::Full(_)) => {
                 b.stalled.store(true, Ordering::Relaxed);
                 bump(&c.busy);
                 debug!(carrier, "peer queue full for {STALL:?}: message dropped");
             }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+            Err(mpsc::error::TrySendError::Closed(_)) => {
                 bump(&c.unrouted);
                 debug!(carrier, "peer route closed while waiting: message dropped");
             }
@@ -1201,6 +1223,10 @@ mod tests {
     /// A hub with no broker behind it (the client is never polled) and a route to `peer`
     /// whose queue holds two messages.
     fn hub_with_route(peer: &str) -> (Hub, Feed, mpsc::Receiver<Bytes>) {
+        hub_with_queue(peer, 2)
+    }
+
+    fn hub_with_queue(peer: &str, capacity: usize) -> (Hub, Feed, mpsc::Receiver<Bytes>) {
         let (client, _eventloop) =
             rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 9), 4);
         let (hub, feed) = Hub::new(
@@ -1212,7 +1238,7 @@ mod tests {
             MailSource::Inbox,
             None,
         );
-        let (qtx, qrx) = mpsc::channel(2);
+        let (qtx, qrx) = mpsc::channel(capacity);
         let (route, established) = Route::new(qtx, None);
         established.store(true, Ordering::Release);
         hub.router.routes().insert(peer.to_string(), route);
@@ -1268,6 +1294,43 @@ mod tests {
         });
         assert_eq!(hub.stats().dropped_unrouted, 1);
         assert_eq!(hub.stats().dropped_busy, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_route_wakes_the_link_for_an_eighth_of_its_queue_or_what_its_reader_freed() {
+        // A queue of 16: the waiting message goes in once 2 slots are free.
+        let (hub, feed, mut q) = hub_with_queue("peer", 16);
+        let topic = MQTT.subject("me", "peer");
+        let rec = |i: u8| Bytes::from(vec![RECORD_DATA, i]);
+        for i in 0..16 {
+            feed.deliver(&topic, &rec(i), false).await;
+        }
+        let (t0, r16) = (Instant::now(), rec(16));
+        let (_, took) = tokio::join!(feed.deliver(&topic, &r16, false), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let a = q.recv().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            (a, q.recv().await)
+        });
+        assert_eq!(took, (Some(rec(0)), Some(rec(1))));
+        assert_eq!(t0.elapsed(), Duration::from_millis(20));
+        // A reader that frees one slot only, and then takes nothing: the message still goes
+        // in (after STALL), nothing is dropped and the route is not stalled.
+        feed.deliver(&topic, &rec(17), false).await;
+        let (t0, r18) = (Instant::now(), rec(18));
+        let (_, took) = tokio::join!(feed.deliver(&topic, &r18, false), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            q.recv().await
+        });
+        assert_eq!(took, Some(rec(2)));
+        assert_eq!(t0.elapsed(), STALL);
+        assert_eq!(hub.stats().dropped_busy, 0);
+        let mut rest = Vec::new();
+        while let Ok(r) = q.try_recv() {
+            rest.push(r);
+        }
+        let want: Vec<_> = (3..=18).map(rec).collect();
+        assert_eq!(rest, want);
     }
 
     #[tokio::test(start_paused = true)]

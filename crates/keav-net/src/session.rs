@@ -759,8 +759,10 @@ impl<T> RecvHalf<T> {
 
 /// The next record's bytes; `Ok(None)` when the transport ended. Cancel-safe.
 ///
-/// A datagram's bytes are moved into the returned buffer if nothing else holds them, else
-/// copied (once: the record is opened in place in that buffer and becomes the plaintext).
+/// A datagram's bytes are copied once, into a buffer of their size: the record is opened
+/// in place in it and it becomes the plaintext. (Not `Vec::from(Bytes)`: for a payload cut
+/// from a client's read buffer it can take over that whole buffer, many times the record's
+/// size, and make the client allocate a new one.)
 async fn next_record(rx: &mut Rx) -> Result<Option<Vec<u8>>, Error> {
     match rx {
         Rx::Stream(r) => loop {
@@ -773,7 +775,7 @@ async fn next_record(rx: &mut Rx) -> Result<Option<Vec<u8>>, Error> {
                 }
             }
         },
-        Rx::Udp(u) => u.next_record().await.map(|d| Some(Vec::from(d))),
+        Rx::Udp(u) => u.next_record().await.map(|d| Some(d.to_vec())),
     }
 }
 
