@@ -37,9 +37,10 @@
 //! replayed, or QoS 1 duplicates — are dropped and counted
 //! ([`Channel::dropped_records`](crate::session::Channel::dropped_records)), never delivered.
 //! Flow control: each peer's incoming records wait in a queue of 256; when it is full the
-//! event loop waits up to 250 ms for the channel's reader to take one (so a reader that is
-//! merely slower than the broker slows the link down, as a plain subscriber would, and loses
-//! nothing), then drops the record and counts it as `dropped_busy`; a route that stalled
+//! event loop waits until the channel's reader has freed 32 places, or 250 ms, and then uses
+//! whatever room there is (so a reader that is merely slower than the broker slows the link
+//! down, as a plain subscriber would, and loses nothing); if the reader took nothing in
+//! that time it drops the record and counts it as `dropped_busy`; a route that stalled
 //! that long drops at once until its reader takes something again, so a reader that stopped
 //! reading cannot hold the link up.
 //!
@@ -90,11 +91,11 @@ fn mqtt_error(what: &str, e: impl core::fmt::Display) -> Error {
     Error::Io(std::io::Error::other(format!("MQTT {what}: {e}")))
 }
 
-/// Queues `d` for publication on `topic` (QoS 1). Waits while the client's request queue is
-/// full.
-pub(crate) async fn publish(client: &AsyncClient, topic: &str, d: &[u8]) -> Result<(), Error> {
+/// Queues `d` for publication on `topic` (QoS 1); `d` becomes the payload without a copy.
+/// Waits while the client's request queue is full.
+pub(crate) async fn publish(client: &AsyncClient, topic: &str, d: Vec<u8>) -> Result<(), Error> {
     client
-        .publish(topic, QoS::AtLeastOnce, false, d.to_vec())
+        .publish(topic, QoS::AtLeastOnce, false, d)
         .await
         .map_err(|e| mqtt_error("publish", e))
 }

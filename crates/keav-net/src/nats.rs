@@ -37,7 +37,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -102,6 +102,19 @@ pub(crate) async fn publish(
 ) -> Result<(), Error> {
     client
         .publish(subject.to_string(), Bytes::copy_from_slice(d))
+        .await
+        .map_err(|e| nats_error("publish", e))
+}
+
+/// Publishes `payload` on `subject` (at most once); both are handed to the client as they
+/// are, without a copy.
+pub(crate) async fn publish_owned(
+    client: &async_nats::Client,
+    subject: async_nats::Subject,
+    payload: Bytes,
+) -> Result<(), Error> {
+    client
+        .publish(subject, payload)
         .await
         .map_err(|e| nats_error("publish", e))
 }
@@ -361,9 +374,29 @@ async fn consume(consumer: PullConsumer, feed: Feed) {
     }
 }
 
+/// Most messages the receive loop takes from the subscription at once.
+const BATCH: usize = 64;
+
+fn subject_payload(m: &async_nats::Message) -> (&str, &Bytes) {
+    (m.subject.as_str(), &m.payload)
+}
+
+/// Hands the inbox subscription's messages to the feed, in batches of what is already
+/// there (the route table is locked once per batch, and a channel's queue gets its records
+/// in one run instead of one per wake-up of this task).
 async fn receive(mut inbox: async_nats::Subscriber, feed: Feed) {
+    let mut batch = Vec::with_capacity(BATCH);
     while let Some(m) = inbox.next().await {
-        feed.deliver(m.subject.as_str(), &m.payload, false).await;
+        batch.push(m);
+        while batch.len() < BATCH {
+            match inbox.next().now_or_never() {
+                Some(Some(m)) => batch.push(m),
+                // Nothing more yet, or the subscription ended (the next `next` says so).
+                _ => break,
+            }
+        }
+        feed.deliver_all(batch.iter().map(subject_payload)).await;
+        batch.clear();
     }
     debug!("NATS inbox subscription ended");
 }

@@ -567,9 +567,11 @@ impl<T> SendHalf<T> {
                     }
                 }
                 Tx::Udp(u) => {
-                    let mut d = Vec::with_capacity(chunk.len() + 64);
+                    // Sealed into the buffer that becomes the datagram (a broker message's
+                    // payload as it is).
+                    let mut d = Vec::with_capacity(chunk.len() + record::RECORD_OVERHEAD);
                     self.sealer.seal(chunk, now, &mut d)?;
-                    u.send(&d).await?;
+                    u.send(d).await?;
                 }
             }
         }
@@ -596,7 +598,7 @@ impl<T> SendHalf<T> {
             Tx::Udp(u) => {
                 let mut d = Vec::new();
                 self.sealer.seal_close(now, &mut d)?;
-                u.send(&d).await?;
+                u.send(d).await?;
             }
         }
         Ok(())
@@ -713,12 +715,22 @@ impl<T> RecvHalf<T> {
                     return Err(e);
                 }
             };
+            let base = rec.as_ptr() as usize;
             match self.opener.open(&mut rec, self.clock.now_ms()) {
                 Ok(opened) => {
-                    let data = match opened {
-                        Opened::Data(d) => Some(d.to_vec()),
+                    // The plaintext, decrypted in place, is a slice of `rec`: moved to its
+                    // front, the record's buffer becomes the returned data (no new buffer).
+                    let span = match opened {
+                        Opened::Data(d) => {
+                            Some(((d.as_ptr() as usize).wrapping_sub(base), d.len()))
+                        }
                         Opened::Close => None,
                     };
+                    let data = span.map(|(start, len)| {
+                        rec.copy_within(start..start.saturating_add(len), 0);
+                        rec.truncate(len);
+                        rec
+                    });
                     if let Rx::Udp(u) = &mut self.rx {
                         u.peer_confirmed();
                     }
@@ -746,6 +758,11 @@ impl<T> RecvHalf<T> {
 }
 
 /// The next record's bytes; `Ok(None)` when the transport ended. Cancel-safe.
+///
+/// A datagram's bytes are copied once, into a buffer of their size: the record is opened
+/// in place in it and it becomes the plaintext. (Not `Vec::from(Bytes)`: for a payload cut
+/// from a client's read buffer it can take over that whole buffer, many times the record's
+/// size, and make the client allocate a new one.)
 async fn next_record(rx: &mut Rx) -> Result<Option<Vec<u8>>, Error> {
     match rx {
         Rx::Stream(r) => loop {
@@ -758,7 +775,7 @@ async fn next_record(rx: &mut Rx) -> Result<Option<Vec<u8>>, Error> {
                 }
             }
         },
-        Rx::Udp(u) => u.next_record().await.map(Some),
+        Rx::Udp(u) => u.next_record().await.map(|d| Some(d.to_vec())),
     }
 }
 

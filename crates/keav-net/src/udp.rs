@@ -17,6 +17,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use keav_proto::handshake::Endpoint;
 use keav_proto::msg::Message;
 use keav_proto::packet::{decode_packet, encode_packet};
@@ -66,12 +67,14 @@ pub(crate) enum UdpTx {
 }
 
 impl UdpTx {
-    pub(crate) async fn send(&self, d: &[u8]) -> Result<(), Error> {
+    /// Sends one datagram; a broker carrier publishes `d` itself as the message's payload
+    /// (no copy).
+    pub(crate) async fn send(&self, d: Vec<u8>) -> Result<(), Error> {
         match self {
             UdpTx::Socket { socket, peer } => {
                 match peer {
-                    Some(p) => socket.send_to(d, *p).await?,
-                    None => socket.send(d).await?,
+                    Some(p) => socket.send_to(&d, *p).await?,
+                    None => socket.send(&d).await?,
                 };
             }
             UdpTx::Broker(b) => b.send(d).await?,
@@ -84,17 +87,17 @@ impl UdpTx {
 pub(crate) enum Source {
     /// A socket connected to the peer.
     Socket(Arc<UdpSocket>, Vec<u8>),
-    /// A listener's per-peer queue.
-    Queue(mpsc::Receiver<Vec<u8>>),
+    /// A listener's (or a broker link's) per-peer queue.
+    Queue(mpsc::Receiver<Bytes>),
 }
 
 impl Source {
     /// The next datagram. Cancel-safe.
-    async fn next(&mut self) -> Result<Vec<u8>, Error> {
+    async fn next(&mut self) -> Result<Bytes, Error> {
         match self {
             Source::Socket(s, buf) => loop {
                 match s.recv(buf).await {
-                    Ok(n) => return Ok(buf.get(..n).unwrap_or_default().to_vec()),
+                    Ok(n) => return Ok(Bytes::copy_from_slice(buf.get(..n).unwrap_or_default())),
                     // An ICMP "port unreachable" for an earlier datagram: the peer may not be
                     // up yet; the retransmission timers decide when to give up.
                     Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -114,7 +117,7 @@ pub(crate) struct HsUdp {
     source: Source,
     seq: u16,
     ssrc: u32,
-    early: VecDeque<Vec<u8>>,
+    early: VecDeque<Bytes>,
     /// Broker transports: handshake messages travel bare (no packet header, no CRC).
     bare: bool,
 }
@@ -149,12 +152,12 @@ impl HsUdp {
     pub(crate) async fn send_messages(&mut self, msgs: &[Vec<u8>]) -> Result<(), Error> {
         for m in msgs {
             if self.bare {
-                self.tx.send(m).await?;
+                self.tx.send(m.clone()).await?;
                 continue;
             }
             let seq = self.next_seq();
             let p = encode_packet(seq, self.ssrc, m);
-            self.tx.send(&p).await?;
+            self.tx.send(p).await?;
         }
         Ok(())
     }
@@ -164,7 +167,7 @@ impl HsUdp {
         loop {
             let d = self.source.next().await?;
             match d.first() {
-                Some(&BARE_MESSAGE) if self.bare => return Ok(d),
+                Some(&BARE_MESSAGE) if self.bare => return Ok(d.to_vec()),
                 Some(&ZRTP_PACKET) if !self.bare => match decode_packet(&d) {
                     Ok(p) => return Ok(p.message.to_vec()),
                     Err(e) => debug!(error = %e, "dropped a malformed ZRTP packet"),
@@ -204,14 +207,14 @@ pub(crate) struct UdpRx {
     /// peer's first record proves it has completed.
     endpoint: Option<Box<Endpoint>>,
     clock: Clock,
-    pending: VecDeque<Vec<u8>>,
+    pending: VecDeque<Bytes>,
     /// Broker transports: handshake messages travel bare (see [`HsUdp::new_bare`]).
     bare: bool,
 }
 
 impl UdpRx {
     /// The next datagram that looks like a record. Cancel-safe.
-    pub(crate) async fn next_record(&mut self) -> Result<Vec<u8>, Error> {
+    pub(crate) async fn next_record(&mut self) -> Result<Bytes, Error> {
         if let Some(r) = self.pending.pop_front() {
             return Ok(r);
         }
@@ -258,12 +261,12 @@ impl UdpRx {
         let msgs: Vec<Vec<u8>> = std::iter::from_fn(|| ep.poll_transmit()).collect();
         for m in msgs {
             if self.bare {
-                self.tx.send(&m).await?;
+                self.tx.send(m).await?;
                 continue;
             }
             self.seq = self.seq.wrapping_add(1);
             let pkt = encode_packet(self.seq, self.ssrc, &m);
-            self.tx.send(&pkt).await?;
+            self.tx.send(pkt).await?;
         }
         Ok(())
     }
@@ -435,7 +438,7 @@ async fn demux_loop(
 ) {
     let handshakes = Arc::new(Semaphore::new(opts.max_handshakes));
     let connections = Arc::new(Semaphore::new(opts.max_connections));
-    let mut table: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut table: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
     let mut tasks = JoinSet::new();
     let mut buf = vec![0u8; DATAGRAM_MAX];
     let mut purge = tokio::time::interval(Duration::from_secs(1));
@@ -456,7 +459,7 @@ async fn demux_loop(
         };
         let Some(d) = buf.get(..n) else { continue };
         if let Some(q) = table.get(&src) {
-            match q.try_send(d.to_vec()) {
+            match q.try_send(Bytes::copy_from_slice(d)) {
                 Ok(()) => continue,
                 Err(TrySendError::Full(_)) => {
                     debug!(%src, "peer queue full: datagram dropped");
@@ -482,7 +485,7 @@ async fn demux_loop(
             continue;
         };
         let (qtx, qrx) = mpsc::channel(PEER_QUEUE);
-        let _ = qtx.try_send(d.to_vec());
+        let _ = qtx.try_send(Bytes::copy_from_slice(d));
         table.insert(src, qtx);
         let link = HsUdp::new(
             UdpTx::Socket {

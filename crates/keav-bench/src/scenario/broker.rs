@@ -1372,6 +1372,56 @@ mod tests {
         assert!(host_port("nohost").is_err());
     }
 
+    /// Not a check but a steadier ratio than one bench run gives on a loaded machine:
+    /// alternates plaintext and keav live runs of 20 000 messages through the local NATS
+    /// server (`KEAV_RATIO_ROUNDS` pairs per size, default 9; `KEAV_RATIO_BROKER=mqtt` for
+    /// Mosquitto) with the scenario's runtime, and prints each pair's ratio and the median.
+    /// `cargo test --release -p keav-bench --lib -- --ignored --nocapture live_ratio`
+    #[test]
+    #[ignore = "a measurement: run by hand against local brokers"]
+    fn live_ratio_repeated() {
+        let rounds: usize = std::env::var("KEAV_RATIO_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(9);
+        let (kind, addr) = match std::env::var("KEAV_RATIO_BROKER").as_deref() {
+            Ok("mqtt") => (Kind::Mqtt, "127.0.0.1:1883"),
+            _ => (Kind::Nats, "127.0.0.1:4222"),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let quiet = crate::run::Quiet;
+        let t = Target {
+            kind,
+            addr: addr.into(),
+            label: addr.into(),
+        };
+        let n = 20_000;
+        for size in [64, 1024] {
+            let mut ratios = Vec::new();
+            for _ in 0..rounds {
+                let p = rt.block_on(plain_run(&t, size, n, &quiet)).unwrap();
+                let l = rt.block_on(live_run(&t, size, n, &quiet)).unwrap();
+                let (pr, lr) = (rate(p.received, p.elapsed), rate(l.received, l.elapsed));
+                eprintln!(
+                    "{kind:?} {size} B: plaintext {pr:.0} msg/s (lost {}), keav live {lr:.0} msg/s (lost {}), {:.2}x",
+                    n - p.received,
+                    n - l.received,
+                    lr / pr
+                );
+                ratios.push(lr / pr);
+            }
+            ratios.sort_by(f64::total_cmp);
+            eprintln!(
+                "{kind:?} {size} B: median live/plaintext {:.2}x over {rounds} pairs",
+                ratios[rounds / 2]
+            );
+        }
+    }
+
     /// The plain baselines against the local brokers, when they run (no assertion on time).
     #[test]
     fn plain_clients_against_local_brokers() {
