@@ -677,15 +677,23 @@ async fn proof_of_possession_is_checked() {
     // Nothing was stored and the broker saw nothing.
     assert!(svc.state.registry().devices().await.unwrap().is_empty());
     assert!(svc.events().is_empty());
-    // The failed attempts used up their nonces but not the enrollment token.
-    let (st, v) = svc
+    // The failed attempts used up neither their nonces nor the enrollment token (a failed
+    // proof proves nothing, so there is nothing to replay); a good proof uses both.
+    assert_eq!(svc.state.used_nonces(), 0);
+    let (st, _) = svc
         .post_register(&register_body(&key, &key, &token, &n1, &n1))
         .await;
-    assert_eq!((st, code(&v)), (409, "nonce_used"));
-    let (st, _) = svc
-        .post_register(&register_body(&key, &key, &token, &n2, &n2))
-        .await;
     assert_eq!(st, 201);
+    let third = SigningKey::generate(Alg::Ed25519).unwrap();
+    let token2 = svc.token().await;
+    let (st, v) = svc
+        .post_register(&register_body(&third, &third, &token2, &n1, &n1))
+        .await;
+    assert_eq!((st, code(&v)), (409, "nonce_used"));
+    let (st, v) = svc
+        .post_register(&register_body(&third, &third, &token, &n2, &n2))
+        .await;
+    assert_eq!(st, 401, "{v}");
     svc.stop().await;
 }
 
@@ -1288,24 +1296,47 @@ async fn used_nonces_are_bounded_and_forgotten_when_they_expire() {
         .await;
     assert_eq!(st, 401);
     assert_eq!(svc.state.used_nonces(), 0);
-    // With one, failed proofs use up their nonces, up to the bound.
-    for _ in 0..2 {
+    // Failed proofs of possession, even with a valid token, remember nothing (someone
+    // holding a token cannot fill the table and turn everyone else away) ...
+    let reused = svc.nonce().await;
+    for _ in 0..5 {
         let n = svc.nonce().await;
         let (st, v) = svc
             .post_register(&register_body(&key, &liar, &token, &n, &n))
             .await;
         assert_eq!((st, code(&v)), (422, "bad_signature"));
     }
+    let (st, v) = svc
+        .post_register(&register_body(&key, &liar, &token, &reused, &reused))
+        .await;
+    assert_eq!((st, code(&v)), (422, "bad_signature"));
+    assert_eq!(svc.state.used_nonces(), 0);
+    // ... and the nonce of a failed attempt still serves a good one, once.
+    let (st, _) = svc
+        .post_register(&register_body(&key, &key, &token, &reused, &reused))
+        .await;
+    assert_eq!(st, 201);
+    assert_eq!(svc.state.used_nonces(), 1);
+    let other = SigningKey::generate(Alg::Ed25519).unwrap();
+    let token2 = svc.token().await;
+    let (st, v) = svc
+        .post_register(&register_body(&other, &other, &token2, &reused, &reused))
+        .await;
+    assert_eq!((st, code(&v)), (409, "nonce_used"));
+    // Successful registrations fill the table up to its bound, then registrations wait.
+    svc.client().register(&other, &token2).await.unwrap();
     assert_eq!(svc.state.used_nonces(), 2);
+    let third = SigningKey::generate(Alg::Ed25519).unwrap();
+    let token3 = svc.token().await;
     let n = svc.nonce().await;
     let (st, v) = svc
-        .post_register(&register_body(&key, &key, &token, &n, &n))
+        .post_register(&register_body(&third, &third, &token3, &n, &n))
         .await;
     assert_eq!((st, code(&v)), (503, "busy"));
     assert_eq!(svc.state.used_nonces(), 2);
     // Once those expire they are dropped, and a registration gets through.
-    now.fetch_add(60, Ordering::SeqCst);
-    svc.client().register(&key, &token).await.unwrap();
+    now.fetch_add(130, Ordering::SeqCst);
+    svc.client().register(&third, &token3).await.unwrap();
     assert_eq!(svc.state.used_nonces(), 1);
     svc.stop().await;
 }

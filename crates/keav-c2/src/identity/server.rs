@@ -483,6 +483,10 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
+fn nonce_used() -> ApiError {
+    err(StatusCode::CONFLICT, "nonce_used", "nonce already used")
+}
+
 fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|_| err(StatusCode::BAD_REQUEST, "bad_json", "malformed JSON body"))
@@ -608,17 +612,46 @@ async fn register<R: Registry, B: BrokerAccounts>(
         .enrollment(p.token, now)
         .await
         .map_err(registry_error)?;
+    // Only a look here: a nonce is remembered as used once its proof of possession verified,
+    // so that failed attempts (by someone holding a valid enrollment token) cannot fill the
+    // table and turn everyone else away.
+    if st
+        .used_nonces
+        .lock()
+        .map_err(|_| internal("nonce table poisoned"))?
+        .contains_key(&p.nonce)
+    {
+        return Err(nonce_used());
+    }
+    // 3. The proof of possession (on the blocking pool: RSA verification is slow).
+    let Parsed {
+        key,
+        token,
+        nonce,
+        signature,
+    } = p;
+    let (key, nonce) = tokio::task::spawn_blocking(move || {
+        verify_registration(&key, &nonce, &signature).map(|()| (key, nonce))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|_| {
+        tracing::info!("identity service: registration with a bad proof of possession");
+        err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_signature",
+            "proof of possession does not verify",
+        )
+    })?;
+    // Single use of the nonce (checked again: a concurrent registration may have used it
+    // meanwhile), remembered until it expires, whatever happens next.
     {
         let mut used = st
             .used_nonces
             .lock()
             .map_err(|_| internal("nonce table poisoned"))?;
-        if used.contains_key(&p.nonce) {
-            return Err(err(
-                StatusCode::CONFLICT,
-                "nonce_used",
-                "nonce already used",
-            ));
+        if used.contains_key(&nonce) {
+            return Err(nonce_used());
         }
         if used.len() >= st.config.max_nonces {
             used.retain(|_, expires| now < *expires);
@@ -631,28 +664,8 @@ async fn register<R: Registry, B: BrokerAccounts>(
                 "too many registrations in progress",
             ));
         }
-        used.insert(p.nonce, nonce_expires);
+        used.insert(nonce, nonce_expires);
     }
-    // 3. The proof of possession (on the blocking pool: RSA verification is slow).
-    let Parsed {
-        key,
-        token,
-        nonce,
-        signature,
-    } = p;
-    let key = tokio::task::spawn_blocking(move || {
-        verify_registration(&key, &nonce, &signature).map(|()| key)
-    })
-    .await
-    .map_err(internal)?
-    .map_err(|_| {
-        tracing::info!("identity service: registration with a bad proof of possession");
-        err(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad_signature",
-            "proof of possession does not verify",
-        )
-    })?;
     let id = DeviceId::of_key(&key);
     // 4. Credentials, then the device (consuming the token in the same transaction), then
     //    the broker account.
