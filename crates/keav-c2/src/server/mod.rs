@@ -537,8 +537,10 @@ impl<R: Registry> BrokerAccounts for FleetAccounts<R> {
 
     async fn remove(&self, username: String) -> Result<(), IdentityError> {
         if let Some(id) = DeviceId::from_hex(&username) {
-            // The registry already says revoked (the service writes it first).
-            self.inner.refresh(id).await?;
+            // The registry already says revoked (the service writes it first): the engine
+            // is told directly, without reading the registry back, so a failing registry
+            // read cannot leave the engine accepting the device.
+            self.inner.revoke_in_engine(id).await;
         }
         self.inner.accounts.remove(username).await
     }
@@ -800,13 +802,30 @@ impl<R: Registry> Inner<R> {
         }
     }
 
+    /// Marks `device` revoked in the engine (its pending join and observations dropped, its
+    /// messages refused from now on), without a registry read that could fail, and has the
+    /// engine state saved.
+    async fn revoke_in_engine(&self, device: DeviceId) {
+        let mut eng = self.engine.lock().await;
+        self.revoke_in_engine_locked(&mut eng, device);
+    }
+
+    fn revoke_in_engine_locked(&self, eng: &mut ServerEngine, device: DeviceId) {
+        match eng.set_status(device, DeviceStatus::Revoked) {
+            Ok(()) => self.dirty.store(true, Ordering::Relaxed),
+            // Not in the engine's view: nothing there to accept its messages.
+            Err(EngineError::UnknownDevice(_)) => {}
+            Err(e) => tracing::warn!(%device, error = %e, "revocation in the engine"),
+        }
+    }
+
     async fn revoke(&self, device: DeviceId) -> Result<(), ServerError> {
         {
             let mut eng = self.engine.lock().await;
             self.registry
                 .set_status(device, DeviceStatus::Revoked)
                 .await?;
-            self.refresh_locked(&mut eng, device).await?;
+            self.revoke_in_engine_locked(&mut eng, device);
         }
         self.accounts.remove(device.to_hex()).await?;
         tracing::info!(%device, "device revoked");

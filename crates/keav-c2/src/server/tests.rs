@@ -152,6 +152,9 @@ async fn write_status_never_leaves_revoked() {
 struct RevokedBetween {
     inner: RedbRegistry,
     revoke_after_read: std::sync::Mutex<Option<DeviceId>>,
+    /// Device reads fail (a registry that went away after a write, as a PostgreSQL
+    /// connection can).
+    fail_reads: std::sync::atomic::AtomicBool,
 }
 
 impl Registry for RevokedBetween {
@@ -167,6 +170,9 @@ impl Registry for RevokedBetween {
         self.inner.enroll_device(record, token, now).await
     }
     async fn device(&self, id: DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
+        if self.fail_reads.load(Ordering::SeqCst) {
+            return Err(RegistryError::Corrupt("read failed (test)".into()));
+        }
         let rec = self.inner.device(id).await?;
         let revoke = self.revoke_after_read.lock().unwrap().take();
         if revoke == Some(id) {
@@ -254,6 +260,7 @@ async fn a_revocation_between_read_and_write_is_not_overwritten() {
     let registry = RevokedBetween {
         inner: RedbRegistry::open(&dir.path().join("registry.redb")).unwrap(),
         revoke_after_read: std::sync::Mutex::new(None),
+        fail_reads: Default::default(),
     };
     let server = Server::start(options(dir.path()), registry).await.unwrap();
     let dev = add_registered(&server).await;
@@ -341,5 +348,58 @@ async fn identity_revocation_completes_when_its_client_goes_away() {
     }
     drop(busy);
     until_revoked(&server, dev, &passwd, false).await;
+    server.shutdown().await;
+}
+
+/// A revocation whose registry write succeeds and whose later registry reads fail still
+/// reaches the engine (the device's messages refused) and the broker (its account gone), by
+/// both ways in: the operator's revocation and the identity service's (which writes the
+/// registry itself, then removes the broker account through the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_engine_and_broker_when_registry_reads_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = RevokedBetween {
+        inner: RedbRegistry::open(&dir.path().join("registry.redb")).unwrap(),
+        revoke_after_read: std::sync::Mutex::new(None),
+        fail_reads: Default::default(),
+    };
+    let server = Server::start(options(dir.path()), registry).await.unwrap();
+    let passwd = dir.path().join("server/mosquitto").join(acl::PASSWD_FILE);
+    let by_operator = add_registered(&server).await;
+    let by_identity = add_registered(&server).await;
+    for dev in [by_operator, by_identity] {
+        assert!(std::fs::read_to_string(&passwd)
+            .unwrap()
+            .contains(&dev.to_hex()));
+    }
+    server.registry().fail_reads.store(true, Ordering::SeqCst);
+
+    server.revoke(by_operator).await.unwrap();
+    // The identity service's way: registry first, then the account through the server.
+    server
+        .registry()
+        .inner
+        .set_status(by_identity, DeviceStatus::Revoked)
+        .await
+        .unwrap();
+    let accounts = FleetAccounts {
+        inner: server.inner.clone(),
+    };
+    accounts.remove(by_identity.to_hex()).await.unwrap();
+
+    for dev in [by_operator, by_identity] {
+        let engine = server
+            .inner
+            .engine
+            .lock()
+            .await
+            .device(dev)
+            .map(|d| d.status);
+        assert_eq!(engine, Some(DeviceStatus::Revoked), "{dev}");
+        assert!(!std::fs::read_to_string(&passwd)
+            .unwrap()
+            .contains(&dev.to_hex()));
+    }
+    server.registry().fail_reads.store(false, Ordering::SeqCst);
     server.shutdown().await;
 }
