@@ -979,7 +979,7 @@ impl<R: Registry> Server<R> {
             );
             match mqtt::connect(lo).await {
                 Ok(x) => break x,
-                Err(MqttError::Refused(_)) if attempt < 20 => {
+                Err(MqttError::Refused { .. }) if attempt < 20 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
