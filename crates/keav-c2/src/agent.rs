@@ -23,8 +23,10 @@
 //!    [`Handlers::on_activate`].
 //! 5. Termination sends the device back to registered; deregistration erases its key and
 //!    identity files and ends the agent. Revocation (the broker refuses the device's
-//!    credentials, at start or on reconnection) ends the agent with [`AgentError::Revoked`]
-//!    instead of retrying forever.
+//!    credentials — CONNACK codes 4 and 5 only — [`AgentOptions::refusals_before_revoked`]
+//!    times in a row, at start or on reconnection) ends the agent with
+//!    [`AgentError::Revoked`] instead of retrying forever. Other refusals (server
+//!    unavailable…) never count as revocation.
 //!
 //! # The state file
 //!
@@ -648,9 +650,14 @@ pub struct AgentOptions {
     /// or this device's): the device is registered again and accepts server messages it
     /// may have accepted before. The operator must reset the server's continuity with it.
     pub reset_state: bool,
-    /// Reconnections the broker refuses in a row before the agent takes the device as
-    /// revoked and stops with [`AgentError::Revoked`] (default 3; at least 1).
+    /// Connections the broker refuses for the credentials (CONNACK codes 4 and 5) in a row,
+    /// at start or on reconnection, before the agent takes the device as revoked and stops
+    /// with [`AgentError::Revoked`] (default 3; at least 1). At start, a refused connection
+    /// is retried after [`AgentOptions::refusal_backoff`] (doubling), so a broker still
+    /// loading a new account's password is not taken for a revocation.
     pub refusals_before_revoked: u64,
+    /// Wait before retrying a connection refused at start (default 500 ms, doubling).
+    pub refusal_backoff: Duration,
 }
 
 impl AgentOptions {
@@ -668,6 +675,7 @@ impl AgentOptions {
             require_confidential: false,
             reset_state: false,
             refusals_before_revoked: 3,
+            refusal_backoff: Duration::from_millis(500),
         }
     }
 }
@@ -793,12 +801,13 @@ impl Agent {
             topic_in,
         );
         lo.connect_timeout = options.connect_timeout;
-        let (link, inbound) = match mqtt::connect(lo).await {
-            Ok(x) => x,
-            // The stored credentials are refused: the account is gone.
-            Err(MqttError::Refused(why)) => return Err(AgentError::Revoked(why)),
-            Err(e) => return Err(e.into()),
-        };
+        let (link, inbound) = connect_at_start(
+            id,
+            options.refusals_before_revoked,
+            options.refusal_backoff,
+            || mqtt::connect(lo.clone()),
+        )
+        .await?;
         let (control_tx, control_rx) = mpsc::channel(16);
         let (status_tx, status_rx) = watch::channel(phase.status());
         let (notices, first) = broadcast::channel(1024);
@@ -1654,6 +1663,43 @@ impl Handlers for AcceptAll {
     }
 }
 
+/// Connects at start. The stored credentials refused (CONNACK codes 4 and 5) `needed` times in
+/// a row (retried after `backoff`, doubling up to 5 s): the account is gone, the device
+/// revoked. Any other failure, other refusals included (server unavailable…), is an MQTT
+/// error, not a revocation.
+async fn connect_at_start<T, F, Fut>(
+    id: DeviceId,
+    needed: u64,
+    backoff: Duration,
+    mut connect: F,
+) -> Result<T, AgentError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, MqttError>>,
+{
+    let needed = needed.max(1);
+    let mut backoff = backoff;
+    let mut in_a_row = 0u64;
+    loop {
+        match connect().await {
+            Ok(x) => return Ok(x),
+            Err(e) if e.refuses_credentials() => {
+                in_a_row += 1;
+                if in_a_row >= needed {
+                    tracing::error!(device = %id, refusals = in_a_row, error = %e, "the broker refuses this device: revoked");
+                    return Err(AgentError::Revoked(format!(
+                        "{e}; {in_a_row} connections refused"
+                    )));
+                }
+                tracing::warn!(device = %id, error = %e, retry_in = ?backoff, "the broker refused the connection; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1689,5 +1735,55 @@ mod tests {
             unbind_state(me, &v2),
             Err(AgentError::Corrupt("state file version"))
         ));
+    }
+
+    /// Feeds [`connect_at_start`] a script of connection results (`Ok(())`, or a refusal
+    /// code, or a timeout); returns the outcome and the attempts made.
+    async fn start_with(needed: u64, script: &[Option<u8>]) -> (Result<(), AgentError>, usize) {
+        let mut attempts = 0usize;
+        let r = connect_at_start(DeviceId([1; 8]), needed, Duration::ZERO, || {
+            let step = script.get(attempts).copied();
+            attempts += 1;
+            async move {
+                match step {
+                    Some(None) => Ok(()),
+                    Some(Some(code)) => Err(MqttError::Refused {
+                        code,
+                        reason: format!("code {code}"),
+                    }),
+                    None => Err(MqttError::Timeout),
+                }
+            }
+        })
+        .await;
+        (r, attempts)
+    }
+
+    #[tokio::test]
+    async fn only_credential_refusals_in_a_row_mean_revoked_at_start() {
+        // A broker still loading the new account's password: refused twice, then in.
+        let (r, n) = start_with(3, &[Some(5), Some(4), None]).await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(n, 3);
+        // Refused for the credentials three times in a row: revoked, no fourth attempt.
+        let (r, n) = start_with(3, &[Some(5), Some(4), Some(5), None]).await;
+        assert!(matches!(r, Err(AgentError::Revoked(_))), "{r:?}");
+        assert_eq!(n, 3);
+        // Server unavailable (and the other non-credential codes) are not a revocation.
+        for code in [1, 2, 3] {
+            let (r, n) = start_with(3, &[Some(code)]).await;
+            assert!(
+                matches!(r, Err(AgentError::Mqtt(MqttError::Refused { code: c, .. })) if c == code),
+                "{code}: {r:?}"
+            );
+            assert_eq!(n, 1);
+        }
+        // Not even after credential refusals.
+        let (r, _) = start_with(3, &[Some(5), Some(5), Some(3)]).await;
+        assert!(matches!(r, Err(AgentError::Mqtt(_))), "{r:?}");
+        // At least one refusal is needed, whatever the option says.
+        let (r, n) = start_with(0, &[Some(4), None]).await;
+        assert!(matches!(r, Err(AgentError::Revoked(_))), "{r:?}");
+        assert_eq!(n, 1);
     }
 }

@@ -37,9 +37,16 @@ pub enum MqttError {
     /// The broker address is not `host:port`.
     #[error("broker address must be host:port")]
     BadAddress,
-    /// The broker refused the credentials (or the account is gone: revoked).
-    #[error("the broker refused the connection ({0})")]
-    Refused(String),
+    /// The broker refused the connection: CONNACK return `code` (MQTT 3.1.1). Only codes
+    /// [`BAD_USER_NAME_OR_PASSWORD`] and [`NOT_AUTHORIZED`] are about the credentials (the
+    /// account may be gone: revoked); see [`refuses_credentials`].
+    #[error("the broker refused the connection ({reason})")]
+    Refused {
+        /// The CONNACK return code.
+        code: u8,
+        /// Its name.
+        reason: String,
+    },
     /// The broker refused the subscription.
     #[error("the broker refused the subscription")]
     SubscriptionRefused,
@@ -49,6 +56,25 @@ pub enum MqttError {
     /// The broker did not answer in time.
     #[error("the broker did not answer in time")]
     Timeout,
+}
+
+/// CONNACK return code 4 (MQTT 3.1.1): bad user name or password.
+pub const BAD_USER_NAME_OR_PASSWORD: u8 = 4;
+/// CONNACK return code 5 (MQTT 3.1.1): not authorised.
+pub const NOT_AUTHORIZED: u8 = 5;
+
+/// Whether a CONNACK refusal `code` is about the credentials (codes 4 and 5), the only
+/// refusals that may mean the account was revoked; the others (server unavailable, protocol
+/// version, client id) say nothing about the account.
+pub fn refuses_credentials(code: u8) -> bool {
+    code == BAD_USER_NAME_OR_PASSWORD || code == NOT_AUTHORIZED
+}
+
+impl MqttError {
+    /// Whether this is a refusal of the credentials ([`refuses_credentials`]).
+    pub fn refuses_credentials(&self) -> bool {
+        matches!(self, MqttError::Refused { code, .. } if refuses_credentials(*code))
+    }
 }
 
 /// How a link connects.
@@ -137,7 +163,9 @@ impl MqttLink {
         self.stats.connected.load(Ordering::Relaxed)
     }
 
-    /// Times the broker refused a reconnection (e.g. the account was revoked).
+    /// Times the broker refused a reconnection for the credentials (CONNACK codes 4 and 5,
+    /// [`refuses_credentials`]: e.g. the account was revoked); other refusals are not
+    /// counted.
     pub fn refusals(&self) -> u64 {
         self.stats.refusals.load(Ordering::Relaxed)
     }
@@ -223,13 +251,17 @@ pub async fn connect(
     }
 }
 
-fn refusal(e: &ConnectionError) -> Option<String> {
+/// A refusal's code and name, if `e` is one.
+fn refusal(e: &ConnectionError) -> Option<(u8, String)> {
     match e {
-        ConnectionError::ConnectionRefused(code) => Some(match code {
-            ConnectReturnCode::NotAuthorized => "not authorised".to_string(),
-            ConnectReturnCode::BadUserNamePassword => "bad user name or password".to_string(),
-            other => format!("{other:?}"),
-        }),
+        ConnectionError::ConnectionRefused(code) => Some((
+            *code as u8,
+            match code {
+                ConnectReturnCode::NotAuthorized => "not authorised".to_string(),
+                ConnectReturnCode::BadUserNamePassword => "bad user name or password".to_string(),
+                other => format!("{other:?}"),
+            },
+        )),
         _ => None,
     }
 }
@@ -303,12 +335,12 @@ async fn event_loop(
                 let refused = refusal(&e);
                 if let Some(r) = ready.take() {
                     let _ = r.send(Err(match refused {
-                        Some(why) => MqttError::Refused(why),
+                        Some((code, reason)) => MqttError::Refused { code, reason },
                         None => MqttError::Connection(e.to_string()),
                     }));
                     return;
                 }
-                if refused.is_some() {
+                if refused.is_some_and(|(code, _)| refuses_credentials(code)) {
                     stats.refusals.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost");
@@ -337,5 +369,30 @@ mod tests {
         assert!(host_port(":1").is_err());
         assert!(host_port("h:0").is_err());
         assert!(host_port("h:x").is_err());
+    }
+
+    /// Only the credential refusals (codes 4 and 5) count as such; the code comes through.
+    #[test]
+    fn refusal_codes() {
+        let codes = [
+            (ConnectReturnCode::RefusedProtocolVersion, 1, false),
+            (ConnectReturnCode::BadClientId, 2, false),
+            (ConnectReturnCode::ServiceUnavailable, 3, false),
+            (ConnectReturnCode::BadUserNamePassword, 4, true),
+            (ConnectReturnCode::NotAuthorized, 5, true),
+        ];
+        for (rc, code, credentials) in codes {
+            let (got, _) = refusal(&ConnectionError::ConnectionRefused(rc)).unwrap();
+            assert_eq!(got, code);
+            assert_eq!(refuses_credentials(got), credentials, "{rc:?}");
+            let e = MqttError::Refused {
+                code: got,
+                reason: String::new(),
+            };
+            assert_eq!(e.refuses_credentials(), credentials, "{rc:?}");
+        }
+        assert!(!refuses_credentials(0));
+        assert!(!MqttError::Timeout.refuses_credentials());
+        assert!(refusal(&ConnectionError::RequestsDone).is_none());
     }
 }

@@ -835,7 +835,10 @@ async fn operator_routes_authenticate_before_parsing_the_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_in_flight_limit_answers_busy() {
     use tokio::io::AsyncWriteExt;
-    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| o.http_max_in_flight = 2).await;
+    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| {
+        o.http_max_operator_in_flight = 2;
+    })
+    .await;
     let addr = fleet.server.http_addr().unwrap();
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -1133,4 +1136,94 @@ async fn whole_cycle_with_the_postgres_registry() {
         fleet.shutdown().await;
     })
     .await;
+}
+
+/// Unauthenticated clients sending their registration body a byte at a time fill every
+/// unauthenticated place; the operator still gets through (its token gives it places of its
+/// own, on the identity service's routes and the C2 ones), and the revocation takes effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_unauthenticated_bodies_cannot_keep_the_operator_from_revoking() {
+    use tokio::io::AsyncWriteExt;
+    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| {
+        o.http_max_in_flight = 4;
+        // Long enough that the slow clients keep their places for the whole test.
+        o.http_body_timeout = Duration::from_secs(600);
+        o.http_request_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let addr = fleet.server.http_addr().unwrap();
+    let (identity, _data) = fleet.enroll("pump-slow", &[]).await;
+    let dev = identity.device_id();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"POST /v1/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+        held.push(s);
+    }
+    // The unauthenticated places are all taken.
+    let challenge = post("/v1/challenge", None, "{}");
+    eventually("the unauthenticated places full", || {
+        let r = challenge.clone();
+        async move { (raw_http(addr, r).await == 503).then_some(()) }
+    })
+    .await;
+    // A wrong token is no token: it does not get the operator's places.
+    assert_eq!(
+        raw_http(addr, post("/v1/challenge", Some("wrong"), "{}")).await,
+        503
+    );
+    // The operator revokes through the identity service's route…
+    let path = format!("/v1/devices/{}/revoke", dev.to_hex());
+    assert_eq!(raw_http(addr, post(&path, Some(OPERATOR), "")).await, 200);
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
+    // …and the C2 routes answer it too.
+    let stats = format!(
+        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_http(addr, stats).await, 200);
+    let path = format!("/v1/c2/devices/{}/revoke", dev.to_hex());
+    let again = raw_http(addr, post(&path, Some(OPERATOR), "")).await;
+    assert!(again == 200 || again == 409, "{again}");
+    assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
+    // The slow clients were still holding their places all along.
+    assert_eq!(raw_http(addr, challenge.clone()).await, 503);
+    drop(held);
+    fleet.shutdown().await;
+}
+
+/// An unauthenticated request whose body does not come is answered 408 once the short body
+/// deadline passes, long before the request timeout, and its place is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_unauthenticated_body_is_answered_408_by_the_body_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| {
+        o.http_max_in_flight = 1;
+        o.http_body_timeout = Duration::from_millis(300);
+        // Far beyond PATIENCE: only the body deadline can answer in time.
+        o.http_request_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let addr = fleet.server.http_addr().unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut buf))
+        .await
+        .expect("no answer to the slow body")
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 408");
+    // Its place is free: an unauthenticated request is served (400: an empty challenge
+    // body is still an answer, not 503).
+    let r = raw_http(addr, post("/v1/challenge", None, "{}")).await;
+    assert_ne!(r, 503);
+    drop(s);
+    fleet.shutdown().await;
 }

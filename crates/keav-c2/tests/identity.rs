@@ -1409,3 +1409,97 @@ async fn old_unpinned_tokens_and_whole_tokens_on_the_wire_are_accepted() {
         .is_none());
     svc.stop().await;
 }
+
+/// A registration whose body is sent a byte at a time, held open on a fresh connection.
+async fn slow_registration(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    s
+}
+
+/// Slow-body registrations filling every unauthenticated place do not keep the operator out:
+/// its token gives it places of its own, and its revocation goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_registrations_cannot_keep_the_operator_from_revoking() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_with(
+        &dir.path().join("id.redb"),
+        Arc::new(AtomicU64::new(1_700_000_000)),
+        |c| {
+            c.max_in_flight = 3;
+            // Long enough that the slow clients keep their places for the whole test.
+            c.body_timeout = std::time::Duration::from_secs(600);
+        },
+    )
+    .await;
+    let key = SigningKey::generate(Alg::Ed25519).unwrap();
+    let t = svc.token().await;
+    svc.client().register(&key, &t).await.unwrap();
+    let id = key.device_id();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(slow_registration(svc.addr).await);
+    }
+    // Every unauthenticated place is taken (bounded wait: the slow clients' requests reach
+    // the service in their own time).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while svc.raw("POST", "/v1/challenge", None, b"{}").await.0 != 503 {
+        if std::time::Instant::now() >= deadline {
+            // Which slow clients were answered (and so freed their place)?
+            let mut answered = Vec::new();
+            for s in &mut held {
+                let mut b = [0u8; 12];
+                let r = tokio::time::timeout(std::time::Duration::from_millis(50), s.read(&mut b))
+                    .await;
+                answered.push(format!("{r:?} {:?}", String::from_utf8_lossy(&b)));
+            }
+            panic!("the places never filled; slow clients: {answered:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A wrong token gets no place of the operator's.
+    let wrong = svc
+        .raw("GET", "/v1/devices", Some("Bearer not-the-token"), b"")
+        .await;
+    assert_eq!(wrong.0, 503);
+    let d = svc.operator().revoke(id).await.unwrap();
+    assert_eq!(d.status, "revoked");
+    assert_eq!(svc.operator().device(id).await.unwrap().status, "revoked");
+    assert_eq!(svc.events().last(), Some(&Event::Remove(id.to_hex())));
+    // The slow clients still held their places all along.
+    assert_eq!(svc.raw("POST", "/v1/challenge", None, b"{}").await.0, 503);
+    drop(held);
+    svc.stop().await;
+}
+
+/// An unauthenticated body that does not come is answered 408 once the body deadline passes
+/// (the service has no other timeout: without it, the answer would never come).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_registration_body_is_answered_408() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_with(
+        &dir.path().join("id.redb"),
+        Arc::new(AtomicU64::new(1_700_000_000)),
+        |c| {
+            c.max_in_flight = 1;
+            c.body_timeout = std::time::Duration::from_millis(300);
+        },
+    )
+    .await;
+    let mut s = slow_registration(svc.addr).await;
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(std::time::Duration::from_secs(20), s.read_exact(&mut buf))
+        .await
+        .expect("no answer to the slow body")
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 408");
+    drop(s);
+    // Its place is free again.
+    let nonce = svc.nonce().await;
+    assert_eq!(nonce.len(), NONCE_LEN);
+    svc.stop().await;
+}

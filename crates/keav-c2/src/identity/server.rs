@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -109,8 +110,16 @@ pub struct IdentityConfig {
     /// Most used nonces remembered at once (each until it expires; registrations beyond get
     /// 503). Challenges themselves store nothing.
     pub max_nonces: usize,
-    /// Most requests handled at once (further requests get 503).
+    /// Most requests handled at once (further requests get 503). Requests carrying the
+    /// operator token do not count here: they have their own places
+    /// ([`IdentityConfig::max_operator_in_flight`]), so unauthenticated clients cannot keep
+    /// the operator (a revocation) out.
     pub max_in_flight: usize,
+    /// Most requests carrying the operator token handled at once (default 16).
+    pub max_operator_in_flight: usize,
+    /// Longest an unauthenticated request may take to send its whole body (default 5 s):
+    /// then it is answered 408 and its place freed, so slow-body clients cannot hold it.
+    pub body_timeout: std::time::Duration,
     /// Largest request body, bytes (larger ones get 413).
     pub body_limit: usize,
     /// The clock.
@@ -131,6 +140,8 @@ impl IdentityConfig {
             nonce_key: NonceKey::generate(),
             max_nonces: 1024,
             max_in_flight: 64,
+            max_operator_in_flight: 16,
+            body_timeout: std::time::Duration::from_secs(5),
             body_limit: 16 * 1024,
             clock: Clock::system(),
         }
@@ -263,6 +274,7 @@ pub struct IdentityState<R, B> {
     /// Nonces used by a registration, with their expiry (see the module docs).
     used_nonces: StdMutex<HashMap<[u8; NONCE_LEN], u64>>,
     in_flight: Arc<Semaphore>,
+    operator_in_flight: Arc<Semaphore>,
 }
 
 impl<R, B> std::fmt::Debug for IdentityState<R, B> {
@@ -279,6 +291,7 @@ impl<R: Registry, B: BrokerAccounts> IdentityState<R, B> {
         let server_id = DeviceId::of_key(&config.server_key);
         let operator_digest = Sha256::digest(config.operator_token.as_bytes()).into();
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+        let operator_in_flight = Arc::new(Semaphore::new(config.max_operator_in_flight.max(1)));
         Arc::new(IdentityState {
             registry,
             accounts,
@@ -287,6 +300,7 @@ impl<R: Registry, B: BrokerAccounts> IdentityState<R, B> {
             operator_digest,
             used_nonces: StdMutex::new(HashMap::new()),
             in_flight,
+            operator_in_flight,
             config,
         })
     }
@@ -427,19 +441,106 @@ async fn limit_in_flight<R: Registry, B: BrokerAccounts>(
     req: Request,
     next: Next,
 ) -> Response {
-    match st.in_flight.clone().try_acquire_owned() {
-        Ok(permit) => {
-            let resp = next.run(req).await;
-            drop(permit);
-            resp
-        }
-        Err(_) => err(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "too many requests in flight",
-        )
-        .into_response(),
+    // The operator has its own places: unauthenticated clients cannot starve it.
+    let is_operator = operator(&st, req.headers()).is_ok();
+    let pool = if is_operator {
+        &st.operator_in_flight
+    } else {
+        &st.in_flight
+    };
+    let Ok(permit) = pool.clone().try_acquire_owned() else {
+        tracing::warn!(
+            operator = is_operator,
+            "HTTP request refused: too many in flight"
+        );
+        return busy();
+    };
+    if is_operator {
+        let resp = next.run(req).await;
+        drop(permit);
+        return resp;
     }
+    let (req, expired) = with_body_deadline(req, st.config.body_timeout);
+    let resp = next.run(req).await;
+    drop(permit);
+    if expired.load(Ordering::Relaxed) {
+        return body_timed_out();
+    }
+    resp
+}
+
+fn busy() -> Response {
+    err(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        "too many requests in flight",
+    )
+    .into_response()
+}
+
+/// A request body that fails once its deadline passes (see [`with_body_deadline`]).
+struct DeadlineBody {
+    inner: axum::body::Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<AtomicBool>,
+}
+
+impl axum::body::HttpBody for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.expired.store(true, Ordering::Relaxed);
+            return std::task::Poll::Ready(Some(Err(axum::Error::new(
+                "request body took too long",
+            ))));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Gives `req` a body that must be all read within `deadline` (from now): reading past it
+/// fails, and the flag returned is set; the caller then answers [`body_timed_out`] whatever
+/// the handler made of the failure. A handler that does not read the body (one refusing the
+/// request first) is not affected.
+pub(crate) fn with_body_deadline(
+    req: Request,
+    deadline: std::time::Duration,
+) -> (Request, Arc<AtomicBool>) {
+    let expired = Arc::new(AtomicBool::new(false));
+    let (parts, body) = req.into_parts();
+    let body = DeadlineBody {
+        inner: body,
+        deadline: Box::pin(tokio::time::sleep(deadline)),
+        expired: expired.clone(),
+    };
+    (
+        Request::from_parts(parts, axum::body::Body::new(body)),
+        expired,
+    )
+}
+
+/// The answer to a request whose body did not come in time: 408 `{"code": "timeout"}`.
+pub(crate) fn body_timed_out() -> Response {
+    tracing::warn!("HTTP request body too slow");
+    err(
+        StatusCode::REQUEST_TIMEOUT,
+        "timeout",
+        "request body took too long",
+    )
+    .into_response()
 }
 
 /// Checks the operator's bearer token (constant time, over SHA-256 digests so the lengths

@@ -23,10 +23,12 @@
 //!
 //! The operator token is checked by a layer in front of every route, before the request's
 //! body is read or parsed: a caller without the token gets 401 whatever it sends. The whole
-//! HTTP service (these routes and the identity service's) is behind an in-flight limit
-//! ([`limit_in_flight`]): requests beyond it are answered 503 at once, and a request may
+//! HTTP service (these routes and the identity service's) is behind in-flight limits
+//! ([`limit_in_flight`]): requests beyond them are answered 503 at once, and a request may
 //! hold its place for a bounded time only (408 after that), so clients that never finish
-//! sending their body cannot keep the service locked.
+//! sending their body cannot keep the service locked. Requests with the operator token
+//! have places of their own, and unauthenticated requests must send their body within a
+//! short deadline, so unauthenticated clients cannot keep the operator from revoking.
 
 use std::sync::Arc;
 
@@ -119,42 +121,81 @@ pub fn uncancellable_revocations(app: Router) -> Router {
     }))
 }
 
-/// Puts `app` behind a limit of `max` requests in flight (at least 1): one more is answered
-/// `503 {"code": "busy"}` at once, without being read. A request taking longer than
-/// `timeout` (reading its body included) is answered `408 {"code": "timeout"}` and its
-/// place freed (work that must complete, like a revocation, runs on its own task).
-pub fn limit_in_flight(app: Router, max: usize, timeout: std::time::Duration) -> Router {
-    let permits = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+/// The HTTP service's in-flight limits ([`limit_in_flight`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InFlightLimits {
+    /// Most requests without the operator token in flight at once (at least 1).
+    pub max: usize,
+    /// Most requests with the operator token in flight at once (at least 1), apart from
+    /// the others: unauthenticated clients cannot take these places.
+    pub max_operator: usize,
+    /// Longest a request may take, reading its body included.
+    pub timeout: std::time::Duration,
+    /// Longest a request without the operator token may take to send its whole body.
+    pub body_timeout: std::time::Duration,
+}
+
+/// Puts `app` behind in-flight limits: requests carrying the operator token (checked in
+/// constant time, as the operator routes do) and the others each have their own places
+/// (`limits.max_operator`, `limits.max`), so unauthenticated clients cannot keep the
+/// operator (a revocation) out. One request more than its pool allows is answered
+/// `503 {"code": "busy"}` at once, without being read. A request without the operator token
+/// must send its whole body within `limits.body_timeout`, or it is answered
+/// `408 {"code": "timeout"}` and its place freed. Any request taking longer than
+/// `limits.timeout` is answered 408 too (work that must complete, like a revocation, runs
+/// on its own task).
+pub fn limit_in_flight(app: Router, operator_token: &str, limits: InFlightLimits) -> Router {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max.max(1)));
+    let operator_permits = Arc::new(tokio::sync::Semaphore::new(limits.max_operator.max(1)));
+    let operator_digest: [u8; 32] = Sha256::digest(operator_token.as_bytes()).into();
     app.layer(middleware::from_fn(move |req: Request, next: Next| {
         let permits = permits.clone();
+        let operator_permits = operator_permits.clone();
         async move {
-            match permits.try_acquire_owned() {
-                Ok(permit) => {
-                    let r = match tokio::time::timeout(timeout, next.run(req)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            tracing::warn!("HTTP request timed out");
-                            ApiError(
-                                StatusCode::REQUEST_TIMEOUT,
-                                "timeout",
-                                "request took too long".into(),
-                            )
-                            .into_response()
-                        }
-                    };
-                    drop(permit);
-                    r
+            let is_operator = bearer_matches(req.headers(), &operator_digest);
+            let pool = if is_operator {
+                operator_permits
+            } else {
+                permits
+            };
+            let Ok(permit) = pool.try_acquire_owned() else {
+                tracing::warn!(
+                    operator = is_operator,
+                    "HTTP request refused: too many in flight"
+                );
+                return ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "too many requests in flight".into(),
+                )
+                .into_response();
+            };
+            let work = async move {
+                if is_operator {
+                    return next.run(req).await;
                 }
+                let (req, expired) =
+                    crate::identity::server::with_body_deadline(req, limits.body_timeout);
+                let r = next.run(req).await;
+                if expired.load(std::sync::atomic::Ordering::Relaxed) {
+                    return crate::identity::server::body_timed_out();
+                }
+                r
+            };
+            let r = match tokio::time::timeout(limits.timeout, work).await {
+                Ok(r) => r,
                 Err(_) => {
-                    tracing::warn!("HTTP request refused: too many in flight");
+                    tracing::warn!("HTTP request timed out");
                     ApiError(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "busy",
-                        "too many requests in flight".into(),
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        "request took too long".into(),
                     )
                     .into_response()
                 }
-            }
+            };
+            drop(permit);
+            r
         }
     }))
 }
@@ -223,24 +264,29 @@ impl From<ServerError> for ApiError {
 }
 
 fn operator<R>(st: &AppState<R>, headers: &HeaderMap) -> Result<(), ApiError> {
-    let unauthorized = || {
-        ApiError(
+    if bearer_matches(headers, &st.operator_digest) {
+        Ok(())
+    } else {
+        Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "operator token missing or wrong".into(),
-        )
-    };
-    let token = headers
+        ))
+    }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>` with the token whose SHA-256 is
+/// `digest` (compared in constant time).
+fn bearer_matches(headers: &HeaderMap, digest: &[u8; 32]) -> bool {
+    let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(unauthorized)?;
-    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    if bool::from(digest.ct_eq(&st.operator_digest)) {
-        Ok(())
-    } else {
-        Err(unauthorized())
-    }
+    else {
+        return false;
+    };
+    let got: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    bool::from(got.ct_eq(digest))
 }
 
 fn device_id(s: &str) -> Result<DeviceId, ApiError> {

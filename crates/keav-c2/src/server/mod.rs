@@ -196,9 +196,15 @@ pub struct ServerOptions {
     /// Each device's inbound rate limit, checked before any signature work (default: 200
     /// at once, then 50 a second).
     pub inbound_rate: RateLimit,
-    /// Most HTTP requests in flight at once (identity service and operator routes
-    /// together); more are answered 503 at once (default 64).
+    /// Most HTTP requests without the operator token in flight at once (identity service
+    /// and operator routes together); more are answered 503 at once (default 64).
     pub http_max_in_flight: usize,
+    /// Most HTTP requests with the operator token in flight at once, apart from the others
+    /// (default 16).
+    pub http_max_operator_in_flight: usize,
+    /// Longest an HTTP request without the operator token may take to send its whole body
+    /// (default 5 s): then it is answered 408 and its place freed.
+    pub http_body_timeout: Duration,
     /// Longest an HTTP request may take, reading its body included (default 60 s): then it
     /// is answered 408 and its place among those in flight freed.
     pub http_request_timeout: Duration,
@@ -236,6 +242,8 @@ impl ServerOptions {
             tick: Duration::from_secs(1),
             inbound_rate: RateLimit::default(),
             http_max_in_flight: 64,
+            http_max_operator_in_flight: 16,
+            http_body_timeout: Duration::from_secs(5),
             http_request_timeout: Duration::from_secs(60),
         }
     }
@@ -990,7 +998,7 @@ impl<R: Registry> Server<R> {
             );
             match mqtt::connect(lo).await {
                 Ok(x) => break x,
-                Err(MqttError::Refused(_)) if attempt < 20 => {
+                Err(MqttError::Refused { .. }) if attempt < 20 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -1032,11 +1040,18 @@ impl<R: Registry> Server<R> {
                 .await
                 .map_err(io(format!("bind {addr}")))?;
             http_addr = Some(listener.local_addr().map_err(io("HTTP address"))?);
-            let idc = IdentityConfig::new(
+            let mut idc = IdentityConfig::new(
                 options.operator_token.clone(),
                 broker_addr.clone(),
                 public_key,
             );
+            idc.body_timeout = options.http_body_timeout;
+            let limits = http::InFlightLimits {
+                max: options.http_max_in_flight,
+                max_operator: options.http_max_operator_in_flight,
+                timeout: options.http_request_timeout,
+                body_timeout: options.http_body_timeout,
+            };
             let id_state = IdentityState::new(
                 registry.clone(),
                 FleetAccounts {
@@ -1054,8 +1069,8 @@ impl<R: Registry> Server<R> {
                     identity::server::router(id_state)
                         .merge(http::router(server, &options.operator_token)),
                 ),
-                options.http_max_in_flight,
-                options.http_request_timeout,
+                &options.operator_token,
+                limits,
             );
             let mut stop = stop_rx.clone();
             tasks.push(tokio::spawn(async move {

@@ -315,6 +315,8 @@ async fn identity_revocation_completes_when_its_client_goes_away() {
     let mut o = options(dir.path());
     o.http = Some("127.0.0.1:0".parse().unwrap());
     o.http_max_in_flight = 1;
+    // The operator's requests have their own places.
+    o.http_max_operator_in_flight = 1;
     let server = Server::start(o, registry).await.unwrap();
     let addr = server.http_addr().unwrap();
     let dev = add_registered(&server).await;
