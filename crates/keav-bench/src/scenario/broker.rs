@@ -19,6 +19,10 @@
 //!   that never arrive (a datagram channel drops what a full queue cannot take) are counted
 //!   as lost, as for the plain clients, and the rate counts what arrived. Only the
 //!   encryption differs from the plaintext run: no store, no acknowledgements.
+//!
+//!   In both of these runs the sending side and the receiving side are two devices, each
+//!   its own client and each run as a task of its own on the multi-threaded runtime (not
+//!   one task driving both), so either side's work runs on its own thread when one is free.
 //! - **keav durable**: two devices paired over the same broker ([`Messenger`], direct delivery); the
 //!   sender sends `n` messages, the receiver `recv`s them (and `ack`s every [`ACK_EVERY`]);
 //!   timed from the first `send` to the last `recv`. Sends are pipelined, up to
@@ -37,7 +41,7 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -396,6 +400,92 @@ impl Drop for Ticker<'_> {
     }
 }
 
+/// Progress from the receiving side of a run, which runs in a task of its own: counted into
+/// a shared counter in steps of [`PROGRESS_STEP`] and forwarded by [`two_devices`].
+struct Counter {
+    shared: Arc<AtomicU64>,
+    pending: u64,
+}
+
+impl Counter {
+    fn new(shared: &Arc<AtomicU64>) -> Counter {
+        Counter {
+            shared: Arc::clone(shared),
+            pending: 0,
+        }
+    }
+    fn tick(&mut self) {
+        self.pending += 1;
+        if self.pending >= PROGRESS_STEP {
+            self.shared.fetch_add(self.pending, Ordering::Relaxed);
+            self.pending = 0;
+        }
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        if self.pending > 0 {
+            self.shared.fetch_add(self.pending, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A spawned task, aborted if its handle is dropped before it ended (a failed or cancelled
+/// run stops both devices).
+struct Task<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn joined<T>(r: Result<Result<T, BenchError>, tokio::task::JoinError>) -> Result<T, BenchError> {
+    r.unwrap_or_else(|e| Err(fail(format!("a device task failed: {e}"))))
+}
+
+/// The two devices of a timed run, as the issue describes them: two clients, the sending
+/// side and the receiving side each a task of its own on the multi-threaded runtime (the
+/// same for plaintext and keav live). Returns both results once both ended, or the first
+/// error (the other task is then aborted); forwards the receiving side's progress
+/// (`done`) meanwhile.
+async fn two_devices<A, B>(
+    progress: &dyn Progress,
+    done: &AtomicU64,
+    sending: impl Future<Output = Result<A, BenchError>> + Send + 'static,
+    receiving: impl Future<Output = Result<B, BenchError>> + Send + 'static,
+) -> Result<(A, B), BenchError>
+where
+    A: Send + 'static,
+    B: Send + 'static,
+{
+    let mut s = Task(tokio::spawn(sending));
+    let mut r = Task(tokio::spawn(receiving));
+    let (mut a, mut b) = (None, None);
+    let mut reported = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let forward = |reported: &mut u64| {
+        let d = done.load(Ordering::Relaxed);
+        if d > *reported {
+            progress.advance(d - *reported);
+            *reported = d;
+        }
+    };
+    while a.is_none() || b.is_none() {
+        tokio::select! {
+            x = &mut s.0, if a.is_none() => a = Some(joined(x)?),
+            x = &mut r.0, if b.is_none() => b = Some(joined(x)?),
+            _ = tick.tick() => forward(&mut reported),
+        }
+    }
+    forward(&mut reported);
+    match (a, b) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(fail("a device task did not end")),
+    }
+}
+
 /// Message `i` of `size` bytes (at least 8): `i` little-endian, then a filler pattern.
 pub fn body(i: u64, size: usize) -> Vec<u8> {
     let mut b: Vec<u8> = (0..size).map(|j| (j % 251) as u8 ^ 0x5a).collect();
@@ -590,40 +680,46 @@ async fn plain_mqtt(
         }
     });
 
+    // The two devices: the sending side and the receiving side, each a task of its own.
+    let done = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
-    let sending = async {
-        for i in 0..n {
-            publisher
-                .publish(topic.clone(), QoS::AtLeastOnce, false, body(i, size))
-                .await
-                .map_err(|e| mqtt_err("publish", e))?;
-        }
-        Ok::<(), BenchError>(())
-    };
-    let receiving = async {
-        let mut seen = Seen::new(n, size);
-        let mut last = t0;
-        let mut ticker = Ticker::new(progress);
-        while !seen.complete() {
-            let payload =
-                match tokio::time::timeout_at((last + PLAIN_IDLE).into(), inbox.recv()).await {
-                    Ok(Some(p)) => p?,
-                    Ok(None) => return Err(mqtt_err("subscriber", "stopped")),
-                    Err(_) => break,
-                };
-            if seen.take(&payload).map_err(fail)? {
-                last = Instant::now();
-                ticker.tick();
+    let sending = {
+        let publisher = publisher.clone();
+        async move {
+            for i in 0..n {
+                publisher
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, body(i, size))
+                    .await
+                    .map_err(|e| mqtt_err("publish", e))?;
             }
+            Ok::<(), BenchError>(())
         }
-        Ok::<_, BenchError>(PlainRun {
-            elapsed: last - t0,
-            received: seen.distinct,
-        })
+    };
+    let receiving = {
+        let mut counter = Counter::new(&done);
+        async move {
+            let mut seen = Seen::new(n, size);
+            let mut last = t0;
+            while !seen.complete() {
+                let payload =
+                    match tokio::time::timeout_at((last + PLAIN_IDLE).into(), inbox.recv()).await {
+                        Ok(Some(p)) => p?,
+                        Ok(None) => return Err(mqtt_err("subscriber", "stopped")),
+                        Err(_) => break,
+                    };
+                if seen.take(&payload).map_err(fail)? {
+                    last = Instant::now();
+                    counter.tick();
+                }
+            }
+            Ok::<_, BenchError>(PlainRun {
+                elapsed: last - t0,
+                received: seen.distinct,
+            })
+        }
     };
     // The publisher's event loop sends the queued publishes and takes the PUBACKs, in a task
-    // of its own as keav's link runs its event loop (the subscriber's is polled by the
-    // receiving side directly, the shortest path a plain client has).
+    // of its own as keav's link runs its event loop.
     let mut driving = tokio::spawn(async move {
         loop {
             if let Err(e) = pub_loop.poll().await {
@@ -632,7 +728,7 @@ async fn plain_mqtt(
         }
     });
     let r = tokio::select! {
-        r = async { tokio::try_join!(sending, receiving) } => r.map(|((), run)| run),
+        r = two_devices(progress, &done, sending, receiving) => r.map(|((), run)| run),
         e = &mut driving => Err(e.unwrap_or_else(|e| mqtt_err("publisher task", e))),
     };
     driving.abort();
@@ -683,8 +779,10 @@ async fn plain_nats(
     })
     .await?;
 
+    // The two devices: the sending side and the receiving side, each a task of its own.
+    let done = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
-    let sending = async {
+    let sending = async move {
         for i in 0..n {
             publisher
                 .publish(subject.clone(), bytes::Bytes::from(body(i, size)))
@@ -693,27 +791,32 @@ async fn plain_nats(
         }
         publisher.flush().await.map_err(|e| nats_err("flush", e))
     };
-    let receiving = async {
-        let mut seen = Seen::new(n, size);
-        let mut last = t0;
-        let mut ticker = Ticker::new(progress);
-        while !seen.complete() {
-            let m = match tokio::time::timeout_at((last + PLAIN_IDLE).into(), sub.next()).await {
-                Ok(Some(m)) => m,
-                Ok(None) => return Err(nats_err("subscription", "ended")),
-                Err(_) => break,
-            };
-            if seen.take(&m.payload).map_err(fail)? {
-                last = Instant::now();
-                ticker.tick();
+    let receiving = {
+        let mut counter = Counter::new(&done);
+        async move {
+            let mut seen = Seen::new(n, size);
+            let mut last = t0;
+            while !seen.complete() {
+                let m = match tokio::time::timeout_at((last + PLAIN_IDLE).into(), sub.next()).await
+                {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Err(nats_err("subscription", "ended")),
+                    Err(_) => break,
+                };
+                if seen.take(&m.payload).map_err(fail)? {
+                    last = Instant::now();
+                    counter.tick();
+                }
             }
+            Ok(PlainRun {
+                elapsed: last - t0,
+                received: seen.distinct,
+            })
         }
-        Ok(PlainRun {
-            elapsed: last - t0,
-            received: seen.distinct,
-        })
     };
-    let ((), run) = tokio::try_join!(sending, receiving)?;
+    let ((), run) = two_devices(progress, &done, sending, receiving).await?;
+    // The subscribing client stays connected until the subscription's task ended.
+    drop(sub_client);
     Ok(run)
 }
 
@@ -1053,7 +1156,7 @@ async fn live_run(
 }
 
 /// One untimed warm-up record, then `n` timed ones from `ca` to `cb`.
-async fn live_exchange<T>(
+async fn live_exchange<T: 'static>(
     ca: Channel<T>,
     cb: Channel<T>,
     size: usize,
@@ -1071,32 +1174,36 @@ async fn live_exchange<T>(
     }
     let dropped0 = rx.dropped_records();
 
+    // The two devices: the sending side and the receiving side, each a task of its own.
+    let done = Arc::new(AtomicU64::new(0));
     let cpu0 = process_cpu();
     let t0 = Instant::now();
-    let sending = async {
+    let sending = async move {
         for i in 0..n {
             tx.send(&body(i, size)).await?;
         }
-        Ok::<(), BenchError>(())
+        Ok::<_, BenchError>(tx)
     };
-    let receiving = async {
-        let mut order = InOrder::new(n, size);
-        let mut last = t0;
-        let mut ticker = Ticker::new(progress);
-        while !order.done() {
-            let d = match tokio::time::timeout_at((last + PLAIN_IDLE).into(), rx.recv()).await {
-                Ok(Ok(Some(d))) => d,
-                Ok(Ok(None)) => return Err(fail("the sender closed the channel")),
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => break,
-            };
-            order.take(&d).map_err(fail)?;
-            last = Instant::now();
-            ticker.tick();
+    let receiving = {
+        let mut counter = Counter::new(&done);
+        async move {
+            let mut order = InOrder::new(n, size);
+            let mut last = t0;
+            while !order.done() {
+                let d = match tokio::time::timeout_at((last + PLAIN_IDLE).into(), rx.recv()).await {
+                    Ok(Ok(Some(d))) => d,
+                    Ok(Ok(None)) => return Err(fail("the sender closed the channel")),
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => break,
+                };
+                order.take(&d).map_err(fail)?;
+                last = Instant::now();
+                counter.tick();
+            }
+            Ok::<_, BenchError>((rx, last, order.received))
         }
-        Ok::<_, BenchError>((last, order.received))
     };
-    let ((), (last, received)) = tokio::try_join!(sending, receiving)?;
+    let (mut tx, (rx, last, received)) = two_devices(progress, &done, sending, receiving).await?;
     let cpu = process_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
     let _ = tx.close().await;
     Ok(LiveRun {
