@@ -124,6 +124,19 @@ pub struct ServeArgs {
     /// File holding the operator token (default: DATA/operator.token, made if missing).
     #[arg(long, value_name = "FILE")]
     operator_token_file: Option<PathBuf>,
+    /// Most HTTP requests without the operator token in flight at once (more get 503).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    http_max_in_flight: usize,
+    /// Most operator requests in flight at once, in a pool of their own (so that clients
+    /// without the token cannot keep the operator from revoking).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    http_max_operator_in_flight: usize,
+    /// Seconds a request without the operator token may take to send its body (then 408).
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    http_body_timeout: u64,
+    /// Seconds any HTTP request may take, its body included (then 408).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    http_request_timeout: u64,
 }
 
 /// Where the operator's server is and how to authenticate.
@@ -492,6 +505,12 @@ async fn verb(a: DeviceVerbArgs, verb: &str) -> Result<()> {
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {
+    if a.http_max_in_flight == 0 || a.http_max_operator_in_flight == 0 {
+        bail!("--http-max-in-flight and --http-max-operator-in-flight must be at least 1");
+    }
+    if a.http_body_timeout == 0 || a.http_request_timeout == 0 {
+        bail!("--http-body-timeout and --http-request-timeout must be at least 1 second");
+    }
     let token_path = a
         .operator_token_file
         .clone()
@@ -517,6 +536,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let mut o = ServerOptions::new(&a.data, token);
     o.alg = parse_alg(&a.alg)?;
     o.http = Some(a.http);
+    o.http_max_in_flight = a.http_max_in_flight;
+    o.http_max_operator_in_flight = a.http_max_operator_in_flight;
+    o.http_body_timeout = Duration::from_secs(a.http_body_timeout);
+    o.http_request_timeout = Duration::from_secs(a.http_request_timeout);
     o.engine.join_policy = match a.join_policy.as_str() {
         "moderated" => JoinPolicy::Moderated,
         "automatic" => JoinPolicy::Automatic,
