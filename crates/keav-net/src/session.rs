@@ -715,21 +715,31 @@ impl<T> RecvHalf<T> {
                     return Err(e);
                 }
             };
-            let base = rec.as_ptr() as usize;
+            let (base, rec_len) = (rec.as_ptr() as usize, rec.len());
             match self.opener.open(&mut rec, self.clock.now_ms()) {
                 Ok(opened) => {
                     // The plaintext, decrypted in place, is a slice of `rec`: moved to its
                     // front, the record's buffer becomes the returned data (no new buffer).
-                    let span = match opened {
+                    // The span is checked against the buffer, so a slice from anywhere else
+                    // would be copied rather than panic.
+                    let plain = match opened {
                         Opened::Data(d) => {
-                            Some(((d.as_ptr() as usize).wrapping_sub(base), d.len()))
+                            let start = (d.as_ptr() as usize).wrapping_sub(base);
+                            Some(match start.checked_add(d.len()) {
+                                Some(end) if end <= rec_len => Ok(start..end),
+                                _ => Err(d.to_vec()),
+                            })
                         }
                         Opened::Close => None,
                     };
-                    let data = span.map(|(start, len)| {
-                        rec.copy_within(start..start.saturating_add(len), 0);
-                        rec.truncate(len);
-                        rec
+                    let data = plain.map(|p| match p {
+                        Ok(span) => {
+                            let len = span.len();
+                            rec.copy_within(span, 0);
+                            rec.truncate(len);
+                            rec
+                        }
+                        Err(copied) => copied,
                     });
                     if let Rx::Udp(u) = &mut self.rx {
                         u.peer_confirmed();

@@ -157,6 +157,18 @@ struct RevokedBetween {
     fail_reads: std::sync::atomic::AtomicBool,
 }
 
+impl RevokedBetween {
+    /// A server in `dir` on this registry (nothing revoked between reads, reads working).
+    async fn server(dir: &Path) -> Server<RevokedBetween> {
+        let registry = RevokedBetween {
+            inner: RedbRegistry::open(&dir.join("registry.redb")).unwrap(),
+            revoke_after_read: std::sync::Mutex::new(None),
+            fail_reads: Default::default(),
+        };
+        Server::start(options(dir), registry).await.unwrap()
+    }
+}
+
 impl Registry for RevokedBetween {
     async fn insert_device(&self, record: DeviceRecord) -> Result<(), RegistryError> {
         self.inner.insert_device(record).await
@@ -257,12 +269,7 @@ impl Registry for RevokedBetween {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_between_read_and_write_is_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = RevokedBetween {
-        inner: RedbRegistry::open(&dir.path().join("registry.redb")).unwrap(),
-        revoke_after_read: std::sync::Mutex::new(None),
-        fail_reads: Default::default(),
-    };
-    let server = Server::start(options(dir.path()), registry).await.unwrap();
+    let server = RevokedBetween::server(dir.path()).await;
     let dev = add_registered(&server).await;
     let inner = &server.inner;
     let mut eng = inner.engine.lock().await;
@@ -360,12 +367,7 @@ async fn identity_revocation_completes_when_its_client_goes_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_reaches_engine_and_broker_when_registry_reads_fail() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = RevokedBetween {
-        inner: RedbRegistry::open(&dir.path().join("registry.redb")).unwrap(),
-        revoke_after_read: std::sync::Mutex::new(None),
-        fail_reads: Default::default(),
-    };
-    let server = Server::start(options(dir.path()), registry).await.unwrap();
+    let server = RevokedBetween::server(dir.path()).await;
     let passwd = dir.path().join("server/mosquitto").join(acl::PASSWD_FILE);
     let by_operator = add_registered(&server).await;
     let by_identity = add_registered(&server).await;
