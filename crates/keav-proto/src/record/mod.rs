@@ -134,6 +134,7 @@
 //! sealed in all, an epoch ahead of the sequence numbers, a window bit set for a number above
 //! the highest one, more bits set than records received).
 
+pub mod batch;
 mod keys;
 mod state;
 mod window;
@@ -246,6 +247,9 @@ pub enum RecordError {
     /// ([`SealerState::decode`], [`OpenerState::decode`]); the reason names the field.
     #[error("bad channel state: {0}")]
     BadState(&'static str),
+    /// A record batch ([`batch`]) is malformed; the reason names what. Nothing in it is used.
+    #[error("malformed record batch: {0}")]
+    BadBatch(&'static str),
 }
 
 /// What an opened record carried.
