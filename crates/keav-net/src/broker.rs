@@ -39,7 +39,9 @@ use tracing::debug;
 
 use crate::device::Device;
 use crate::session::{handshake, log_failure, Attach, Channel, Clock, HsLink, Options, Side};
-use crate::udp::{channel_from, HsUdp, Source, UdpTx, BARE_MESSAGE, RECORD_CLOSE, RECORD_DATA};
+use crate::udp::{
+    channel_from, HsUdp, Source, UdpTx, BARE_MESSAGE, RECORD_BATCH, RECORD_CLOSE, RECORD_DATA,
+};
 use crate::Error;
 use keav_proto::durable::PAYLOAD_TAG;
 use keav_proto::handshake::{Endpoint, SessionOutcome};
@@ -128,7 +130,8 @@ pub struct LinkOptions {
     /// subscription (default 5 s).
     pub connect_timeout: Duration,
     /// Larger incoming payloads are dropped and counted (default 64 KiB; a record is at most
-    /// 16 KiB plus overhead).
+    /// 16 KiB plus overhead, and so is a record batch: a link that takes the largest record
+    /// takes every batch).
     pub max_payload: usize,
     /// Peers routed at once (handshaking or with a live channel; default 1024).
     pub max_peers: usize,
@@ -150,6 +153,13 @@ pub struct LinkOptions {
     /// stream, the device's mailbox while it is offline (default `None`: core NATS only,
     /// at most once). See [`JetStreamOptions`].
     pub jetstream: Option<JetStreamOptions>,
+    /// Channels of this link send the records that pile up while their link is publishing
+    /// as one message, a record batch, instead of one message each (default `true`).
+    /// Nothing waits for a batch to fill, so a channel that sends now and then sends one
+    /// message per record as without it; a batch is at most the size of the largest
+    /// record. Receivers take batches either way. `false`: every record is its own
+    /// message, published before `send` returns. See docs/MESSAGING.md.
+    pub coalesce_records: bool,
 }
 
 /// A NATS link's JetStream mailbox ([`LinkOptions::jetstream`]).
@@ -216,6 +226,7 @@ impl Default for LinkOptions {
             max_peers: 1024,
             persistent_session: false,
             jetstream: None,
+            coalesce_records: true,
         }
     }
 }
@@ -231,6 +242,7 @@ impl core::fmt::Debug for LinkOptions {
             .field("max_peers", &self.max_peers)
             .field("persistent_session", &self.persistent_session)
             .field("jetstream", &self.jetstream)
+            .field("coalesce_records", &self.coalesce_records)
             .finish()
     }
 }
@@ -334,7 +346,7 @@ impl core::fmt::Debug for BrokerTx {
 }
 
 impl BrokerTx {
-    fn new(publisher: Arc<Publisher>, subject: String) -> BrokerTx {
+    pub(crate) fn new(publisher: Arc<Publisher>, subject: String) -> BrokerTx {
         let nats_subject = async_nats::Subject::from(subject.as_str());
         BrokerTx {
             publisher,
@@ -659,7 +671,7 @@ impl Router {
         if retained
             || !matches!(
                 payload.first(),
-                Some(&(BARE_MESSAGE | RECORD_DATA | RECORD_CLOSE))
+                Some(&(BARE_MESSAGE | RECORD_DATA | RECORD_CLOSE | RECORD_BATCH))
             )
         {
             bump(&c.malformed);
@@ -884,16 +896,18 @@ pub(crate) struct Hub {
     /// Responders answering retransmitted Confirm2 messages for a while
     /// ([`Hub::accept_handshake`]); dropped with the hub.
     lingering: Mutex<JoinSet<()>>,
+    /// [`LinkOptions::coalesce_records`].
+    coalesce: bool,
 }
 
 impl Hub {
-    /// A hub for device `id` (checked by [`check_config`]) that publishes through
-    /// `publisher` (mail through `jetstream` if given), and the feed for its inbox.
+    /// A hub for device `id` (checked by [`check_config`]) with the bounds and options of
+    /// `options`, that publishes through `publisher` (mail through `jetstream` if given),
+    /// and the feed for its inbox.
     pub(crate) fn new(
         scheme: &'static Scheme,
         id: &str,
-        max_payload: usize,
-        max_peers: usize,
+        options: &LinkOptions,
         publisher: Publisher,
         mail_source: MailSource,
         jetstream: Option<async_nats::jetstream::Context>,
@@ -903,8 +917,8 @@ impl Hub {
             id: id.to_string(),
             scheme,
             inbox_prefix: scheme.inbox_prefix(id),
-            max_payload,
-            max_peers,
+            max_payload: options.max_payload,
+            max_peers: options.max_peers,
             routes: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             mail_source,
@@ -924,6 +938,7 @@ impl Hub {
             mail_rx: Mutex::new(Some(mail_rx)),
             jetstream,
             lingering: Mutex::new(JoinSet::new()),
+            coalesce: options.coalesce_records,
         };
         (hub, feed)
     }
@@ -1110,7 +1125,10 @@ impl Hub {
             false,
             Some(peer_id.to_string()),
             opts,
-            Attach::default(),
+            Attach {
+                coalesce: self.coalesce,
+                ..Attach::default()
+            },
         )
     }
 
@@ -1136,7 +1154,13 @@ impl Hub {
                 deadline,
             )
             .await
-            .and_then(|done| channel_from(device, done, link, true, None, opts, Attach::default()));
+            .and_then(|done| {
+                let attach = Attach {
+                    coalesce: self.coalesce,
+                    ..Attach::default()
+                };
+                channel_from(device, done, link, true, None, opts, attach)
+            });
             match done {
                 Ok(ch) => {
                     established.store(true, Ordering::Release);
@@ -1232,8 +1256,11 @@ mod tests {
         let (hub, feed) = Hub::new(
             &MQTT,
             "me",
-            1024,
-            4,
+            &LinkOptions {
+                max_payload: 1024,
+                max_peers: 4,
+                ..LinkOptions::default()
+            },
             Publisher::Mqtt(client),
             MailSource::Inbox,
             None,

@@ -24,6 +24,7 @@
 )]
 
 pub mod broker;
+mod coalesce;
 pub mod device;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded_broker;

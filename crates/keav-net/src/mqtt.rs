@@ -26,7 +26,9 @@
 //! One MQTT message (QoS 1, never retained) carries one datagram, classified by its first byte
 //! as on UDP ([`crate::udp`]), except that handshake messages travel bare, as on every
 //! stream or broker transport: `0x50` an RFC 6189 message (its preamble `0x505a`; no UDP
-//! packet header or CRC, MQTT and TCP frame and check it), `0x17` a data record, `0x15` a close record. Messages larger than
+//! packet header or CRC, MQTT and TCP frame and check it), `0x17` a data record, `0x15` a
+//! close record, `0x42` a record batch (several records of one channel in one message:
+//! [`LinkOptions::coalesce_records`], [`keav_proto::record::batch`]). Messages larger than
 //! [`LinkOptions::max_payload`], empty, unclassifiable, retained, or on a malformed topic are
 //! dropped, logged (at debug level, without content) and counted in [`LinkStats`].
 //!
@@ -161,8 +163,7 @@ impl Link {
         let (hub, feed) = Hub::new(
             &MQTT,
             device_id,
-            options.max_payload,
-            options.max_peers,
+            &options,
             Publisher::Mqtt(client.clone()),
             if options.persistent_session {
                 MailSource::InboxEarly

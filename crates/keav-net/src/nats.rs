@@ -189,8 +189,7 @@ impl Link {
         let (hub, feed) = Hub::new(
             &NATS,
             device_id,
-            options.max_payload,
-            options.max_peers,
+            &options,
             Publisher::Nats(client),
             source,
             context,

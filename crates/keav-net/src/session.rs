@@ -31,6 +31,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::coalesce::Coalescer;
 use crate::device::Device;
 use crate::frame::{FrameError, FrameKind, FrameReader, FrameWriter, QueueError};
 use crate::record::{self, Aead, Opened, Opener, Sealer, MAX_PLAINTEXT};
@@ -330,6 +331,8 @@ pub(crate) fn log_failure(what: &str, remote: Option<SocketAddr>, e: &Error) {
 pub(crate) enum Tx {
     Stream(FrameWriter<BoxWrite>),
     Udp(UdpTx),
+    /// A broker carrier's datagrams, records coalesced ([`crate::coalesce`]).
+    Batched(Coalescer),
 }
 
 pub(crate) enum Rx {
@@ -472,10 +475,10 @@ impl<T> Channel<T> {
         self.tx.close().await
     }
 
-    /// Records dropped because they failed to open (UDP only; always 0 on TCP, where such a
-    /// record is fatal).
+    /// Records dropped because they failed to open, and malformed record batches (UDP and
+    /// broker carriers; always 0 on TCP, where such a record is fatal).
     pub fn dropped_records(&self) -> u64 {
-        self.rx.dropped
+        self.rx.dropped_records()
     }
 
     /// Drops both directions' expanded AEAD state until the next record (see
@@ -573,6 +576,14 @@ impl<T> SendHalf<T> {
                     self.sealer.seal(chunk, now, &mut d)?;
                     u.send(d).await?;
                 }
+                Tx::Batched(c) => {
+                    // Sealed straight into the batch being built.
+                    let sealer = &mut self.sealer;
+                    c.push(chunk.len() + record::RECORD_OVERHEAD, |out| {
+                        sealer.seal(chunk, now, out)
+                    })
+                    .await?;
+                }
             }
         }
         if let Tx::Stream(w) = &mut self.tx {
@@ -599,6 +610,13 @@ impl<T> SendHalf<T> {
                 let mut d = Vec::new();
                 self.sealer.seal_close(now, &mut d)?;
                 u.send(d).await?;
+            }
+            Tx::Batched(c) => {
+                // After the records before it, then everything is published.
+                let sealer = &mut self.sealer;
+                c.push(record::RECORD_OVERHEAD, |out| sealer.seal_close(now, out))
+                    .await?;
+                c.finish().await?;
             }
         }
         Ok(())
@@ -666,9 +684,17 @@ impl<T> RecvHalf<T> {
         &self.peer
     }
 
-    /// Records dropped because they failed to open (UDP only).
+    /// Records dropped because they failed to open, and malformed record batches (UDP and
+    /// broker carriers only).
     pub fn dropped_records(&self) -> u64 {
-        self.dropped
+        self.dropped.saturating_add(self.bad_batches())
+    }
+
+    fn bad_batches(&self) -> u64 {
+        match &self.rx {
+            Rx::Udp(u) => u.bad_batches(),
+            Rx::Stream(_) => 0,
+        }
     }
 
     /// Drops the expanded AEAD state until the next record arrives, which rebuilds it. A
@@ -835,6 +861,8 @@ pub(crate) struct Attach {
     pub(crate) remote: Option<SocketAddr>,
     pub(crate) shutdown: Option<watch::Receiver<bool>>,
     pub(crate) permit: Option<OwnedSemaphorePermit>,
+    /// Broker carriers: coalesce the sender's records ([`crate::coalesce`]).
+    pub(crate) coalesce: bool,
 }
 
 /// Runs the initiator's handshake over any byte stream (framed as in [`crate::frame`]) and

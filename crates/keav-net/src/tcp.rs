@@ -183,6 +183,7 @@ async fn accept_loop(
                     remote: Some(remote),
                     shutdown: Some(shutdown),
                     permit: Some(conn),
+                    coalesce: false,
                 },
             )
             .await;

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use keav_proto::handshake::Endpoint;
 use keav_proto::msg::Message;
 use keav_proto::packet::{decode_packet, encode_packet};
+use keav_proto::record::batch::{self, BATCH_TAG};
 use rand_core::{OsRng, RngCore};
 use tokio::net::{ToSocketAddrs, UdpSocket};
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -29,6 +30,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::coalesce::Coalescer;
 use crate::device::Device;
 use crate::session::{
     self, handshake, log_failure, Acceptor, Attach, Channel, Clock, HsLink, Incoming, Options,
@@ -45,6 +47,8 @@ pub(crate) const BARE_MESSAGE: u8 = 0x50;
 pub(crate) const RECORD_DATA: u8 = 0x17;
 /// First byte of a close record.
 pub(crate) const RECORD_CLOSE: u8 = 0x15;
+/// First byte of a record batch (several records in one datagram, [`batch`]).
+pub(crate) const RECORD_BATCH: u8 = BATCH_TAG;
 /// Records that arrive before the initiator's handshake completes, kept to open afterwards.
 const MAX_EARLY: usize = 16;
 /// Datagrams queued per peer of a listener.
@@ -172,7 +176,7 @@ impl HsUdp {
                     Ok(p) => return Ok(p.message.to_vec()),
                     Err(e) => debug!(error = %e, "dropped a malformed ZRTP packet"),
                 },
-                Some(&RECORD_DATA | &RECORD_CLOSE) => {
+                Some(&RECORD_DATA | &RECORD_CLOSE | &RECORD_BATCH) => {
                     if self.early.len() < MAX_EARLY {
                         self.early.push_back(d);
                     }
@@ -191,6 +195,8 @@ impl HsUdp {
             endpoint,
             clock: Clock::start(),
             pending: self.early,
+            batch: VecDeque::new(),
+            bad_batches: 0,
             bare: self.bare,
         };
         (self.tx, rx)
@@ -207,26 +213,53 @@ pub(crate) struct UdpRx {
     /// peer's first record proves it has completed.
     endpoint: Option<Box<Endpoint>>,
     clock: Clock,
+    /// Datagrams that arrived before the handshake completed (records or batches).
     pending: VecDeque<Bytes>,
+    /// The records of the batch being read, not yet handed out.
+    batch: VecDeque<Bytes>,
+    /// Malformed batches dropped.
+    bad_batches: u64,
     /// Broker transports: handshake messages travel bare (see [`HsUdp::new_bare`]).
     bare: bool,
 }
 
 impl UdpRx {
-    /// The next datagram that looks like a record. Cancel-safe.
+    /// The next datagram that looks like a record, the records of a batch one by one.
+    /// Cancel-safe.
     pub(crate) async fn next_record(&mut self) -> Result<Bytes, Error> {
-        if let Some(r) = self.pending.pop_front() {
-            return Ok(r);
-        }
         loop {
-            let d = self.source.next().await?;
+            if let Some(r) = self.batch.pop_front() {
+                return Ok(r);
+            }
+            let d = match self.pending.pop_front() {
+                Some(d) => d,
+                None => self.source.next().await?,
+            };
             match d.first() {
                 Some(&RECORD_DATA | &RECORD_CLOSE) => return Ok(d),
+                Some(&RECORD_BATCH) => self.unbatch(&d),
                 Some(&ZRTP_PACKET) if !self.bare => self.late_handshake(&d).await?,
                 Some(&BARE_MESSAGE) if self.bare => self.late_handshake(&d).await?,
                 _ => debug!("dropped an unclassifiable datagram"),
             }
         }
+    }
+
+    /// Queues the records of batch `d` (shared slices of it), or drops and counts it whole
+    /// if it is malformed.
+    fn unbatch(&mut self, d: &Bytes) {
+        match batch::records(d) {
+            Ok(records) => self.batch.extend(records.map(|r| d.slice(r))),
+            Err(e) => {
+                self.bad_batches = self.bad_batches.saturating_add(1);
+                debug!(error = %e, len = d.len(), "dropped a malformed record batch");
+            }
+        }
+    }
+
+    /// Malformed record batches dropped so far.
+    pub(crate) fn bad_batches(&self) -> u64 {
+        self.bad_batches
     }
 
     /// The peer's first record opened: it has completed, the endpoint is no longer needed.
@@ -282,11 +315,15 @@ pub(crate) fn channel_from<T>(
     attach: Attach,
 ) -> Result<Channel<T>, Error> {
     let (tx, rx) = link.into_rx(keep_endpoint.then(|| Box::new(done.endpoint)));
+    let tx = match tx {
+        UdpTx::Broker(b) if attach.coalesce => Tx::Batched(Coalescer::new(b)),
+        tx => Tx::Udp(tx),
+    };
     Channel::new(
         device,
         &done.outcome,
         Parts {
-            tx: Tx::Udp(tx),
+            tx,
             rx: Rx::Udp(rx),
             remote: attach.remote,
             label,
@@ -519,6 +556,7 @@ async fn demux_loop(
                         remote: Some(src),
                         shutdown: Some(shutdown),
                         permit: Some(conn),
+                        coalesce: false,
                     },
                 )
             });

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::spy::{contains, listening, SpyLog};
+use common::spy::{contains, count_records, listening, records_in, SpyLog};
 use common::{device, settings};
 use futures_util::StreamExt;
 use keav_net::nats::{Link, LinkOptions};
@@ -178,23 +178,23 @@ async fn pairing_bulk_exchange_and_a_subscriber_sees_no_plaintext() {
         format!("keav.v1.{}.from.{}", ids[1], ids[0]),
         format!("keav.v1.{}.from.{}", ids[0], ids[1]),
     );
-    let kinds = |log: &[(String, Vec<u8>)], kind: u8| {
-        log.iter()
-            .filter(|(s, p)| s.contains(&sfx) && p.first() == Some(&kind))
-            .count()
-    };
+    let kinds =
+        |log: &[(String, Vec<u8>)], kind: u8| count_records(log, |s| s.contains(&sfx), kind);
     eve.wait_for("all records", |log| {
         kinds(log, 0x17) >= 2 * N && kinds(log, 0x15) == 1
     })
     .await;
     let log = eve.snapshot();
     let ours: Vec<_> = log.iter().filter(|(s, _)| s.contains(&sfx)).collect();
-    assert!(ours.len() >= 2 * N + 6, "{} messages", ours.len());
+    assert!(ours.len() >= 6, "{} messages", ours.len());
     assert!(ours.iter().any(|(_, p)| p.starts_with(&[0x50, 0x5a])));
-    assert!(ours.iter().any(|(_, p)| p.first() == Some(&0x15)));
+    assert_eq!(kinds(&log, 0x15), 1);
     for (s, p) in &ours {
         assert!(*s == ab || *s == ba, "unexpected subject {s}");
-        assert!(matches!(p.first(), Some(0x50 | 0x17 | 0x15)), "{s}");
+        assert!(matches!(p.first(), Some(0x50 | 0x17 | 0x15 | 0x42)), "{s}");
+        if p.first() == Some(&0x42) {
+            assert!(records_in(p).len() >= 2, "a malformed batch on {s}");
+        }
         assert!(!contains(p, b"secret reading"), "plaintext on {s}");
         assert!(!contains(p, code.as_bytes()), "pairing code on {s}");
         assert!(!contains(p, sfx.as_bytes()), "suffix on {s}");
@@ -257,6 +257,159 @@ async fn forged_and_replayed_records_are_dropped_and_counted() {
     assert_eq!((s.dropped_oversized, s.dropped_malformed), (0, 0), "{s:?}");
 }
 
+/// `n` small bodies sent back to back from `ca` to `cb` (which reads meanwhile); `cb` must
+/// get them all, in order.
+async fn burst(ca: &mut Channel<Link>, cb: &mut Channel<Link>, n: usize, tag: &str) {
+    let want: Vec<Vec<u8>> = (0..n)
+        .map(|i| format!("{tag} {i:05}").into_bytes())
+        .collect();
+    let sending = async {
+        for w in &want {
+            ca.send(w).await.unwrap();
+        }
+    };
+    let receiving = async {
+        for (i, w) in want.iter().enumerate() {
+            let got = tokio::time::timeout(Duration::from_secs(10), cb.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{tag}: message {i} went missing"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(&got, w, "{tag}: message {i} out of order or damaged");
+        }
+    };
+    tokio::join!(sending, receiving);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_leaves_in_record_batches_unless_coalescing_is_off() {
+    if !server_up() {
+        return;
+    }
+    let (_, ids) = ids(&["a", "b", "c", "d"]);
+    let eve = Eve::start().await;
+    let dir = TempDir::new().unwrap();
+    let dev: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| device(&dir, n, settings(Some("1357"))))
+        .collect();
+    const N: usize = 3000;
+
+    // Coalescing (the default): the burst arrives whole and in order, and the subscriber
+    // saw fewer messages than records, some of them batches.
+    let (la, lb) = (link(&ids[0]).await, link(&ids[1]).await);
+    let (mut ca, mut cb) = pair((&la, &dev[0]), (&lb, &dev[1])).await;
+    burst(&mut ca, &mut cb, N, "coalesced").await;
+    assert_eq!(cb.dropped_records(), 0);
+    let to_b = format!("keav.v1.{}.from.{}", ids[1], ids[0]);
+    let t = to_b.clone();
+    eve.wait_for("every record to b", move |log| {
+        count_records(log, |s| s == t, 0x17) >= N
+    })
+    .await;
+    let log = eve.snapshot();
+    let msgs: Vec<_> = log.iter().filter(|(s, _)| *s == to_b).collect();
+    let batches = msgs
+        .iter()
+        .filter(|(_, p)| p.first() == Some(&0x42))
+        .count();
+    let records = count_records(&log, |s| s == to_b, 0x17);
+    assert_eq!(records, N, "each record once");
+    assert!(batches > 0, "no batch in {} messages", msgs.len());
+    assert!(msgs.len() < N, "{} messages for {N} records", msgs.len());
+    for (_, p) in msgs.iter().filter(|(_, p)| p.first() == Some(&0x42)) {
+        assert!(p.len() <= keav_proto::record::batch::MAX_BATCH_LEN);
+    }
+    // A close after a burst comes after all of it.
+    burst(&mut ca, &mut cb, 500, "before close").await;
+    ca.close().await.unwrap();
+    assert!(matches!(cb.recv().await, Ok(None)));
+
+    // Coalescing off: one message per record, never a batch.
+    let off = LinkOptions {
+        coalesce_records: false,
+        ..LinkOptions::default()
+    };
+    let lc = Link::connect(SERVER, &ids[2], off.clone()).await.unwrap();
+    let ld = Link::connect(SERVER, &ids[3], off).await.unwrap();
+    let (mut cc, mut cd) = pair((&lc, &dev[2]), (&ld, &dev[3])).await;
+    burst(&mut cc, &mut cd, N, "one by one").await;
+    let to_d = format!("keav.v1.{}.from.{}", ids[3], ids[2]);
+    let t = to_d.clone();
+    eve.wait_for("every record to d", move |log| {
+        count_records(log, |s| s == t, 0x17) >= N
+    })
+    .await;
+    let log = eve.snapshot();
+    assert!(!log
+        .iter()
+        .any(|(s, p)| *s == to_d && p.first() == Some(&0x42)));
+    assert_eq!(
+        log.iter()
+            .filter(|(s, p)| *s == to_d && p.first() == Some(&0x17))
+            .count(),
+        N
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_truncated_and_forged_batches_are_dropped_and_counted() {
+    if !server_up() {
+        return;
+    }
+    let (_, ids) = ids(&["a", "b"]);
+    let eve = Eve::start().await;
+    let dir = TempDir::new().unwrap();
+    let a = device(&dir, "a", settings(Some("8642")));
+    let b = device(&dir, "b", settings(Some("8642")));
+    let (la, lb) = (link(&ids[0]).await, link(&ids[1]).await);
+    let (mut ca, mut cb) = pair((&la, &a), (&lb, &b)).await;
+    let victim = format!("keav.v1.{}.from.{}", ids[1], ids[0]);
+    // Bursts until the subscriber has seen a batch to b.
+    let mut round = 0;
+    let batch = loop {
+        burst(&mut ca, &mut cb, 1000, &format!("round {round}")).await;
+        let v = victim.clone();
+        let found = eve
+            .snapshot()
+            .into_iter()
+            .find(|(s, p)| *s == v && p.first() == Some(&0x42));
+        if let Some((_, p)) = found {
+            break p;
+        }
+        round += 1;
+        assert!(round < 5, "no record batch after {round} bursts");
+    };
+    let k = records_in(&batch).len() as u64;
+    assert!(k >= 2);
+    let dropped0 = cb.dropped_records();
+
+    // Replayed whole: every record in it is a replay (k dropped).
+    eve.inject(&victim, batch.clone()).await;
+    // Truncated, and with a length prefix that runs past the end: refused whole (1 each).
+    eve.inject(&victim, batch[..batch.len() - 1].to_vec()).await;
+    let mut long = batch.clone();
+    long[1..3].copy_from_slice(&u16::MAX.to_be_bytes());
+    eve.inject(&victim, long).await;
+    // Its records reordered and one of them forged: all k refused (replays, a bad tag).
+    let mut recs: Vec<Vec<u8>> = records_in(&batch).into_iter().map(<[u8]>::to_vec).collect();
+    recs.reverse();
+    *recs[0].last_mut().unwrap() ^= 1;
+    let mut forged = vec![0x42];
+    for r in &recs {
+        forged.extend_from_slice(&(r.len() as u16).to_be_bytes());
+        forged.extend_from_slice(r);
+    }
+    eve.inject(&victim, forged).await;
+
+    // The channel goes on; nothing injected was delivered (the next message is the next one).
+    ca.send(b"after the attack").await.unwrap();
+    assert_eq!(cb.recv().await.unwrap().unwrap(), b"after the attack");
+    assert_eq!(cb.dropped_records() - dropped0, k + 2 + k);
+    let s = lb.stats();
+    assert_eq!((s.dropped_oversized, s.dropped_malformed), (0, 0), "{s:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_malformed_payloads_are_counted() {
     if !server_up() {
@@ -276,7 +429,7 @@ async fn oversized_and_malformed_payloads_are_counted() {
     let cases: [(&str, Vec<u8>); 6] = [
         (&inbox, oversized),
         (&inbox, Vec::new()),
-        (&inbox, b"\x42hello".to_vec()),
+        (&inbox, b"\x99hello".to_vec()),
         (&format!("keav.v1.{id}.from.x.y"), vec![0x17; 40]),
         (&inbox, vec![0x17; 40]),
         (&inbox, b"\x50\x5anot a ZRTP message".to_vec()),

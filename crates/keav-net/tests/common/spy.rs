@@ -60,3 +60,26 @@ pub fn listening(addr: &str, what: &str) -> bool {
     }
     up
 }
+
+/// The records one broker payload carries: itself if it is a record (data `0x17` or close
+/// `0x15`), the records of a well-formed record batch (`0x42`), none otherwise.
+pub fn records_in(payload: &[u8]) -> Vec<&[u8]> {
+    use keav_proto::record::batch::{records, BATCH_TAG};
+    match payload.first() {
+        Some(0x17 | 0x15) => vec![payload],
+        Some(&BATCH_TAG) => records(payload)
+            .map(|rs| rs.filter_map(|r| payload.get(r)).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// Records of type `kind` (`0x17` data, `0x15` close) in the payloads of `log` whose topic
+/// passes `topic`, batched ones included.
+pub fn count_records(log: &[Entry], topic: impl Fn(&str) -> bool, kind: u8) -> usize {
+    log.iter()
+        .filter(|(t, _)| topic(t))
+        .flat_map(|(_, p)| records_in(p))
+        .filter(|r| r.first() == Some(&kind))
+        .count()
+}
