@@ -203,6 +203,12 @@ pub struct BrokerRow {
     pub live_cpu_secs: Option<f64>,
     /// keav live / plain messages per second (`None`: not measured or no plain rate).
     pub live_ratio: Option<f64>,
+    /// keav live with record coalescing off (`LinkOptions::coalesce_records = false`: one
+    /// broker message per record, as the plaintext run publishes one per message): messages
+    /// received per second (`None`: the run failed).
+    pub live_single_msgs_per_s: Option<f64>,
+    /// That rate / plain messages per second.
+    pub live_single_ratio: Option<f64>,
     /// keav durable: messages per second from the first `send` to the last `recv`.
     pub keav_msgs_per_s: f64,
     /// keav durable: seconds from the first `send` to the last `recv`.

@@ -515,12 +515,13 @@ type Series = Vec<(String, Vec<Option<f64>>)>;
 /// (keav durable only). Returns the categories and the series.
 pub(crate) fn broker_series(r: &Report) -> (Vec<String>, Series) {
     let mut cats: Vec<String> = Vec::new();
-    let (mut plain, mut live, mut durable, mut paced) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut live, mut single, mut durable, mut paced) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for x in &r.broker {
         cats.push(format!("{} {}", x.broker, size_label(x.size)));
         plain.push(Some(x.plain_msgs_per_s));
         live.push(x.live_msgs_per_s);
+        single.push(x.live_single_msgs_per_s);
         durable.push(Some(x.keav_msgs_per_s));
         paced.push(x.keav_paced_msgs_per_s);
     }
@@ -528,12 +529,14 @@ pub(crate) fn broker_series(r: &Report) -> (Vec<String>, Series) {
         cats.push(format!("{} mailbox drain ({} held)", d.broker, d.held));
         plain.push(None);
         live.push(None);
+        single.push(None);
         durable.push(Some(d.drain_msgs_per_s));
         paced.push(None);
     }
     let series = vec![
         ("plaintext (same broker)".to_string(), plain),
         ("keav live channel (encrypted)".to_string(), live),
+        ("keav live, a broker message per record".to_string(), single),
         ("keav durable (stored, acked)".to_string(), durable),
         ("keav durable paced (flush every burst)".to_string(), paced),
     ];
@@ -612,6 +615,7 @@ mod tests {
             [
                 "plaintext (same broker)",
                 "keav live channel (encrypted)",
+                "keav live, a broker message per record",
                 "keav durable (stored, acked)",
                 "keav durable paced (flush every burst)"
             ]
@@ -623,6 +627,7 @@ mod tests {
             [
                 Some(x.plain_msgs_per_s),
                 x.live_msgs_per_s,
+                x.live_single_msgs_per_s,
                 Some(x.keav_msgs_per_s),
                 x.keav_paced_msgs_per_s
             ]
@@ -631,6 +636,7 @@ mod tests {
         assert_eq!(
             last,
             [
+                None,
                 None,
                 None,
                 Some(r.drain.last().unwrap().drain_msgs_per_s),

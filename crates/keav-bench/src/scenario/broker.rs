@@ -18,7 +18,10 @@
 //!   arrive in order; timed from the first `send` to the last message received. Messages
 //!   that never arrive (a datagram channel drops what a full queue cannot take) are counted
 //!   as lost, as for the plain clients, and the rate counts what arrived. Only the
-//!   encryption differs from the plaintext run: no store, no acknowledgements.
+//!   encryption differs from the plaintext run: no store, no acknowledgements; and, with
+//!   keav's default [`LinkOptions::coalesce_records`], records that pile up while the link
+//!   publishes leave as one broker message. The run is repeated with coalescing off ("a
+//!   message per record": one broker message per encrypted message, like for like).
 //!
 //!   In both of these runs the sending side and the receiving side are two devices, each
 //!   its own client and each run as a task of its own on the multi-threaded runtime (not
@@ -218,8 +221,19 @@ async fn measure_target(
         };
         ctx.check()?;
         progress.stage(&format!("broker {k} {size} B keav live"), n);
-        let live = cancellable(cancel, live_run(t, size, n, progress)).await;
+        let live = cancellable(cancel, live_run(t, size, n, progress, true)).await;
         let live = keep(live, format!("{} {size} B keav live", t.label), failures)?;
+        ctx.check()?;
+        progress.stage(
+            &format!("broker {k} {size} B keav live, a message per record"),
+            n,
+        );
+        let single = cancellable(cancel, live_run(t, size, n, progress, false)).await;
+        let single = keep(
+            single,
+            format!("{} {size} B keav live, a message per record", t.label),
+            failures,
+        )?;
         ctx.check()?;
         progress.stage(&format!("broker {k} {size} B keav durable"), n);
         let keav = cancellable(cancel, keav_run(t, size, n, progress, None)).await;
@@ -235,6 +249,11 @@ async fn measure_target(
             failures,
         )?;
         let mut row = broker_row(t, size, n, &keav, &plain, live.as_ref());
+        if let Some(s) = &single {
+            let r = rate(s.received, s.elapsed);
+            row.live_single_msgs_per_s = Some(r);
+            row.live_single_ratio = ratio(r, row.plain_msgs_per_s);
+        }
         if let Some(p) = paced {
             row.keav_paced_msgs_per_s = Some(rate(n, p.elapsed));
         }
@@ -332,6 +351,8 @@ pub fn broker_row(
         live_dropped: live.map(|l| l.dropped),
         live_cpu_secs: live.and_then(|l| l.cpu).map(|d| d.as_secs_f64()),
         live_ratio: l.and_then(|l| ratio(l, p)),
+        live_single_msgs_per_s: None,
+        live_single_ratio: None,
         broker: t.label.clone(),
         carrier: t.kind.name().into(),
         size,
@@ -1116,12 +1137,18 @@ impl InOrder {
 
 /// One keav live measurement: a KEAV session between two devices over the broker, then `n`
 /// messages as channel records.
+/// `coalesce`: [`LinkOptions::coalesce_records`] of both links (the default is on).
 async fn live_run(
     t: &Target,
     size: usize,
     n: u64,
     progress: &dyn Progress,
+    coalesce: bool,
 ) -> Result<LiveRun, BenchError> {
+    let link_options = || LinkOptions {
+        coalesce_records: coalesce,
+        ..LinkOptions::default()
+    };
     let dir = tempfile::tempdir()?;
     let id = unique();
     let (tx_id, rx_id) = (format!("{id}-tx"), format!("{id}-rx"));
@@ -1131,8 +1158,8 @@ async fn live_run(
     // The same steps on either carrier, whose links are distinct types.
     macro_rules! over {
         ($link:ty) => {{
-            let la = <$link>::connect(&t.addr, &tx_id, LinkOptions::default()).await?;
-            let lb = <$link>::connect(&t.addr, &rx_id, LinkOptions::default()).await?;
+            let la = <$link>::connect(&t.addr, &tx_id, link_options()).await?;
+            let lb = <$link>::connect(&t.addr, &rx_id, link_options()).await?;
             let (ca, cb) = within(PAIR_TIMEOUT, "pairing", async {
                 let (ca, cb) =
                     tokio::join!(la.connect_peer(&a, &rx_id, &opts), lb.accept(&b, &opts));
@@ -1393,9 +1420,13 @@ mod tests {
                 addr: addr.into(),
                 label: addr.into(),
             };
-            let r = rt.block_on(live_run(&t, 1024, 300, &quiet)).unwrap();
-            assert_eq!((r.received, r.dropped), (300, 0), "{kind:?}");
-            assert!(r.elapsed > Duration::ZERO);
+            for coalesce in [true, false] {
+                let r = rt
+                    .block_on(live_run(&t, 1024, 300, &quiet, coalesce))
+                    .unwrap();
+                assert_eq!((r.received, r.dropped), (300, 0), "{kind:?} {coalesce}");
+                assert!(r.elapsed > Duration::ZERO);
+            }
         }
     }
 
@@ -1506,25 +1537,49 @@ mod tests {
             addr: addr.into(),
             label: addr.into(),
         };
-        let n = 20_000;
-        for size in [64, 1024] {
-            let mut ratios = Vec::new();
+        // KEAV_RATIO_SIZES=64 and KEAV_RATIO_ONLY=plain|live narrow a run (for a profile).
+        let sizes: Vec<usize> = std::env::var("KEAV_RATIO_SIZES")
+            .ok()
+            .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![64, 1024]);
+        let only = std::env::var("KEAV_RATIO_ONLY").ok();
+        let n = std::env::var("KEAV_RATIO_N")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(20_000);
+        for size in sizes {
+            let (mut ratios, mut singles) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
-                let p = rt.block_on(plain_run(&t, size, n, &quiet)).unwrap();
-                let l = rt.block_on(live_run(&t, size, n, &quiet)).unwrap();
-                let (pr, lr) = (rate(p.received, p.elapsed), rate(l.received, l.elapsed));
+                let (mut pr, mut lr, mut sr, mut lost) = (f64::NAN, f64::NAN, f64::NAN, [0; 3]);
+                if only.as_deref().is_none_or(|o| o == "plain") {
+                    let p = rt.block_on(plain_run(&t, size, n, &quiet)).unwrap();
+                    (pr, lost[0]) = (rate(p.received, p.elapsed), n - p.received);
+                }
+                if only.as_deref().is_none_or(|o| o == "live") {
+                    let l = rt.block_on(live_run(&t, size, n, &quiet, true)).unwrap();
+                    (lr, lost[1]) = (rate(l.received, l.elapsed), n - l.received);
+                }
+                if only.as_deref().is_none_or(|o| o == "single") {
+                    let l = rt.block_on(live_run(&t, size, n, &quiet, false)).unwrap();
+                    (sr, lost[2]) = (rate(l.received, l.elapsed), n - l.received);
+                }
                 eprintln!(
-                    "{kind:?} {size} B: plaintext {pr:.0} msg/s (lost {}), keav live {lr:.0} msg/s (lost {}), {:.2}x",
-                    n - p.received,
-                    n - l.received,
-                    lr / pr
+                    "{kind:?} {size} B: plaintext {pr:.0} msg/s (lost {}), keav live {lr:.0} msg/s (lost {}) {:.2}x, a message per record {sr:.0} msg/s (lost {}) {:.2}x",
+                    lost[0],
+                    lost[1],
+                    lr / pr,
+                    lost[2],
+                    sr / pr
                 );
                 ratios.push(lr / pr);
+                singles.push(sr / pr);
             }
             ratios.sort_by(f64::total_cmp);
+            singles.sort_by(f64::total_cmp);
             eprintln!(
-                "{kind:?} {size} B: median live/plaintext {:.2}x over {rounds} pairs",
-                ratios[rounds / 2]
+                "{kind:?} {size} B: median live/plaintext {:.2}x, a message per record {:.2}x, over {rounds} rounds",
+                ratios[rounds / 2],
+                singles[rounds / 2]
             );
         }
     }
