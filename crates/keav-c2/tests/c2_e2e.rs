@@ -1227,3 +1227,300 @@ async fn a_slow_unauthenticated_body_is_answered_408_by_the_body_deadline() {
     drop(s);
     fleet.shutdown().await;
 }
+
+// --- the web console ---
+
+/// An HTTP/1.1 answer read whole.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the server has no such route (its fallback answer, or a 405), as opposed to
+    /// an answer of the route itself (an error about the device or the body included).
+    fn no_such_route(&self) -> bool {
+        self.status == 405 || (self.status == 404 && self.body.contains("no such route"))
+    }
+}
+
+/// One request on a fresh connection (`Connection: close`), read to the end.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Answer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let content = body
+        .map(|b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+        })
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}{content}Connection: close\r\n\r\n{}",
+        body.unwrap_or("")
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut raw))
+        .await
+        .expect("a whole answer")
+        .unwrap();
+    let text = String::from_utf8(raw).expect("a UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// The `[method, path]` entries of the console script's `ROUTES` table, and the keys of its
+/// `VERBS` table.
+fn console_routes() -> (Vec<(String, String, String)>, Vec<String>) {
+    let js = keav_c2::server::console::CONSOLE_JS;
+    let block = |start: &str| -> Vec<&str> {
+        let from = js.find(start).unwrap_or_else(|| panic!("no {start}"));
+        js[from + start.len()..]
+            .lines()
+            .take_while(|l| !l.starts_with("};"))
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    };
+    let routes = block("const ROUTES = {")
+        .into_iter()
+        .map(|l| {
+            let (name, rest) = l.trim().split_once(':').unwrap();
+            let parts: Vec<&str> = rest.split('"').collect();
+            (name.to_string(), parts[1].to_string(), parts[3].to_string())
+        })
+        .collect();
+    let verbs = block("const VERBS = {")
+        .into_iter()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .map(|l| l.trim().split_once(':').unwrap().0.to_string())
+        .collect();
+    (routes, verbs)
+}
+
+/// The console is served without the token, under a strict content security policy; its
+/// script writes no HTML and keeps the token in the tab only; and every operator route it
+/// calls exists on a real server (a route renamed on one side fails here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_console_is_served_strictly_and_calls_only_routes_that_exist() {
+    use keav_c2::server::console::{CONSOLE_CSS, CONSOLE_JS, CSP, INDEX_HTML};
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let addr = fleet.server.http_addr().unwrap();
+
+    assert_eq!(
+        http(addr, "GET", "/favicon.ico", None, None).await.status,
+        204
+    );
+    let root = http(addr, "GET", "/", None, None).await;
+    assert_eq!(root.status, 303);
+    assert_eq!(root.header("location"), Some("/console/"));
+    for (path, ctype, body) in [
+        ("/console/", "text/html", INDEX_HTML),
+        ("/console/console.js", "text/javascript", CONSOLE_JS),
+        ("/console/console.css", "text/css", CONSOLE_CSS),
+    ] {
+        let a = http(addr, "GET", path, None, None).await;
+        assert_eq!(a.status, 200, "{path}");
+        assert!(
+            a.header("content-type").unwrap().starts_with(ctype),
+            "{path}"
+        );
+        assert_eq!(a.header("content-security-policy"), Some(CSP), "{path}");
+        assert_eq!(a.header("x-content-type-options"), Some("nosniff"));
+        assert_eq!(a.header("x-frame-options"), Some("DENY"));
+        assert_eq!(a.header("referrer-policy"), Some("no-referrer"));
+        assert_eq!(a.body, body, "{path}");
+    }
+    // The page loads only what is served above, and no inline code (the policy forbids it).
+    assert!(INDEX_HTML.contains(r#"<script src="/console/console.js" defer></script>"#));
+    assert!(INDEX_HTML.contains(r#"href="/console/console.css""#));
+    assert_eq!(INDEX_HTML.matches("<script").count(), 1);
+    assert!(!INDEX_HTML.contains("<style") && !INDEX_HTML.contains(" style="));
+    // No inline event handler (` onclick=`...).
+    for (i, _) in INDEX_HTML.match_indices(" on") {
+        let attr: String = INDEX_HTML[i + 1..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect();
+        assert!(
+            !INDEX_HTML[i + 1 + attr.len()..].starts_with('='),
+            "inline handler {attr}"
+        );
+    }
+    // No HTML written from strings, no code from strings, the token never stored to disk.
+    for bad in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        "localStorage",
+    ] {
+        assert!(!CONSOLE_JS.contains(bad), "the console script uses {bad}");
+    }
+
+    // Every route of the script, with a real device and the operator token.
+    let (agent, _log, _data) = fleet.joined("pump-1", &["pumps"]).await;
+    let id = agent.id().to_hex();
+    let (routes, verbs) = console_routes();
+    assert!(routes.len() >= 10, "{routes:?}");
+    assert_eq!(
+        verbs,
+        ["join", "reset", "terminate", "deregister", "revoke"]
+    );
+    // The check below tells a missing route apart.
+    let missing = http(addr, "GET", "/v1/c2/no-such", Some(OPERATOR), None).await;
+    assert!(missing.no_such_route(), "{}", missing.body);
+    let bad_verb = format!("/v1/c2/devices/{id}/no-such");
+    let missing = http(addr, "POST", &bad_verb, Some(OPERATOR), Some("{}")).await;
+    assert!(missing.no_such_route(), "{}", missing.body);
+    let mut calls = Vec::new();
+    for (name, method, template) in &routes {
+        let fill = |verb: &str| {
+            template
+                .replace("{id}", &id)
+                .replace("{verb}", verb)
+                .replace("{after}", "0")
+                .replace("{limit}", "10")
+        };
+        if template.contains("{verb}") {
+            // Revocation last: it is final.
+            for v in std::iter::once("confidential").chain(verbs.iter().map(|s| s.as_str())) {
+                calls.push((format!("{name}/{v}"), method.clone(), fill(v)));
+            }
+        } else {
+            calls.insert(0, (name.clone(), method.clone(), fill("")));
+        }
+    }
+    for (name, method, path) in &calls {
+        let body = (method == "POST").then_some("{}");
+        let a = http(addr, method, path, Some(OPERATOR), body).await;
+        assert!(!a.no_such_route(), "{name}: {method} {path}: {}", a.status);
+        // And not without the token.
+        let a = http(addr, method, path, None, body).await;
+        assert_eq!(a.status, 401, "{name}: {method} {path}");
+    }
+    assert_eq!(fleet.status(agent.id()).await, DeviceStatus::Revoked);
+    drop(agent);
+    fleet.shutdown().await;
+}
+
+/// The console script parses as JavaScript (checked when Node.js is installed).
+#[test]
+fn the_console_script_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("console.js");
+    std::fs::write(&path, keav_c2::server::console::CONSOLE_JS).unwrap();
+    match std::process::Command::new("node")
+        .arg("--check")
+        .arg(&path)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => eprintln!("node not found ({e}): the console script was not parsed"),
+    }
+}
+
+/// `GET /v1/c2/events`: the server's notices, numbered, read after a number; the operator
+/// token is required and a bad query is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_route_lists_what_happened_in_order_after_a_number() {
+    use keav_c2::server::events::EventsBody;
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let addr = fleet.server.http_addr().unwrap();
+    let (agent, _log, _data) = fleet.joined("pump-1", &["pumps"]).await;
+    let dev = agent.id().to_hex();
+
+    assert_eq!(
+        http(addr, "GET", "/v1/c2/events", None, None).await.status,
+        401
+    );
+    for bad in ["after=x", "after=-1", "since=3"] {
+        let a = http(
+            addr,
+            "GET",
+            &format!("/v1/c2/events?{bad}"),
+            Some(OPERATOR),
+            None,
+        )
+        .await;
+        assert_eq!(a.status, 400, "{bad}");
+    }
+    let get = |after: u64| async move {
+        let a = http(
+            addr,
+            "GET",
+            &format!("/v1/c2/events?after={after}"),
+            Some(OPERATOR),
+            None,
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        serde_json::from_str::<EventsBody>(&a.body).unwrap()
+    };
+    let first = get(0).await;
+    assert_eq!(first.missed, 0);
+    let seqs: Vec<u64> = first.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(first.next, seqs.len() as u64);
+    let mine = |b: &EventsBody, kind: &str| {
+        b.events
+            .iter()
+            .filter(|e| e.kind == kind && e.device.as_deref() == Some(dev.as_str()))
+            .count()
+    };
+    assert_eq!(mine(&first, "join_requested"), 1, "{first:?}");
+    assert_eq!(mine(&first, "joined"), 1, "{first:?}");
+    let none = get(first.next).await;
+    assert!(none.events.is_empty());
+    assert_eq!((none.next, none.run), (first.next, first.run));
+
+    // A command's response comes after that number, naming its token.
+    let sent = fleet.command(&action_to(agent.id(), 7)).await;
+    let token = &sent.sent[0].token;
+    fleet.response(token).await;
+    let later = eventually("the response event", || async {
+        let b = get(first.next).await;
+        (mine(&b, "response") == 1).then_some(b)
+    })
+    .await;
+    let e = later.events.iter().find(|e| e.kind == "response").unwrap();
+    assert!(e.seq > first.next);
+    assert!(e.text.contains(token.as_str()), "{}", e.text);
+    assert!(e.text.contains("ActionSuccess"), "{}", e.text);
+    drop(agent);
+    fleet.shutdown().await;
+}

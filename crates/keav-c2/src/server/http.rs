@@ -18,6 +18,10 @@
 //! | `POST /v1/c2/devices/{id}/confidential` | start/rekey a confidential session, set the policy ([`ConfidentialBody`], optional) | 200 [`SentBody`] (handshake tokens) |
 //! | `GET /v1/c2/devices/{id}/confidential` | where the device's confidentiality stands | 200 [`ConfidentialInfoBody`] |
 //! | `GET /v1/c2/stats` | counters | 200 [`StatsBody`] |
+//! | `GET /v1/c2/events?after=N&limit=M` | recent events numbered above N (at most M, default and most 500) | 200 [`EventsBody`] |
+//!
+//! The web console ([`super::console`]) is served beside these routes, without the token:
+//! it is static and holds no data; it calls these routes with the token the operator gives.
 //!
 //! Errors are the identity service's `{"error", "code"}` bodies.
 //!
@@ -44,6 +48,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::api::*;
+use super::events::{EventsBody, MAX_EVENTS_PER_CALL};
 use super::{Sent, Server, ServerError};
 use crate::engine::{EngineError, JoinMethod, Outcome, Targets};
 use crate::identity::api::ErrorBody;
@@ -78,6 +83,7 @@ pub fn router<R: Registry>(server: Server<R>, operator_token: &str) -> Router {
             post(device_verb::<R>).get(device_get::<R>),
         )
         .route("/v1/c2/stats", get(stats::<R>))
+        .route("/v1/c2/events", get(events::<R>))
         // Before any extractor: the token is checked before the body is read.
         .route_layer(middleware::from_fn_with_state(
             st.clone(),
@@ -669,4 +675,65 @@ async fn stats<R: Registry>(
         oversized: st.server.oversized(),
         confidential: st.server.confidential_counters().named(),
     }))
+}
+
+async fn events<R: Registry>(
+    State(st): State<Arc<AppState<R>>>,
+    uri: axum::http::Uri,
+) -> Result<Json<EventsBody>, ApiError> {
+    let (after, limit) = events_query(uri.query().unwrap_or(""))?;
+    Ok(Json(st.server.events(after, limit)))
+}
+
+/// `after` (default 0) and `limit` (default and at most [`MAX_EVENTS_PER_CALL`], at least 1)
+/// of an events query; anything else in it is refused.
+fn events_query(q: &str) -> Result<(u64, usize), ApiError> {
+    let (mut after, mut limit) = (0u64, MAX_EVENTS_PER_CALL);
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| bad("query"))?;
+        match k {
+            "after" => after = v.parse().map_err(|_| bad("after"))?,
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .map_err(|_| bad("limit"))?
+                    .clamp(1, MAX_EVENTS_PER_CALL)
+            }
+            _ => return Err(bad("query")),
+        }
+    }
+    Ok((after, limit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_query_takes_after_and_a_bounded_limit_and_refuses_the_rest() {
+        assert_eq!(events_query("").ok(), Some((0, MAX_EVENTS_PER_CALL)));
+        assert_eq!(
+            events_query("after=12").ok(),
+            Some((12, MAX_EVENTS_PER_CALL))
+        );
+        assert_eq!(events_query("after=3&limit=7").ok(), Some((3, 7)));
+        assert_eq!(events_query("limit=0").ok(), Some((0, 1)));
+        assert_eq!(
+            events_query("limit=999999").ok(),
+            Some((0, MAX_EVENTS_PER_CALL))
+        );
+        for q in [
+            "after=-1",
+            "after=x",
+            "after",
+            "limit=1e3",
+            "since=4",
+            "after=1&x=2",
+        ] {
+            let e = events_query(q)
+                .err()
+                .unwrap_or_else(|| panic!("{q} accepted"));
+            assert_eq!(e.0, StatusCode::BAD_REQUEST, "{q}");
+        }
+    }
 }

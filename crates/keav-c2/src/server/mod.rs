@@ -20,7 +20,8 @@
 //!    anything is published, recorded or changed (responses by token go to the registry);
 //! 5. optionally serves HTTP ([`ServerOptions::http`]): the identity service's routes
 //!    (registration, enrollment tokens, device list, revocation) and the operator's C2 routes
-//!    (`/v1/c2/...`, see [`http`]), all operator routes behind the same bearer token.
+//!    (`/v1/c2/...`, see [`http`]), all operator routes behind the same bearer token, and the
+//!    operator's web console ([`console`], `/console/`), which calls those routes.
 //!
 //! Registration and revocation through the identity service reach the engine at once: the
 //! service's broker accounts ([`FleetAccounts`]) add a registered device to the engine's view
@@ -30,6 +31,8 @@
 pub mod api;
 pub mod client;
 mod conf;
+pub mod console;
+pub mod events;
 pub mod http;
 pub mod ratelimit;
 
@@ -522,6 +525,8 @@ struct Inner<R> {
     rate_limited: AtomicU64,
     /// The limiter's clock.
     started: Instant,
+    /// Recent notices, for the operator.
+    events: StdMutex<events::EventLog>,
 }
 
 /// The identity service's broker accounts: Mosquitto's files, plus the engine's view, so
@@ -556,6 +561,10 @@ impl<R: Registry> BrokerAccounts for FleetAccounts<R> {
 
 impl<R: Registry> Inner<R> {
     fn notice(&self, n: ServerNotice) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&n, unix_now_ms() / 1000);
         let _ = self.notices.send(n);
     }
 
@@ -1025,6 +1034,7 @@ impl<R: Registry> Server<R> {
             limiter: StdMutex::new(ratelimit::Limiter::new(options.inbound_rate)),
             rate_limited: AtomicU64::new(0),
             started: Instant::now(),
+            events: StdMutex::new(events::EventLog::new(unix_now_ms())),
         });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
@@ -1067,7 +1077,8 @@ impl<R: Registry> Server<R> {
             let app = http::limit_in_flight(
                 http::uncancellable_revocations(
                     identity::server::router(id_state)
-                        .merge(http::router(server, &options.operator_token)),
+                        .merge(http::router(server, &options.operator_token))
+                        .merge(console::router()),
                 ),
                 &options.operator_token,
                 limits,
@@ -1134,6 +1145,15 @@ impl<R: Registry> Server<R> {
     /// The server's notices from now on.
     pub fn notices(&self) -> broadcast::Receiver<ServerNotice> {
         self.inner.notices.subscribe()
+    }
+
+    /// At most `max` of the recent events numbered above `after` ([`events`]).
+    pub fn events(&self, after: u64, max: usize) -> events::EventsBody {
+        self.inner
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .after(after, max)
     }
 
     /// The engine's drop and acceptance counters.
