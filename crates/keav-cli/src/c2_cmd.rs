@@ -598,6 +598,9 @@ async fn serve_with<R: Registry>(o: ServerOptions, registry: R) -> Result<()> {
             .map(|a| a.to_string())
             .unwrap_or_default()
     );
+    if let Some(a) = server.http_addr() {
+        eprintln!("web console: http://{a}/console/ (sign in with the operator token)");
+    }
     let mut notices = server.notices();
     let console = tokio::spawn(async move {
         loop {
