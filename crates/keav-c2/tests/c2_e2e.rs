@@ -1524,3 +1524,129 @@ async fn events_route_lists_what_happened_in_order_after_a_number() {
     drop(agent);
     fleet.shutdown().await;
 }
+
+/// The directory of the browser driver (`tests/browser`), if Node.js, Chromium and
+/// playwright-core (`npm ci` there) are all installed. Without them the browser test is
+/// skipped, unless `KEAV_BROWSER_TESTS=1` (set by `.ci/run` once it installed them) makes
+/// their absence a failure.
+fn browser_tools() -> Option<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let chromium = std::env::var("KEAV_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let missing: Vec<&str> = [
+        (!node).then_some("node"),
+        (!Path::new(&chromium).exists()).then_some("chromium"),
+        (!dir.join("node_modules/playwright-core").exists())
+            .then_some("playwright-core (npm ci in tests/browser)"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if missing.is_empty() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("KEAV_BROWSER_TESTS").as_deref() != Ok("1"),
+        "KEAV_BROWSER_TESTS=1 but missing: {missing:?}"
+    );
+    eprintln!("browser test skipped: missing {missing:?}");
+    None
+}
+
+/// The console in headless Chromium, driven as an operator would: a wrong token refused,
+/// sign-in, a human-moderated join accepted with the words the device shows and a simple
+/// join accepted, an action with arguments to a group answered by both devices, bad hex
+/// caught before sending, a revocation (asked first), the event feed, sign-out. Then the
+/// server's state and the devices' logs say it all happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_drives_a_fleet_in_a_real_browser() {
+    let Some(dir) = browser_tools() else { return };
+    let fleet = Fleet::start(JoinPolicy::Moderated).await;
+    let (ida, data_a) = fleet.enroll("cam-1", &["cams"]).await;
+    let a = ida.device_id();
+    let (agent_a, log_a) = fleet
+        .agent(ida, &data_a, Some(JoinRequestKind::Human), vec![])
+        .await;
+    let (idb, data_b) = fleet.enroll("cam-2", &["cams"]).await;
+    let b = idb.device_id();
+    let (agent_b, log_b) = fleet
+        .agent(idb, &data_b, Some(JoinRequestKind::Simple), vec![])
+        .await;
+    let words = eventually("the words on the device", || async {
+        log_a.lock().unwrap().words.first().cloned()
+    })
+    .await;
+    fleet.join_requested(a).await;
+    fleet.join_requested(b).await;
+
+    let args = [
+        format!("{}/", fleet.http),
+        OPERATOR.to_string(),
+        words.join(" "),
+        "cams".to_string(),
+        b.to_hex(),
+    ];
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("node")
+                .arg("console_e2e.js")
+                .args(&args)
+                .current_dir(&dir)
+                .output()
+                .expect("run node")
+        }),
+    )
+    .await
+    .expect("the browser run ended")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value = serde_json::from_str(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no report; stderr: {stderr}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}"));
+    assert_eq!(report["ok"], true, "{report:#}\n{stderr}");
+    assert_eq!(report["landed"], "/console/");
+    assert_eq!(
+        report["wrongTokenError"],
+        "The server refused the operator token."
+    );
+    assert_eq!(report["appHiddenAfterWrongToken"], true);
+    assert_eq!(report["tokenInSession"], true);
+    assert_eq!(
+        report["joinMethods"],
+        serde_json::json!(["human", "simple"])
+    );
+    assert_eq!(
+        report["responses"],
+        serde_json::json!(["ActionSuccess", "ActionSuccess"])
+    );
+    assert!(
+        report["badHexError"].as_str().unwrap().contains("not hex"),
+        "{report}"
+    );
+    assert_eq!(report["sentRowsAfterBadHex"], 2);
+    let dialog = report["dialog"].as_str().unwrap();
+    assert!(
+        dialog.starts_with("Revoke") && dialog.contains(&b.to_hex()) && dialog.contains("cam-2"),
+        "{dialog}"
+    );
+    assert!(report["events"].as_u64().unwrap() >= 4, "{report}");
+    assert_eq!(report["tokenInSessionAfterSignOut"], 0);
+    assert_eq!(report["pageErrors"], serde_json::json!([]), "{report}");
+
+    // What the browser did reached the fleet.
+    assert_eq!(fleet.status(a).await, DeviceStatus::Joined);
+    assert_eq!(fleet.status(b).await, DeviceStatus::Revoked);
+    assert_eq!(log_a.lock().unwrap().actions, vec![(7, vec![0x0a, 0x0b])]);
+    assert_eq!(log_b.lock().unwrap().actions, vec![(7, vec![0x0a, 0x0b])]);
+    drop((agent_a, agent_b));
+    fleet.shutdown().await;
+}
