@@ -1671,3 +1671,92 @@ async fn the_console_drives_a_fleet_in_a_real_browser() {
     drop((agent_a, agent_b));
     fleet.shutdown().await;
 }
+
+/// Whether the server closes `s` (end of stream or reset) within [`PATIENCE`], whatever it
+/// writes before; the bytes it wrote.
+async fn closed_by_server(s: &mut tokio::net::TcpStream) -> (bool, String) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(PATIENCE, async {
+        let mut b = [0u8; 256];
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&b[..n]),
+            }
+        }
+    })
+    .await;
+    (r.is_ok(), String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A connection that sends half a request head and stops (slowloris) is closed once the
+/// header timeout passes, without an answer from any handler; one that is idle is closed
+/// too. Other clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| {
+        o.http_header_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let addr = fleet.server.http_addr().unwrap();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        format!("GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stats = format!(
+        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_http(addr, stats.clone()).await, 200);
+    let (closed, said) = closed_by_server(&mut slow).await;
+    assert!(closed, "the half-sent head kept its connection");
+    assert!(!said.contains("200 OK"), "{said}");
+    let (closed, _) = closed_by_server(&mut idle).await;
+    assert!(closed, "the idle connection was kept");
+    assert_eq!(raw_http(addr, stats).await, 200);
+    fleet.shutdown().await;
+}
+
+/// Connections beyond the limit are closed at once, before anything is read; once one of
+/// those held goes, a new client is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let fleet = Fleet::start_with(JoinPolicy::Moderated, |o| {
+        o.http_max_connections = 2;
+    })
+    .await;
+    let addr = fleet.server.http_addr().unwrap();
+    let stats = format!(
+        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
+    );
+    // Two connections that say nothing (within the 10 s header timeout) hold both places.
+    let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Accepted in order: the third is closed, and its request is never answered.
+    let _ = third.write_all(stats.as_bytes()).await;
+    let (closed, said) = closed_by_server(&mut third).await;
+    assert!(closed && said.is_empty(), "{closed} {said:?}");
+    drop(first);
+    eventually("service again", || {
+        let r = stats.clone();
+        async move { (raw_http_or_closed(addr, r).await == Some(200)).then_some(()) }
+    })
+    .await;
+    fleet.shutdown().await;
+}
+
+/// Like [`raw_http`], but `None` when the server closes the connection without answering.
+async fn raw_http_or_closed(addr: std::net::SocketAddr, request: String) -> Option<u16> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(request.as_bytes()).await.ok()?;
+    let (_, said) = closed_by_server(&mut s).await;
+    said.get(9..12)?.parse().ok()
+}

@@ -137,6 +137,13 @@ pub struct ServeArgs {
     /// Seconds any HTTP request may take, its body included (then 408).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     http_request_timeout: u64,
+    /// Most HTTP connections open at once (one more is closed at once).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    http_max_connections: usize,
+    /// Seconds a connection may take to send a request's head, or stay idle between
+    /// requests (then it is closed).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    http_header_timeout: u64,
 }
 
 /// Where the operator's server is and how to authenticate.
@@ -511,6 +518,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
     if a.http_body_timeout == 0 || a.http_request_timeout == 0 {
         bail!("--http-body-timeout and --http-request-timeout must be at least 1 second");
     }
+    if a.http_max_connections == 0 {
+        bail!("--http-max-connections must be at least 1");
+    }
+    if a.http_header_timeout == 0 {
+        bail!("--http-header-timeout must be at least 1 second");
+    }
     let token_path = a
         .operator_token_file
         .clone()
@@ -540,6 +553,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
     o.http_max_operator_in_flight = a.http_max_operator_in_flight;
     o.http_body_timeout = Duration::from_secs(a.http_body_timeout);
     o.http_request_timeout = Duration::from_secs(a.http_request_timeout);
+    o.http_max_connections = a.http_max_connections;
+    o.http_header_timeout = Duration::from_secs(a.http_header_timeout);
     o.engine.join_policy = match a.join_policy.as_str() {
         "moderated" => JoinPolicy::Moderated,
         "automatic" => JoinPolicy::Automatic,

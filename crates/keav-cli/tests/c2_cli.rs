@@ -13,6 +13,8 @@ fn c2_serve_refuses_zero_http_limits_before_writing_anything() {
         ("--http-max-operator-in-flight", "0", "at least 1"),
         ("--http-body-timeout", "0", "at least 1 second"),
         ("--http-request-timeout", "0", "at least 1 second"),
+        ("--http-max-connections", "0", "at least 1"),
+        ("--http-header-timeout", "0", "at least 1 second"),
     ] {
         let data = dir.path().join(flag.trim_start_matches('-'));
         let out = run(

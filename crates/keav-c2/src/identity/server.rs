@@ -330,7 +330,8 @@ impl<R: Registry, B: BrokerAccounts> IdentityState<R, B> {
 }
 
 /// Runs the service on `listener` until `shutdown` resolves, then stops accepting and lets
-/// requests in progress finish.
+/// requests in progress finish (for up to [`DRAIN_TIME`]). Connections are bounded by
+/// `ConnLimits::default()` ([`serve_router`]).
 pub async fn serve<R, B>(
     listener: TcpListener,
     state: Arc<IdentityState<R, B>>,
@@ -340,11 +341,91 @@ where
     R: Registry,
     B: BrokerAccounts,
 {
-    let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    serve_router(listener, router(state), ConnLimits::default(), shutdown).await;
     Ok(())
+}
+
+/// Connection-level limits of an HTTP listener ([`serve_router`]). Request-level limits
+/// (in flight, body size and deadline) are layers of the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Most connections open at once (at least 1). A connection beyond it is closed as soon
+    /// as it is accepted, before anything is read, and logged.
+    pub max_connections: usize,
+    /// Longest a connection may take to send a request's head (request line and headers):
+    /// the first request's, and each next one's on a kept-alive connection (so an idle
+    /// connection is closed after this too). Then the connection is closed.
+    pub header_timeout: std::time::Duration,
+}
+
+impl Default for ConnLimits {
+    /// 1024 connections, 10 s for a request head.
+    fn default() -> ConnLimits {
+        ConnLimits {
+            max_connections: 1024,
+            header_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// Longest [`serve_router`] waits, once told to stop, for requests in progress.
+pub const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `app` over HTTP/1.1 on `listener` until `shutdown` resolves, with `limits` on
+/// connections: clients that open connections and never send a request (or send its head
+/// slowly) cannot hold them beyond `limits.header_timeout`, nor more than
+/// `limits.max_connections` of them. Accept errors (out of file descriptors) are logged and
+/// retried after 100 ms. On shutdown it stops accepting, lets requests in progress finish
+/// for up to [`DRAIN_TIME`], and returns.
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "HTTP connection closed: too many open");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(app.clone()),
+            );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIME, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP requests still in progress at shutdown were cut off");
+    }
 }
 
 /// The service's routes (for embedding into a larger axum app).

@@ -211,6 +211,11 @@ pub struct ServerOptions {
     /// Longest an HTTP request may take, reading its body included (default 60 s): then it
     /// is answered 408 and its place among those in flight freed.
     pub http_request_timeout: Duration,
+    /// Most HTTP connections open at once (default 1024); one more is closed at once.
+    pub http_max_connections: usize,
+    /// Longest an HTTP connection may take to send a request's head, and may stay idle
+    /// between requests (default 10 s); then it is closed.
+    pub http_header_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -248,6 +253,8 @@ impl ServerOptions {
             http_max_operator_in_flight: 16,
             http_body_timeout: Duration::from_secs(5),
             http_request_timeout: Duration::from_secs(60),
+            http_max_connections: 1024,
+            http_header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -1084,16 +1091,18 @@ impl<R: Registry> Server<R> {
                 limits,
             );
             let mut stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                let r = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
-            }));
+            let conn_limits = identity::server::ConnLimits {
+                max_connections: options.http_max_connections,
+                header_timeout: options.http_header_timeout,
+            };
+            tasks.push(tokio::spawn(identity::server::serve_router(
+                listener,
+                app,
+                conn_limits,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )));
         }
         tracing::info!(server = %id, broker = %broker_addr, http = ?http_addr, "C2 server running");
         Ok(Server {
