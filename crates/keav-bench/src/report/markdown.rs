@@ -1081,12 +1081,14 @@ fn section_broker(out: &mut String, r: &Report, plots: &[PathBuf]) {
              live dropped: records the receiver dropped (its link's queue full, or failing to \
              open). Durable resent: payloads the sender transmitted again (no end-to-end ack \
              in time; the first resend waits 2 s, doubling). Deferred: payloads the receiver \
-             could not take yet (reorder window or receive queue full). Dropped: payloads the \
+             could not take on arrival (beyond its reorder window, or its receive queue \
+             full). From stash: of those, messages kept in the channel's early-arrival stash \
+             and taken once the gap before them filled, with no resend. Dropped: payloads the \
              devices' links dropped (queue full). A broker may drop too (Mosquitto: \
              `max_queued_messages`, default 1000 per client).\n\n\
              | Broker | Size | Plaintext time (s) | Plaintext lost | Live time (s) | Live CPU (s) \
              | Live lost | Live dropped | Durable time (s) | Durable CPU (s) | Resent | Deferred \
-             | Dropped |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+             | From stash | Dropped |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for x in &r.broker {
             let _ = writeln!(out, "{}", broker_detail_line(x));
@@ -1152,7 +1154,7 @@ fn broker_line(x: &BrokerRow) -> String {
 /// One row of the broker details table.
 fn broker_detail_line(x: &BrokerRow) -> String {
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         x.broker,
         size_label(x.size),
         num(x.plain_secs),
@@ -1165,6 +1167,7 @@ fn broker_detail_line(x: &BrokerRow) -> String {
         dash_or(x.keav_cpu_secs, num),
         x.keav_resent,
         x.keav_deferred,
+        x.keav_early,
         x.keav_link_dropped
     )
 }
@@ -1381,6 +1384,7 @@ pub(crate) mod tests {
             keav_secs: 2000.0 / keav,
             keav_resent: 0,
             keav_deferred: 0,
+            keav_early: 0,
             keav_link_dropped: 0,
             keav_cpu_secs: Some(0.25),
             keav_paced_msgs_per_s: Some(keav * 1.5),
@@ -1830,6 +1834,20 @@ pub(crate) mod tests {
             detail.contains("| 0.200 | 0 | — | 0.125 | — | 0 |"),
             "{detail}"
         );
+        // The details table's rows have as many cells as its header.
+        let md = render(&r, &[], &[]);
+        let details = md
+            .split("Where keav's time goes")
+            .nth(1)
+            .expect("the details section");
+        let cells: Vec<usize> = details
+            .lines()
+            .skip_while(|l| !l.starts_with("| Broker"))
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.matches('|').count())
+            .collect();
+        assert_eq!(cells.len(), 2 + r.broker.len(), "{details}");
+        assert!(cells.iter().all(|&c| c == cells[0]), "{cells:?}");
         // Lost live messages are shown beside the ratio.
         r.broker[0].live_lost = Some(3);
         assert!(

@@ -215,9 +215,13 @@ pub struct BrokerRow {
     pub keav_secs: f64,
     /// keav durable: payloads the sender put on the broker again (no end-to-end ack in time).
     pub keav_resent: u64,
-    /// keav durable: payloads the receiver could not take yet (its reorder window or receive queue
-    /// was full); the sender resends them.
+    /// keav durable: payloads the receiver could not take on arrival (beyond its reorder
+    /// window, or its receive queue full): kept in the channel's early-arrival stash while it
+    /// has room, else left to the sender's resend.
     pub keav_deferred: u64,
+    /// keav durable: messages taken from the early-arrival stash once the gap before them
+    /// filled (no resend needed).
+    pub keav_early: u64,
     /// keav durable: payloads the two devices' links dropped because a queue was full.
     pub keav_link_dropped: u64,
     /// keav durable: CPU seconds of the whole bench process during the measurement (both

@@ -308,8 +308,11 @@ pub struct KeavRun {
     pub elapsed: Duration,
     /// Payloads resent by the sender.
     pub resent: u64,
-    /// Payloads the receiver could not take yet (left to the sender's resend).
+    /// Payloads the receiver could not take on arrival (stashed, or left to the sender's
+    /// resend).
     pub deferred: u64,
+    /// Messages the receiver took from its early-arrival stash.
+    pub early: u64,
     /// Payloads the two links dropped (a full queue).
     pub dropped: u64,
     /// CPU time of this whole process during the measurement (both devices, and the
@@ -361,6 +364,7 @@ pub fn broker_row(
         keav_secs: keav.elapsed.as_secs_f64(),
         keav_resent: keav.resent,
         keav_deferred: keav.deferred,
+        keav_early: keav.early,
         keav_link_dropped: keav.dropped,
         keav_cpu_secs: keav.cpu.map(|d| d.as_secs_f64()),
         keav_paced_msgs_per_s: None,
@@ -1042,7 +1046,7 @@ async fn keav_run(
     let (rx, rx_link) = start(t, dir.path(), &rx_id, &opts).await?;
     pair(&tx, &rx, &rx_id).await?;
     let first_seq = warm_up(&tx, &rx, &tx_id, &rx_id).await?;
-    let (resent0, deferred0) = (tx.stats().resent, rx.stats().deferred);
+    let (resent0, deferred0, early0) = (tx.stats().resent, rx.stats().deferred, rx.stats().early);
     let dropped0 = dropped(&tx_link) + dropped(&rx_link);
 
     let cpu0 = process_cpu();
@@ -1064,6 +1068,7 @@ async fn keav_run(
         elapsed,
         resent: tx.stats().resent - resent0,
         deferred: rx.stats().deferred - deferred0,
+        early: rx.stats().early - early0,
         dropped: (dropped(&tx_link) + dropped(&rx_link)).saturating_sub(dropped0),
         cpu,
     };
@@ -1441,6 +1446,7 @@ mod tests {
             elapsed: Duration::from_secs(2),
             resent: 3,
             deferred: 4,
+            early: 6,
             dropped: 5,
             cpu: Some(Duration::from_millis(1500)),
         };
@@ -1465,8 +1471,13 @@ mod tests {
         assert_eq!(r.plain_lost, 100);
         assert_eq!(r.carrier, "nats");
         assert_eq!(
-            (r.keav_resent, r.keav_deferred, r.keav_link_dropped),
-            (3, 4, 5)
+            (
+                r.keav_resent,
+                r.keav_deferred,
+                r.keav_early,
+                r.keav_link_dropped
+            ),
+            (3, 4, 6, 5)
         );
         assert_eq!(r.keav_cpu_secs, Some(1.5));
         assert_eq!(r.keav_paced_msgs_per_s, None);
