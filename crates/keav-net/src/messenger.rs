@@ -52,8 +52,10 @@
 //!   for an ack to that peer; a duplicate asks for an ack (the sender missed one); an
 //!   end-to-end ack deletes the outbox rows it covers; anything forged or malformed is counted
 //!   ([`MessengerStats::rejected`]), logged at debug level and otherwise ignored; a payload
-//!   the channel cannot take yet (reorder window, epoch rule) is counted as `deferred` and
-//!   left to the sender's resend (through a relay: to the relay's next push);
+//!   the channel cannot take yet (reorder window, epoch rule) is counted as `deferred`,
+//!   kept in the channel's early-arrival stash while it has room (taken once the gap before
+//!   it fills, counted as `early`), else left to the sender's resend (through a relay: to
+//!   the relay's next push);
 //! - an application ack raises the `delivered` mark and deletes the inbox rows below it.
 //!
 //! Then it seals **one ack per peer** (`ack_payload`, which advances the control sealer),
@@ -107,10 +109,12 @@
 //!
 //! JetStream mail is acknowledged to the server after the commit that took it, deferred
 //! payloads included: unacknowledged, they would hold the consumer's `max_ack_pending` slots
-//! until `ack_wait` and stall it. Every deferred payload is answered with an end-to-end ack
-//! instead, which tells the sender where this inbox stands; an ack that does not move makes
-//! the sender resend from the gap at once (fast retransmit, `keav_proto::durable`), and the
-//! sender's flow window (`DurableConfig::window`) keeps deferrals rare in the first place.
+//! until `ack_wait` and stall it. A deferred payload with something missing below it is
+//! answered with an end-to-end ack instead, which tells the sender where this inbox stands;
+//! an ack that does not move makes the sender resend from the gap at once (fast retransmit,
+//! `keav_proto::durable`). One kept in the channel's early-arrival stash right after what
+//! the inbox holds is not (`DurableChannel::deferral_needs_ack`): the receiver is only
+//! behind, and such an ack would bring back records it already has.
 //!
 //! # Guarantees and their limits
 //!

@@ -92,8 +92,10 @@
 //! it names (the receiver is still waiting for it) makes the transmitted records
 //! `[upto, upto + window)` due at once, at most once per `rto_initial_ms`
 //! ([`DurableChannel::fast_retransmits`] counts them). A receiver should therefore answer
-//! [`Received::Deferred`] and [`Received::Duplicate`] payloads with an ack too (after its
-//! pending commits), not only [`Received::Data`].
+//! [`Received::Duplicate`] payloads with an ack too (after its pending commits), not only
+//! [`Received::Data`], and [`Received::Deferred`] ones when something is missing below them
+//! ([`DurableChannel::deferral_needs_ack`]): a receiver that is merely behind (everything
+//! below the deferred record held or stashed) does not ask for records it already has.
 //!
 //! # Persistence contract
 //!
@@ -299,9 +301,11 @@ pub enum Received {
         /// The record's sequence number.
         seq: u64,
     },
-    /// Not taken now (beyond the reorder window, an epoch too far ahead, or no room): the
-    /// sender resends it later. Nothing to persist; answer with an ack anyway (after any
-    /// pending commit), so the sender's fast retransmit sends what is missing.
+    /// Not taken now (beyond the reorder window, an epoch too far ahead, or no room): kept
+    /// in the early-arrival stash if it has room, else the sender resends it later. Nothing
+    /// to persist. Answer with an ack (after any pending commit) when
+    /// [`DurableChannel::deferral_needs_ack`] says so, so the sender's fast retransmit sends
+    /// what is missing.
     Deferred {
         /// The record's sequence number.
         seq: u64,
@@ -532,6 +536,10 @@ pub struct DurableChannel {
     early: BTreeMap<u64, Vec<u8>>,
     /// Bytes held in `early`.
     early_bytes: usize,
+    /// Every data sequence number below the larger of this and `inbox.ack()` is held,
+    /// released or stashed: the stash's run that continues the inbox without a gap
+    /// ([`DurableChannel::deferral_needs_ack`]). Not persisted (the stash is not).
+    stash_run_end: u64,
 }
 
 /// What the cheap checks decided about a data record.
@@ -606,6 +614,7 @@ impl DurableChannel {
             last_fast_ms: None,
             early: BTreeMap::new(),
             early_bytes: 0,
+            stash_run_end: 0,
         })
     }
 
@@ -668,6 +677,7 @@ impl DurableChannel {
             last_fast_ms: None,
             early: BTreeMap::new(),
             early_bytes: 0,
+            stash_run_end: 0,
         })
     }
 
@@ -789,12 +799,32 @@ impl DurableChannel {
                     if let Some((_, p)) = self.early.pop_last() {
                         self.early_bytes -= p.len();
                     }
+                    self.stash_run_end = self.stash_run_end.min(top);
                 }
                 _ => return,
             }
         }
         self.early_bytes += payload.len();
         self.early.insert(seq, payload.to_vec());
+        if seq == self.stash_run_end.max(self.inbox.ack()) {
+            let mut end = seq.saturating_add(1);
+            while self.early.contains_key(&end) {
+                end = end.saturating_add(1);
+            }
+            self.stash_run_end = end;
+        }
+    }
+
+    /// Whether a [`Received::Deferred`] `seq` should be answered with an ack: not when the
+    /// record sits in the early-arrival stash with nothing missing below it (every lower
+    /// sequence number held, released or stashed). The receiver is then only behind, not
+    /// missing anything, and an ack that does not move would set off a fast retransmit of
+    /// records it already holds; they are acknowledged once the stash feeds them in (or,
+    /// if the receiver restarts and loses the stash, resent on the sender's timer). A
+    /// deferral with a gap below it, or one the stash could not keep, should be answered,
+    /// so the sender resends what is missing at once.
+    pub fn deferral_needs_ack(&self, seq: u64) -> bool {
+        !(self.early.contains_key(&seq) && seq < self.stash_run_end.max(self.inbox.ack()))
     }
 
     /// Whether [`DurableChannel::next_early`] has something to do now: the lowest early
@@ -822,7 +852,11 @@ impl DurableChannel {
             self.early_bytes -= payload.len();
             let h = match parse_header(&payload) {
                 Ok(h) => h,
-                Err(e) => return Some(Err(e)),
+                Err(e) => {
+                    // Dropped: `seq` is missing again.
+                    self.stash_run_end = self.stash_run_end.min(seq);
+                    return Some(Err(e));
+                }
             };
             match self.receive_data(h, &payload, now_ms) {
                 Ok(Received::Duplicate { .. }) => continue,
@@ -831,6 +865,11 @@ impl DurableChannel {
                     self.early_bytes += payload.len();
                     self.early.insert(seq, payload);
                     return None;
+                }
+                Err(e) => {
+                    // Dropped (it does not open): `seq` is missing again.
+                    self.stash_run_end = self.stash_run_end.min(seq);
+                    return Some(Err(e));
                 }
                 other => return Some(other),
             }

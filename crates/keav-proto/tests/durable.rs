@@ -1919,3 +1919,95 @@ fn a_forged_stashed_record_delays_but_neither_forges_nor_loses() {
     assert_eq!(seqs, (300..600).collect::<Vec<_>>());
     assert!(rest.iter().all(|(s, b2)| *b2 == body(*s)));
 }
+
+/// A receiver that is only behind (records beyond its window arrive in order and are
+/// stashed) does not ask for them again; one missing a record does, and so does one whose
+/// stash lost or dropped the record.
+#[test]
+fn deferrals_ask_for_an_ack_only_when_something_is_missing() {
+    let (mut a, mut b) = pair(cfg());
+    let p: Vec<_> = (0..700u64)
+        .map(|i| a.send(&body(i), 0).unwrap().1)
+        .collect();
+    // In order, nothing popped: the window (256) fills, the rest is stashed in order.
+    for q in &p[..256] {
+        data(&mut b, q);
+    }
+    for (i, q) in p.iter().enumerate().take(400).skip(256) {
+        assert_eq!(b.receive(q, 0), Ok(Received::Deferred { seq: i as u64 }));
+        assert!(!b.deferral_needs_ack(i as u64), "{i}: only behind");
+    }
+    // A resend of a stashed record asks for nothing either.
+    assert_eq!(b.receive(&p[300], 0), Ok(Received::Deferred { seq: 300 }));
+    assert!(!b.deferral_needs_ack(300));
+    // 400 is lost: everything after it has a gap below it.
+    for (i, q) in p.iter().enumerate().take(450).skip(401) {
+        assert_eq!(b.receive(q, 0), Ok(Received::Deferred { seq: i as u64 }));
+        assert!(b.deferral_needs_ack(i as u64), "{i}: 400 is missing");
+    }
+    // Its resend closes the gap: the run goes on through what was stashed after it.
+    assert_eq!(b.receive(&p[400], 0), Ok(Received::Deferred { seq: 400 }));
+    assert!(!b.deferral_needs_ack(400));
+    assert_eq!(b.receive(&p[450], 0), Ok(Received::Deferred { seq: 450 }));
+    assert!(!b.deferral_needs_ack(450));
+    // Everything comes out, in order, once the application pops.
+    let (got, errs) = drain_early(&mut b);
+    assert!(errs.is_empty());
+    let seqs: Vec<u64> = got.iter().map(|m| m.0).collect();
+    assert_eq!(seqs, (0..451).collect::<Vec<_>>());
+
+    // A stash too small to keep a record: it must be asked for.
+    let mut small = cfg();
+    small.early_records = 4;
+    let (mut a, mut b) = pair(small);
+    let p: Vec<_> = (0..270u64)
+        .map(|i| a.send(&body(i), 0).unwrap().1)
+        .collect();
+    for q in &p[..256] {
+        data(&mut b, q);
+    }
+    for i in 256..260u64 {
+        b.receive(&p[i as usize], 0).unwrap();
+        assert!(!b.deferral_needs_ack(i));
+    }
+    assert_eq!(b.receive(&p[260], 0), Ok(Received::Deferred { seq: 260 }));
+    assert!(b.deferral_needs_ack(260), "not kept: ask for it");
+    // A lower record pushes out the highest: the run ends below what was pushed out.
+    let (mut a, mut b) = pair(small);
+    let p: Vec<_> = (0..270u64)
+        .map(|i| a.send(&body(i), 0).unwrap().1)
+        .collect();
+    for q in &p[..256] {
+        data(&mut b, q);
+    }
+    for i in [257u64, 258, 259, 260] {
+        b.receive(&p[i as usize], 0).unwrap();
+        assert!(b.deferral_needs_ack(i), "{i}: 256 is missing");
+    }
+    b.receive(&p[256], 0).unwrap();
+    assert!(!b.deferral_needs_ack(256));
+    assert!(!b.deferral_needs_ack(259));
+    assert!(b.deferral_needs_ack(260), "pushed out of the stash");
+
+    // A forged record in the run: once it fails to open, its place is missing again.
+    let (mut a, mut b) = pair(cfg());
+    let p: Vec<_> = (0..300u64)
+        .map(|i| a.send(&body(i), 0).unwrap().1)
+        .collect();
+    for q in &p[..256] {
+        data(&mut b, q);
+    }
+    let mut forged = p[256].clone();
+    *forged.last_mut().unwrap() ^= 1;
+    b.receive(&forged, 0).unwrap();
+    for q in &p[257..260] {
+        b.receive(q, 0).unwrap();
+    }
+    assert!(!b.deferral_needs_ack(259), "the forgery is not known yet");
+    // One message popped makes room for 256: its forgery fails to open and is dropped.
+    assert_eq!(b.pop().map(|m| m.0), Some(0));
+    assert!(matches!(b.next_early(0), Some(Err(_))));
+    assert!(b.deferral_needs_ack(259), "256 is missing again");
+    assert_eq!(b.receive(&p[260], 0), Ok(Received::Deferred { seq: 260 }));
+    assert!(b.deferral_needs_ack(260), "256 is missing again");
+}

@@ -490,10 +490,11 @@ impl Actor {
         batch.items += 1;
         let Mail { from, payload, ack } = mail;
         let done = match payload.first() {
-            // A deferred payload is acknowledged too: left unacknowledged it would hold one of
-            // the consumer's `max_ack_pending` slots until `ack_wait`, and enough of them stall
-            // the whole consumer. The receiver's ack tells the sender where the gap is and the
-            // sender resends from there at once (fast retransmit).
+            // A deferred payload's mail is acknowledged to the carrier too: left
+            // unacknowledged it would hold one of the consumer's `max_ack_pending` slots
+            // until `ack_wait`, and enough of them stall the whole consumer. It is in the
+            // channel's stash, or the sender resends it (after an end-to-end ack that says
+            // where the gap is, when there is one: fast retransmit).
             Some(&PAYLOAD_TAG) => {
                 self.on_payload(&from, &payload, batch);
                 true
@@ -533,11 +534,15 @@ impl Actor {
                 batch.ack_to.insert(src.to_string());
                 Outcome::Done
             }
-            Ok(Received::Deferred { .. }) => {
+            Ok(Received::Deferred { seq }) => {
                 bump(&c.deferred, 1);
-                // Tell the sender where this inbox stands: an ack that does not move is its
-                // cue to resend from the gap at once (keav_proto::durable, fast retransmit).
-                batch.ack_to.insert(src.to_string());
+                // When something is missing below it, tell the sender where this inbox
+                // stands: an ack that does not move is its cue to resend from the gap at
+                // once (keav_proto::durable, fast retransmit). A receiver merely behind
+                // (the record stashed right after what it holds) asks for nothing.
+                if p.ch.deferral_needs_ack(seq) {
+                    batch.ack_to.insert(src.to_string());
+                }
                 Outcome::Deferred
             }
             Ok(Received::Ack { upto, .. }) => {
