@@ -772,6 +772,13 @@ async fn approve_with_words_needs_a_pending_human_join() {
     fleet.shutdown().await;
 }
 
+/// `GET /v1/c2/stats` with the operator token, on a connection closed after the answer.
+fn stats_request() -> String {
+    format!(
+        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
+    )
+}
+
 /// One raw HTTP/1.1 request on a fresh connection; the status code of the answer.
 async fn raw_http(addr: std::net::SocketAddr, request: String) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -849,9 +856,7 @@ async fn http_in_flight_limit_answers_busy() {
         s.write_all(head.as_bytes()).await.unwrap();
         held.push(s);
     }
-    let stats = format!(
-        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
-    );
+    let stats = stats_request();
     // Until both held requests have their places, a probe may still get one.
     let deadline = Instant::now() + PATIENCE;
     let mut seen = Vec::new();
@@ -911,9 +916,7 @@ async fn a_request_that_never_finishes_is_timed_out_and_frees_its_place() {
         .expect("no answer to the unfinished request")
         .unwrap();
     assert_eq!(&buf, b"HTTP/1.1 408");
-    let stats = format!(
-        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
-    );
+    let stats = stats_request();
     assert_eq!(raw_http(addr, stats).await, 200);
     drop(s);
     fleet.shutdown().await;
@@ -1202,9 +1205,7 @@ async fn slow_unauthenticated_bodies_cannot_keep_the_operator_from_revoking() {
     assert_eq!(raw_http(addr, post(&path, Some(OPERATOR), "")).await, 200);
     assert_eq!(fleet.status(dev).await, DeviceStatus::Revoked);
     // …and the C2 routes answer it too.
-    let stats = format!(
-        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
-    );
+    let stats = stats_request();
     assert_eq!(raw_http(addr, stats).await, 200);
     let path = format!("/v1/c2/devices/{}/revoke", dev.to_hex());
     let again = raw_http(addr, post(&path, Some(OPERATOR), "")).await;
@@ -1709,9 +1710,7 @@ async fn a_request_head_that_never_ends_is_cut_off() {
     .await
     .unwrap();
     let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let stats = format!(
-        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
-    );
+    let stats = stats_request();
     assert_eq!(raw_http(addr, stats.clone()).await, 200);
     let (closed, said) = closed_by_server(&mut slow).await;
     assert!(closed, "the half-sent head kept its connection");
@@ -1732,9 +1731,7 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
     })
     .await;
     let addr = fleet.server.http_addr().unwrap();
-    let stats = format!(
-        "GET /v1/c2/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
-    );
+    let stats = stats_request();
     // Two connections that say nothing (within the 10 s header timeout) hold both places.
     let first = tokio::net::TcpStream::connect(addr).await.unwrap();
     let _second = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -1920,19 +1920,24 @@ fn a_forged_stashed_record_delays_but_neither_forges_nor_loses() {
     assert!(rest.iter().all(|(s, b2)| *b2 == body(*s)));
 }
 
+/// A receiver whose reorder window (256) is full, nothing popped, and the `n` payloads its
+/// peer sealed.
+fn window_full(cfg: DurableConfig, n: u64) -> (Vec<Vec<u8>>, DurableChannel) {
+    let (mut a, mut b) = pair(cfg);
+    let p: Vec<_> = (0..n).map(|i| a.send(&body(i), 0).unwrap().1).collect();
+    for q in &p[..256] {
+        data(&mut b, q);
+    }
+    (p, b)
+}
+
 /// A receiver that is only behind (records beyond its window arrive in order and are
 /// stashed) does not ask for them again; one missing a record does, and so does one whose
 /// stash lost or dropped the record.
 #[test]
 fn deferrals_ask_for_an_ack_only_when_something_is_missing() {
-    let (mut a, mut b) = pair(cfg());
-    let p: Vec<_> = (0..700u64)
-        .map(|i| a.send(&body(i), 0).unwrap().1)
-        .collect();
     // In order, nothing popped: the window (256) fills, the rest is stashed in order.
-    for q in &p[..256] {
-        data(&mut b, q);
-    }
+    let (p, mut b) = window_full(cfg(), 700);
     for (i, q) in p.iter().enumerate().take(400).skip(256) {
         assert_eq!(b.receive(q, 0), Ok(Received::Deferred { seq: i as u64 }));
         assert!(!b.deferral_needs_ack(i as u64), "{i}: only behind");
@@ -1959,13 +1964,7 @@ fn deferrals_ask_for_an_ack_only_when_something_is_missing() {
     // A stash too small to keep a record: it must be asked for.
     let mut small = cfg();
     small.early_records = 4;
-    let (mut a, mut b) = pair(small);
-    let p: Vec<_> = (0..270u64)
-        .map(|i| a.send(&body(i), 0).unwrap().1)
-        .collect();
-    for q in &p[..256] {
-        data(&mut b, q);
-    }
+    let (p, mut b) = window_full(small, 270);
     for i in 256..260u64 {
         b.receive(&p[i as usize], 0).unwrap();
         assert!(!b.deferral_needs_ack(i));
@@ -1973,13 +1972,7 @@ fn deferrals_ask_for_an_ack_only_when_something_is_missing() {
     assert_eq!(b.receive(&p[260], 0), Ok(Received::Deferred { seq: 260 }));
     assert!(b.deferral_needs_ack(260), "not kept: ask for it");
     // A lower record pushes out the highest: the run ends below what was pushed out.
-    let (mut a, mut b) = pair(small);
-    let p: Vec<_> = (0..270u64)
-        .map(|i| a.send(&body(i), 0).unwrap().1)
-        .collect();
-    for q in &p[..256] {
-        data(&mut b, q);
-    }
+    let (p, mut b) = window_full(small, 270);
     for i in [257u64, 258, 259, 260] {
         b.receive(&p[i as usize], 0).unwrap();
         assert!(b.deferral_needs_ack(i), "{i}: 256 is missing");
@@ -1990,13 +1983,7 @@ fn deferrals_ask_for_an_ack_only_when_something_is_missing() {
     assert!(b.deferral_needs_ack(260), "pushed out of the stash");
 
     // A forged record in the run: once it fails to open, its place is missing again.
-    let (mut a, mut b) = pair(cfg());
-    let p: Vec<_> = (0..300u64)
-        .map(|i| a.send(&body(i), 0).unwrap().1)
-        .collect();
-    for q in &p[..256] {
-        data(&mut b, q);
-    }
+    let (p, mut b) = window_full(cfg(), 300);
     let mut forged = p[256].clone();
     *forged.last_mut().unwrap() ^= 1;
     b.receive(&forged, 0).unwrap();

@@ -76,14 +76,8 @@ impl EventLog {
         }
     }
 
-    /// Logs what `n` says, if it is worth an operator's attention, at `time`.
-    pub fn record(&mut self, n: &ServerNotice, time: u64) {
-        if let Some((kind, device, text)) = describe(n) {
-            self.push(time, kind, device, text);
-        }
-    }
-
-    fn push(&mut self, time: u64, kind: &str, device: Option<DeviceId>, text: String) {
+    /// Logs a notice's description ([`describe`]) at `time`.
+    pub fn push(&mut self, (kind, device, text): Description, time: u64) {
         self.last += 1;
         if self.items.len() == EVENT_LOG_LEN {
             self.items.pop_front();
@@ -120,11 +114,18 @@ impl EventLog {
     }
 }
 
-/// The kind, device and text of a notice; `None` for notices that are not logged.
-fn describe(n: &ServerNotice) -> Option<(&'static str, Option<DeviceId>, String)> {
+/// What an event says: its kind, the device it concerns, its text.
+pub type Description = (&'static str, Option<DeviceId>, String);
+
+/// The description of a notice worth an operator's attention; `None` (before any
+/// formatting) for notices that are not logged.
+pub fn describe(n: &ServerNotice) -> Option<Description> {
     Some(match n {
         ServerNotice::Dropped(d) => ("dropped", d.sender, format!("message {d}")),
-        ServerNotice::Event(e) => describe_event(e),
+        ServerNotice::Event(e) => {
+            let (kind, device, text) = describe_event(e);
+            (kind, Some(device), text)
+        }
         ServerNotice::ConfidentialData { device, data, .. } => (
             "data",
             Some(*device),
@@ -161,7 +162,7 @@ fn describe(n: &ServerNotice) -> Option<(&'static str, Option<DeviceId>, String)
     })
 }
 
-fn describe_event(e: &ServerEvent) -> (&'static str, Option<DeviceId>, String) {
+fn describe_event(e: &ServerEvent) -> (&'static str, DeviceId, String) {
     match e {
         ServerEvent::Response {
             device,
@@ -180,7 +181,7 @@ fn describe_event(e: &ServerEvent) -> (&'static str, Option<DeviceId>, String) {
             };
             (
                 "response",
-                Some(*device),
+                *device,
                 format!(
                     "answered {what} {}: {}",
                     token_hex(token),
@@ -189,26 +190,26 @@ fn describe_event(e: &ServerEvent) -> (&'static str, Option<DeviceId>, String) {
             )
         }
         ServerEvent::Data { device, data, .. } => {
-            ("data", Some(*device), format!("data {}", data_text(data)))
+            ("data", *device, format!("data {}", data_text(data)))
         }
         ServerEvent::Generic { device, data, .. } => (
             "generic",
-            Some(*device),
+            *device,
             format!("generic message of {} bytes", data.len()),
         ),
         ServerEvent::StatusChanged { device, status } => (
             "status",
-            Some(*device),
+            *device,
             format!("status is now {}", status.name()),
         ),
         ServerEvent::JoinRequested { device } => (
             "join_requested",
-            Some(*device),
+            *device,
             "asks to join: accept or refuse it".into(),
         ),
         ServerEvent::HumanJoinPending { device, words } => (
             "join_requested",
-            Some(*device),
+            *device,
             format!(
                 "asks to join (human-moderated); the device shows {} words",
                 words.len()
@@ -216,12 +217,12 @@ fn describe_event(e: &ServerEvent) -> (&'static str, Option<DeviceId>, String) {
         ),
         ServerEvent::ObservationStarted { device, observer } => (
             "join_requested",
-            Some(*device),
+            *device,
             format!("asks to join, observed by {observer}"),
         ),
         ServerEvent::Joined { device, method } => (
             "joined",
-            Some(*device),
+            *device,
             format!("joined ({})", method_name(*method)),
         ),
         ServerEvent::JoinRefused {
@@ -230,18 +231,18 @@ fn describe_event(e: &ServerEvent) -> (&'static str, Option<DeviceId>, String) {
             reason,
         } => (
             "join_refused",
-            Some(*device),
+            *device,
             format!("join refused ({}): {reason:?}", method_name(*method)),
         ),
-        ServerEvent::Resigned { device } => ("resigned", Some(*device), "resigned".into()),
+        ServerEvent::Resigned { device } => ("resigned", *device, "resigned".into()),
         ServerEvent::DeregisterRequested { device } => (
             "deregistered",
-            Some(*device),
+            *device,
             "asked to be deregistered; revoked".into(),
         ),
         ServerEvent::CommandExpired { device, token } => (
             "expired",
-            Some(*device),
+            *device,
             format!("no response to {} in time", token_hex(token)),
         ),
     }
@@ -303,7 +304,7 @@ mod tests {
     fn events_are_numbered_and_read_after_a_number() {
         let mut log = EventLog::new(7);
         for n in 1..=3 {
-            log.record(&joined(n), 100 + u64::from(n));
+            log.push(describe(&joined(n)).unwrap(), 100 + u64::from(n));
         }
         let all = log.after(0, 10);
         assert_eq!(all.missed, 0);
@@ -334,7 +335,7 @@ mod tests {
         let mut log = EventLog::new(7);
         let n = EVENT_LOG_LEN as u64 + 25;
         for i in 0..n {
-            log.record(&joined((i % 200) as u8), i);
+            log.push(describe(&joined((i % 200) as u8)).unwrap(), i);
         }
         assert_eq!(log.items.len(), EVENT_LOG_LEN);
         let b = log.after(0, MAX_EVENTS_PER_CALL);
@@ -352,23 +353,18 @@ mod tests {
     #[test]
     fn published_messages_are_not_logged_and_drops_name_their_reason() {
         let mut log = EventLog::new(7);
-        log.record(
-            &ServerNotice::Published {
-                device: dev(1),
-                token: crate::wire::Token::new(&[1, 2]).unwrap(),
-                bytes: bytes::Bytes::from_static(b"x"),
-            },
-            1,
-        );
-        assert!(log.after(0, 10).events.is_empty());
-        log.record(
-            &ServerNotice::Dropped(Dropped {
-                reason: DropReason::Revoked,
-                sender: Some(dev(9)),
-                msg_type: None,
-            }),
-            2,
-        );
+        assert!(describe(&ServerNotice::Published {
+            device: dev(1),
+            token: crate::wire::Token::new(&[1, 2]).unwrap(),
+            bytes: bytes::Bytes::from_static(b"x"),
+        })
+        .is_none());
+        let dropped = describe(&ServerNotice::Dropped(Dropped {
+            reason: DropReason::Revoked,
+            sender: Some(dev(9)),
+            msg_type: None,
+        }));
+        log.push(dropped.unwrap(), 2);
         let e = &log.after(0, 10).events[0];
         assert_eq!(e.kind, "dropped");
         assert!(e.text.contains("revoked"), "{}", e.text);

@@ -568,10 +568,13 @@ impl<R: Registry> BrokerAccounts for FleetAccounts<R> {
 
 impl<R: Registry> Inner<R> {
     fn notice(&self, n: ServerNotice) {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(&n, unix_now_ms() / 1000);
+        // Described before the lock: most notices on the hot path (publishes) are not logged.
+        if let Some(d) = events::describe(&n) {
+            self.events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(d, unix_now_ms() / 1000);
+        }
         let _ = self.notices.send(n);
     }
 
